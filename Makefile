@@ -1,0 +1,36 @@
+# make demo / make test each do their whole set-up on a fresh machine: a virtual
+# environment in .venv with the package and its dev extras, then MNIST under ./data
+# (or $MNIST_ROOT), fetched if missing. Nothing here needs a GPU.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test data lint format clean
+
+demo: data
+	$(BIN)/mnist-study train --preset quick
+
+test: data
+	$(BIN)/python -m pytest
+
+data: $(STAMP)
+	$(BIN)/mnist-study data
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+# Reinstalled when pyproject.toml changes; the stamp is written only after pip succeeds.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,188 @@
+"""The training configuration: one frozen dataclass, validated once where it is built.
+
+`TrainConfig` is what crosses from `study/` to `model/`. It is plain data — no Optuna
+trial, no argparse namespace — so the trainer can be used, tested and benchmarked
+alone. Parameter names follow the study's (`n_units_l0`, `activation`, ...), so a JSON
+object from the CLI, a preset's defaults and an Optuna trial's params all read the same.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+N_INPUTS = 28 * 28
+N_CLASSES = 10
+N_TRAIN_IMAGES = 60_000
+
+ACTIVATIONS = ("relu", "leaky_relu", "hardswish")
+OPTIMIZERS = ("adam", "adamax")
+
+_UNITS_KEY = re.compile(r"n_units_l(\d+)")
+
+
+class ConfigError(ValueError):
+    """A configuration value a user gave is wrong; the message names it and what it accepts."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One k-fold cross-validation of one network.
+
+    `hidden` holds the neuron count of each hidden layer (depth = its length).
+    `batch_size=None` means full batch: one optimizer step per epoch over a fold's whole
+    training part, as the seed report trains. `subset=None` uses all 60,000 training images.
+    `fold_seed` fixes the subset and the folds, so every configuration of a study is scored
+    on the same folds; `seed` fixes the initial weights, dropout masks and batch order.
+    """
+
+    hidden: tuple[int, ...] = (249, 36)
+    activation: str = "relu"
+    dropout: float = 0.35
+    optimizer: str = "adam"
+    lr: float = 5.4e-3
+    weight_decay: float = 1.2e-4
+    batch_size: int | None = None
+    max_epochs: int = 2000
+    patience: int = 50
+    k: int = 5
+    fold_seed: int = 0
+    subset: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.hidden, tuple) or not self.hidden:
+            raise ConfigError("hidden: needs at least one hidden layer (n_units_l0)")
+        for i, units in enumerate(self.hidden):
+            _check_int(f"n_units_l{i}", units, low=1)
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(
+                f"activation = {self.activation!r}: must be one of {', '.join(ACTIVATIONS)}"
+            )
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(
+                f"optimizer = {self.optimizer!r}: must be one of {', '.join(OPTIMIZERS)}"
+            )
+        _check_float("dropout", self.dropout, low=0.0, high=1.0, high_open=True)
+        _check_float("lr", self.lr, low=0.0, low_open=True)
+        _check_float("weight_decay", self.weight_decay, low=0.0)
+        if self.batch_size is not None:
+            _check_int("batch_size", self.batch_size, low=1, null_ok=True)
+        _check_int("max_epochs", self.max_epochs, low=1)
+        _check_int("patience", self.patience, low=1)
+        _check_int("k", self.k, low=2)
+        _check_int("fold_seed", self.fold_seed, low=0)
+        _check_int("seed", self.seed, low=0)
+        if self.subset is not None:
+            _check_int("subset", self.subset, low=2 * self.k, high=N_TRAIN_IMAGES, null_ok=True)
+
+    @property
+    def full_batch(self) -> bool:
+        return self.batch_size is None
+
+    def params(self) -> dict[str, Any]:
+        """This configuration in the study's parameter names (the inverse of `with_params`)."""
+        out: dict[str, Any] = {f"n_units_l{i}": units for i, units in enumerate(self.hidden)}
+        for field in dataclasses.fields(self):
+            if field.name != "hidden":
+                out[field.name] = getattr(self, field.name)
+        return out
+
+    def with_params(self, params: Mapping[str, Any]) -> TrainConfig:
+        """A copy with `params` (study names) laid over this configuration.
+
+        `n_units_l{i}` replaces layer i; an index one past the last layer adds a layer,
+        so `{"n_units_l2": 20}` over a two-layer default gives three hidden layers.
+        """
+        if not isinstance(params, Mapping):
+            raise ConfigError("params: must be a JSON object of parameter names to values")
+        hidden = list(self.hidden)
+        units: dict[int, Any] = {}
+        changes: dict[str, Any] = {}
+        settable = {f.name for f in dataclasses.fields(self)} - {"hidden"}
+        for key, value in params.items():
+            match = _UNITS_KEY.fullmatch(str(key))
+            if match:
+                units[int(match.group(1))] = value
+            elif key in settable:
+                changes[key] = value
+            else:
+                raise ConfigError(
+                    f"unknown parameter {key!r}: known are n_units_l0, n_units_l1, ..., "
+                    + ", ".join(sorted(settable))
+                )
+        for index in sorted(units):
+            if index < len(hidden):
+                hidden[index] = units[index]
+            elif index == len(hidden):
+                hidden.append(units[index])
+            else:
+                raise ConfigError(
+                    f"n_units_l{index}: layers must be consecutive; "
+                    f"the configuration has {len(hidden)} hidden layers, "
+                    f"so the next one is n_units_l{len(hidden)}"
+                )
+        for name in ("batch_size", "subset"):
+            if name in changes and changes[name] in (0, "full", "all"):
+                changes[name] = None
+        for name in ("max_epochs", "patience", "k", "fold_seed", "seed", "batch_size", "subset"):
+            if name in changes:
+                changes[name] = _as_int(
+                    name, changes[name], null_ok=name in ("batch_size", "subset")
+                )
+        for name in ("dropout", "lr", "weight_decay"):
+            if name in changes:
+                changes[name] = _as_float(name, changes[name])
+        hidden_ints = tuple(_as_int(f"n_units_l{i}", u) for i, u in enumerate(hidden))
+        return dataclasses.replace(self, hidden=hidden_ints, **changes)
+
+
+def _as_int(name: str, value: Any, *, null_ok: bool = False) -> Any:
+    if value is None and null_ok:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+        accepted = "a whole number" + (" or null" if null_ok else "")
+        raise ConfigError(f"{name} = {value!r}: must be {accepted}")
+    return int(value)
+
+
+def _as_float(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{name} = {value!r}: must be a number")
+    return float(value)
+
+
+def _check_int(
+    name: str, value: Any, *, low: int, high: int | None = None, null_ok: bool = False
+) -> None:
+    _as_int(name, value, null_ok=null_ok)
+    if value < low or (high is not None and value > high):
+        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise ConfigError(f"{name} = {value!r}: must be a whole number {bound}")
+
+
+def _check_float(
+    name: str,
+    value: Any,
+    *,
+    low: float,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    _as_float(name, value)
+    too_low = value <= low if low_open else value < low
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if not math.isfinite(value) or too_low or too_high:
+        left = "(" if low_open else "["
+        right = ")" if high_open else "]"
+        bound = (
+            f"in {left}{low}, {high}{right}"
+            if high is not None
+            else f"{'>' if low_open else '>='} {low}"
+        )
+        raise ConfigError(f"{name} = {value!r}: must be a number {bound}")

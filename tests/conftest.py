@@ -1,0 +1,30 @@
+"""Shared fixtures: tiny synthetic problems for unit tests, real MNIST for integration."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.data import DeviceData, Mnist, default_root, load_mnist, present
+
+
+def synthetic_data(n: int = 240, seed: int = 0, *, learnable: bool = True) -> DeviceData:
+    """n images in [0, 1] whose labels a small network can learn (or, if not `learnable`,
+    random labels it can only memorise, so validation loss soon rises)."""
+    generator = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 10, (n,), generator=generator)
+    noise = torch.rand(n, 784, generator=generator)
+    if not learnable:
+        return DeviceData(x=noise, y=y)
+    # Each digit a fixed random image, seen through heavy noise.
+    prototypes = torch.rand(10, 784, generator=generator)
+    return DeviceData(x=0.3 * prototypes[y] + 0.7 * noise, y=y)
+
+
+@pytest.fixture(scope="session")
+def mnist() -> Mnist:
+    """The real MNIST under $MNIST_ROOT or ./data; `make test` fetches it first."""
+    root = default_root()
+    if not present(root):
+        pytest.fail(f"MNIST is not in {root}: run `make data` (make test does) first")
+    return load_mnist(root)

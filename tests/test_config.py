@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from model.config import ConfigError, TrainConfig
+from study.presets import PRESETS, get_preset
+
+
+def test_params_lay_over_the_defaults_by_study_name() -> None:
+    config = TrainConfig().with_params(
+        {"n_units_l1": 50, "activation": "hardswish", "lr": 1e-3, "batch_size": 128}
+    )
+    assert config.hidden == (249, 50)
+    assert config.activation == "hardswish"
+    assert config.lr == 1e-3
+    assert config.batch_size == 128
+    assert config.optimizer == "adam"
+
+
+def test_a_units_index_one_past_the_last_layer_adds_a_layer() -> None:
+    assert TrainConfig().with_params({"n_units_l2": 20}).hidden == (249, 36, 20)
+
+
+def test_params_round_trip_through_their_study_names() -> None:
+    config = TrainConfig(hidden=(100, 50, 25), batch_size=64, subset=1000, k=4)
+    assert TrainConfig().with_params(config.params()) == config
+
+
+def test_null_or_zero_batch_size_means_full_batch() -> None:
+    config = TrainConfig(batch_size=32)
+    assert config.with_params({"batch_size": None}).full_batch
+    assert config.with_params({"batch_size": 0}).full_batch
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"n_units_l0": 0}, r"n_units_l0 = 0: must be a whole number >= 1"),
+        ({"n_units_l0": 2.5}, r"n_units_l0 = 2.5: must be a whole number"),
+        ({"n_units_l3": 10}, r"n_units_l3: layers must be consecutive"),
+        ({"dropout": 1.5}, r"dropout = 1.5: must be a number in \[0.0, 1.0\)"),
+        ({"dropout": "high"}, r"dropout = 'high': must be a number"),
+        (
+            {"activation": "tanh"},
+            r"activation = 'tanh': must be one of relu, leaky_relu, hardswish",
+        ),
+        ({"optimizer": "sgd"}, r"optimizer = 'sgd': must be one of adam, adamax"),
+        ({"lr": 0}, r"lr = 0.0: must be a number > 0"),
+        ({"lr": float("nan")}, r"lr = nan: must be a number > 0"),
+        ({"weight_decay": -1}, r"weight_decay = -1.0: must be a number >= 0"),
+        ({"k": 1}, r"k = 1: must be a whole number >= 2"),
+        ({"k": True}, r"k = True: must be a whole number"),
+        ({"subset": 70000}, r"subset = 70000: must be a whole number in \[10, 60000\]"),
+        ({"max_epochs": 0}, r"max_epochs = 0: must be a whole number >= 1"),
+        ({"epochs": 3}, r"unknown parameter 'epochs': known are n_units_l0"),
+    ],
+)
+def test_a_wrong_parameter_is_named_with_what_it_accepts(params: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig().with_params(params)
+
+
+def test_config_is_frozen() -> None:
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        TrainConfig().lr = 1.0  # type: ignore[misc]
+
+
+def test_presets_hold_the_designs_settings() -> None:
+    quick, seed = PRESETS["quick"].defaults, PRESETS["seed"].defaults
+    assert (quick.subset, quick.k, quick.full_batch) == (12_000, 3, False)
+    assert (seed.subset, seed.k, seed.full_batch, seed.max_epochs) == (None, 5, True, 2000)
+    assert PRESETS["seed"].n_trials == 200
+    with pytest.raises(ConfigError, match="preset 'huge': must be one of quick, seed"):
+        get_preset("huge")

