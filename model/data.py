@@ -348,8 +348,14 @@ def _put_by_hand(raw: Path) -> str:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    """One line for a message that may span several; a heading ending in ':' keeps the
+    last line too (torchvision's download error names the cause only at its end)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    if lines[0].endswith(":") and len(lines) > 1:
+        return f"{lines[0]} {lines[-1]}"
+    return lines[0]
 
 
 def _pip_error(stderr: str) -> str:

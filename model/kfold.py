@@ -142,7 +142,9 @@ def train_kfold(
     if sync_every is None:
         sync_every = 1 if device.type == "cpu" else 10
     started = time.perf_counter()
-    fork_devices = [device] if device.type == "cuda" else []
+    fork_devices = []
+    if device.type == "cuda":
+        fork_devices = [torch.cuda.current_device() if device.index is None else device.index]
     with torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(config.seed)
         state = _run(config, data, sync_every, on_progress)
