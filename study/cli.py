@@ -1,14 +1,16 @@
 """`mnist-study`: the one command line (also `python -m study`).
 
 Every error a user can cause ends here as one line on stderr and a non-zero exit:
-2 for bad input (a flag, a parameter, a device), 1 for a failure of the world (MNIST
-missing and unfetchable), 130 for Ctrl-C. Bugs still raise with a traceback.
+2 for bad input on the command line (a flag, a parameter, a device, a study that does not
+match), 1 when the data or the storage cannot serve the request, 130 for Ctrl-C.
+Bugs still raise with a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,7 +19,9 @@ from typing import Any
 from model.config import ConfigError
 from model.data import DataError
 from model.device import DeviceError
+from study.launcher import STORAGE_ENV
 from study.presets import DEFAULT_PRESET, PRESETS, get_preset
+from study.storage import DEFAULT_HEARTBEAT, DEFAULT_STORAGE, StorageError, StudyError
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -41,10 +45,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     prog = f"mnist-study {args.command}"
     try:
         return args.handler(args)
-    except (UsageError, ConfigError, DeviceError) as exc:
+    except (UsageError, ConfigError, DeviceError, StudyError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except DataError as exc:
+    except (DataError, StorageError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
@@ -81,7 +85,140 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--json", action="store_true", help="print one JSON object")
     _add_root(train)
+
+    space = _command(
+        commands, "space", cmd_space, "draw configurations from a preset's priors, train nothing"
+    )
+    _add_preset(space)
+    space.add_argument("--sample", type=_positive_int, required=True, metavar="N", help="draws")
+    space.add_argument("--seed", type=_seed, default=0, help="sampler seed (default: 0)")
+    space.add_argument("--json", action="store_true", help="one JSON object per draw")
+
+    run = _command(
+        commands, "run", cmd_run, "create or resume a study and run it to its budget with workers"
+    )
+    _add_preset(run)
+    _add_study(run, required=False)
+    _add_storage(run)
+    run.add_argument(
+        "--n-trials",
+        type=_positive_int,
+        metavar="N",
+        help="the study's budget of finished trials (default: the preset's; given on resume, "
+        "it replaces the stored budget)",
+    )
+    run.add_argument(
+        "--workers",
+        type=_positive_int,
+        metavar="W",
+        help="worker processes (default: one per device)",
+    )
+    run.add_argument(
+        "--devices",
+        type=_device_list,
+        metavar="LIST",
+        help="comma-separated devices the workers are spread over, e.g. cuda:0,cuda:1 "
+        "(default: every GPU, else cpu)",
+    )
+    run.add_argument(
+        "--seed", type=_seed, help="sampler seed of a new study (default: random, stored)"
+    )
+    run.add_argument(
+        "--timeout",
+        type=_positive_float,
+        metavar="SEC",
+        help="after SEC seconds, finish the running trials and stop; rerun to resume",
+    )
+    _add_root(run)
+    _add_heartbeat(run)
+
+    worker = _command(
+        commands,
+        "worker",
+        cmd_worker,
+        "join an existing study and run trials until its budget is met",
+    )
+    _add_study(worker, required=True)
+    _add_storage(worker)
+    worker.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
+    worker.add_argument("--threads", type=_positive_int, help="CPU threads for torch")
+    _add_root(worker)
+    _add_heartbeat(worker)
+    worker.add_argument("--worker-id", help=argparse.SUPPRESS)
+    worker.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
+    worker.add_argument("--quiet", action="store_true", help="no per-trial log lines")
+
+    status = _command(commands, "status", cmd_status, "show a study's progress and best trial")
+    _add_study(status, required=False)
+    _add_storage(status)
+    status.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} must be greater than 0")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value < 2**31:
+        raise argparse.ArgumentTypeError(f"{text} must be in [0, 2^31)")
+    return value
+
+
+def _device_list(text: str) -> tuple[str, ...]:
+    devices = tuple(d.strip() for d in text.split(",") if d.strip())
+    if not devices:
+        raise argparse.ArgumentTypeError("needs at least one device, e.g. cuda:0,cuda:1")
+    return devices
+
+
+def _add_study(parser: argparse.ArgumentParser, *, required: bool) -> None:
+    parser.add_argument(
+        "--study",
+        required=required,
+        metavar="NAME",
+        help="study name" + ("" if required else " (default: mnist-<preset>)"),
+    )
+
+
+def _add_storage(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--storage",
+        metavar="URL",
+        help=f"SQLAlchemy URL of the study storage (default: ${STORAGE_ENV}, else "
+        f"{DEFAULT_STORAGE}); postgresql+psycopg://user:pass@host/db for several hosts",
+    )
+
+
+def _add_heartbeat(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--heartbeat",
+        type=_positive_int,
+        default=DEFAULT_HEARTBEAT,
+        metavar="SEC",
+        help="seconds between a running trial's heartbeats; a trial silent for 4x as long "
+        f"is retried (default: {DEFAULT_HEARTBEAT})",
+    )
 
 
 def _command(
@@ -217,4 +354,178 @@ def _format_table(result: Any) -> str:
     )
     if result.diverged:
         lines.append(f"diverged: {result.diverged}")
+    return "\n".join(lines)
+
+
+def _storage_url(args: argparse.Namespace) -> str:
+    import os
+
+    return args.storage or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
+
+
+def _quiet_optuna() -> None:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def cmd_space(args: argparse.Namespace) -> int:
+    from study.sampler import draw_params
+
+    _quiet_optuna()
+    preset = get_preset(args.preset)
+    draws = draw_params(preset.space, preset.defaults, args.sample, args.seed)
+    if args.json:
+        for params in draws:
+            print(json.dumps(params))
+        return 0
+    print(_format_space_summary(preset, draws, args.seed))
+    return 0
+
+
+def _format_space_summary(preset: Any, draws: list[dict[str, Any]], seed: int) -> str:
+    import statistics
+
+    space = preset.space
+    priors = space.priors()
+    lines = [
+        f"preset {preset.name}: {len(draws)} draws, seed {seed}",
+        f"{'parameter':<13} {'mean':>10} {'sd':>10} {'min':>10} {'max':>10}   prior",
+    ]
+    for name, distribution in space.distributions().items():
+        values = [d[name] for d in draws]
+        if hasattr(distribution, "choices"):
+            counts = ", ".join(f"{c} {values.count(c)}" for c in distribution.choices)
+            expected = len(values) / len(distribution.choices)
+            lines.append(f"{name:<13} {counts}   uniform: {expected:.1f} each")
+            continue
+        sd = statistics.pstdev(values) if len(values) > 1 else 0.0
+        stats = (statistics.fmean(values), sd, min(values), max(values))
+        row = f"{name:<13} " + " ".join(f"{v:>10.4g}" for v in stats)
+        if name in priors:
+            prior = priors[name]
+            mean, prior_sd = prior.truncated_moments(distribution.low, distribution.high)
+            row += (
+                f"   N({prior.mu:.2f}, {prior.sigma:.2f}) rounded, in "
+                f"[{distribution.low}, {distribution.high}]: mean {mean:.2f}, sd {prior_sd:.2f}"
+            )
+        elif distribution.log:
+            low, high = distribution.low, distribution.high
+            log_width = math.log(high / low)
+            mean = (high - low) / log_width
+            prior_sd = math.sqrt((high**2 - low**2) / (2 * log_width) - mean**2)
+            row += f"   log-uniform [{low:g}, {high:g}]: mean {mean:.4g}, sd {prior_sd:.4g}"
+        else:
+            width = distribution.high - distribution.low
+            row += (
+                f"   uniform [{distribution.low:g}, {distribution.high:g}]: mean "
+                f"{(distribution.low + distribution.high) / 2:.4g}, sd {width / 12**0.5:.4g}"
+            )
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from study.launcher import RunOptions, run_study
+
+    _quiet_optuna()
+    preset = get_preset(args.preset)
+    options = RunOptions(
+        storage=_storage_url(args),
+        study=args.study or f"mnist-{preset.name}",
+        preset=preset,
+        n_trials=args.n_trials,
+        workers=args.workers,
+        devices=args.devices,
+        seed=args.seed,
+        timeout=args.timeout,
+        data_root=_data_root(args),
+        heartbeat=args.heartbeat,
+    )
+    outcome = run_study(options, log=lambda line: print(line, file=sys.stderr))
+    print(_format_status(outcome.study.study_name, outcome.study, outcome.counts))
+    if outcome.interrupted:
+        print("interrupted: the study is saved; run the same command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if outcome.timed_out:
+        print(f"stopped after --timeout {args.timeout:g} s; run again to resume", file=sys.stderr)
+        return 0
+    if not outcome.counts.done:
+        workers = ", ".join(f"w{i}" for i in outcome.failed_workers) or "all"
+        print(
+            f"mnist-study run: error: workers ({workers}) stopped before the budget was met; "
+            "see their messages above, then run the same command to resume",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from study.worker import WorkerOptions, run_worker
+
+    if args.quiet:
+        _quiet_optuna()
+    options = WorkerOptions(
+        storage=_storage_url(args),
+        study=args.study,
+        device=args.device,
+        data_root=_data_root(args),
+        heartbeat=args.heartbeat,
+        threads=args.threads,
+        worker_id=args.worker_id,
+        parent_pid=args.parent_pid,
+    )
+    ran = run_worker(options)
+    if not args.quiet:
+        print(f"worker done: ran {ran} trial(s); the study's budget is met", file=sys.stderr)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from study.storage import count_trials, list_studies, load_study, open_storage
+
+    _quiet_optuna()
+    storage = open_storage(_storage_url(args), heartbeat=None)
+    names = [args.study] if args.study else list_studies(storage)
+    if not names:
+        raise StudyError("the storage holds no studies; start one with `mnist-study run`")
+    report = {}
+    for name in names:
+        study = load_study(storage, name)
+        report[name] = (study, count_trials(study))
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    name: {"preset": study.user_attrs.get("preset"), **counts.as_dict()}
+                    for name, (study, counts) in report.items()
+                }
+            )
+        )
+        return 0
+    print(
+        "\n\n".join(_format_status(name, study, counts) for name, (study, counts) in report.items())
+    )
+    return 0
+
+
+def _format_status(name: str, study: Any, counts: Any) -> str:
+    attrs = study.user_attrs
+    lines = [
+        f"study {name}: preset {attrs.get('preset')}, seed {attrs.get('seed')}",
+        f"  trials  {counts.finished}/{counts.budget} finished ({counts.complete} complete, "
+        f"{counts.pruned} pruned, {counts.failed} failed), {counts.running} running, "
+        f"{counts.waiting} queued, {counts.retried} retried",
+    ]
+    best = counts.best
+    if best is None:
+        lines.append("  best    none yet")
+        return "\n".join(lines)
+    sd = best.user_attrs.get("accuracy_sd")
+    spread = f" ± {sd:.4f}" if isinstance(sd, float) else ""
+    lines.append(f"  best    trial {best.number}: mean CV accuracy {best.value:.4f}{spread}")
+    for key, value in best.params.items():
+        shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+        lines.append(f"          {key} = {shown}")
     return "\n".join(lines)

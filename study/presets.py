@@ -1,17 +1,22 @@
-"""Named presets: a study's fixed training settings and default hyperparameters.
+"""Named presets: a study's search space, fixed training settings, pruner and budget.
 
 `seed` is the report's own set-up (all 60,000 training images, full batch, up to 2000
-epochs, k = 5, 200 trials). `quick` keeps the report's network and search ranges but
-trains on a 12,000-image subset with mini-batches, few epochs and k = 3, so a whole
-study runs on a 2-core CPU in minutes. The default hyperparameters of both are the
-report's best network (784-249-36-10, relu, adam, dropout 0.35, lr 5.4e-3, L2 1.2e-4).
+epochs, k = 5, 200 trials, nothing pruned). `quick` keeps the report's network and search
+ranges but trains on a 12,000-image subset with mini-batches, few epochs and k = 3, so a
+whole study runs on a 2-core CPU in minutes. `smoke` is smaller still — trials of about a
+second — for checking that the machinery works (the tests use it). All three search the
+same space; the default hyperparameters (what `train` uses without `--params`) are the
+report's best network: 784-249-36-10, relu, adam, dropout 0.35, lr 5.4e-3, L2 1.2e-4.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from model.config import ConfigError, TrainConfig
+from study.space import SearchSpace
+
+PRUNERS = ("none", "median")
 
 
 @dataclass(frozen=True)
@@ -20,6 +25,12 @@ class Preset:
     summary: str
     defaults: TrainConfig
     n_trials: int
+    pruner: str = "none"
+    space: SearchSpace = field(default_factory=SearchSpace)
+
+    def __post_init__(self) -> None:
+        if self.pruner not in PRUNERS:
+            raise ConfigError(f"pruner {self.pruner!r}: must be one of {', '.join(PRUNERS)}")
 
 
 PRESETS: dict[str, Preset] = {
@@ -27,16 +38,25 @@ PRESETS: dict[str, Preset] = {
     for preset in (
         Preset(
             name="quick",
-            summary="12,000-image subset, batches of 256, up to 30 epochs, k = 3, 12 trials",
+            summary="12,000-image subset, batches of 256, up to 30 epochs, k = 3, "
+            "12 trials, median pruner",
             defaults=TrainConfig(subset=12_000, batch_size=256, max_epochs=30, patience=5, k=3),
             n_trials=12,
+            pruner="median",
         ),
         Preset(
             name="seed",
             summary="the report's set-up: 60,000 images, full batch, up to 2000 epochs, "
-            "k = 5, 200 trials",
+            "k = 5, 200 trials, no pruning",
             defaults=TrainConfig(subset=None, batch_size=None, max_epochs=2000, patience=50, k=5),
             n_trials=200,
+        ),
+        Preset(
+            name="smoke",
+            summary="1,200-image subset, batches of 200, 3 epochs, k = 2, 6 trials: "
+            "seconds per trial, to check the machinery",
+            defaults=TrainConfig(subset=1_200, batch_size=200, max_epochs=3, patience=3, k=2),
+            n_trials=6,
         ),
     )
 }

@@ -1,0 +1,109 @@
+"""A worker: joins an existing study and runs trials until the study's budget is met.
+
+Any number of workers, on any number of hosts, may share one study. Each loads MNIST
+onto its device once, then loops: fail trials whose worker died (they are queued again),
+count, and run one trial if the budget still needs one. When the rest of the budget is
+already being run by others, it waits rather than exits, so a trial whose worker dies late
+is still picked up. Two workers deciding at the same moment can each start a trial, so a
+study may finish up to (workers − 1) trials past its budget.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+
+from model.data import ensure_mnist, load_mnist, to_device
+from model.device import resolve_device
+from study.objective import Objective
+from study.storage import (
+    DEFAULT_HEARTBEAT,
+    count_trials,
+    fail_stale_trials,
+    load_study,
+    open_storage,
+    requeue,
+    study_preset,
+)
+
+POLL_S = 1.0
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    storage: str
+    study: str
+    device: str | None = None
+    data_root: Path = Path("data")
+    heartbeat: int = DEFAULT_HEARTBEAT
+    threads: int | None = None
+    worker_id: str | None = None
+    parent_pid: int | None = None
+
+
+def run_worker(options: WorkerOptions, log: Callable[[str], None] = print) -> int:
+    """Run trials until the budget is met; returns how many this worker ran."""
+    storage = open_storage(options.storage, heartbeat=options.heartbeat)
+    study = load_study(storage, options.study)
+    preset = study_preset(study)
+    device = resolve_device(options.device)
+    if options.threads:
+        import torch
+
+        torch.set_num_threads(options.threads)
+    ensure_mnist(options.data_root)
+    mnist = load_mnist(options.data_root)
+    data = to_device(mnist.train_images, mnist.train_labels, device)
+    worker_id = options.worker_id or f"{socket.gethostname()}:{os.getpid()}"
+
+    def parent_gone() -> bool:
+        return options.parent_pid is not None and os.getppid() != options.parent_pid
+
+    objective = Objective(preset, data, worker=f"{worker_id} ({device})", should_stop=parent_gone)
+    finish_requested = _install_signal_handlers()
+    ran = 0
+    try:
+        while not parent_gone() and not finish_requested():
+            fail_stale_trials(study)
+            counts = count_trials(study)
+            if counts.done:
+                break
+            if counts.unclaimed <= 0 and counts.waiting == 0:
+                time.sleep(POLL_S)  # the rest is running elsewhere; stay in case it dies
+                continue
+            objective.current_trial = None
+            # A trial that raises (a GPU out of memory, say) fails alone; Optuna logs why.
+            study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False)
+            ran += 1
+    except KeyboardInterrupt:
+        if objective.current_trial is not None:
+            requeue(study, objective.current_trial)
+        raise
+    return ran
+
+
+def _install_signal_handlers() -> Callable[[], bool]:
+    """SIGTERM stops a worker as Ctrl-C does (its running trial is queued again); SIGUSR1
+    asks it to finish the trial in hand and start no other. Returns whether it was asked."""
+    asked: list[bool] = []
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    def finish(signum: int, frame: object) -> None:
+        asked.append(True)
+
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGUSR1, finish)
+    return lambda: bool(asked)
+
+
+def quiet_optuna() -> None:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
