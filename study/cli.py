@@ -476,7 +476,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
         worker_id=args.worker_id,
         parent_pid=args.parent_pid,
     )
-    ran = run_worker(options)
+    ran = run_worker(
+        options, log=lambda line: print(f"mnist-study worker: {line}", file=sys.stderr)
+    )
     if not args.quiet:
         print(f"worker done: ran {ran} trial(s); the study's budget is met", file=sys.stderr)
     return 0

@@ -53,9 +53,9 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             name="smoke",
-            summary="1,200-image subset, batches of 200, 3 epochs, k = 2, 6 trials: "
-            "seconds per trial, to check the machinery",
-            defaults=TrainConfig(subset=1_200, batch_size=200, max_epochs=3, patience=3, k=2),
+            summary="4,000-image subset, batches of 100, 5 epochs, k = 2, 6 trials: "
+            "about a second a trial, to check the machinery",
+            defaults=TrainConfig(subset=4_000, batch_size=100, max_epochs=5, patience=5, k=2),
             n_trials=6,
         ),
     )

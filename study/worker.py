@@ -10,6 +10,7 @@ study may finish up to (workers − 1) trials past its budget.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -68,6 +69,9 @@ def run_worker(options: WorkerOptions, log: Callable[[str], None] = print) -> in
 
     objective = Objective(preset, data, worker=f"{worker_id} ({device})", should_stop=parent_gone)
     finish_requested = _install_signal_handlers()
+    # Filters on the handlers, which see the records of every optuna.* logger.
+    for handler in logging.getLogger("optuna").handlers:
+        handler.addFilter(_drop_interrupt_tracebacks)
     ran = 0
     try:
         while not parent_gone() and not finish_requested():
@@ -85,8 +89,15 @@ def run_worker(options: WorkerOptions, log: Callable[[str], None] = print) -> in
     except KeyboardInterrupt:
         if objective.current_trial is not None:
             requeue(study, objective.current_trial)
+            log(f"trial {objective.current_trial} was interrupted and is queued again")
         raise
     return ran
+
+
+def _drop_interrupt_tracebacks(record: logging.LogRecord) -> bool:
+    """Optuna logs an interrupted trial as a failure with a traceback; the worker says
+    itself that it queued the trial again, so that record only alarms."""
+    return not (record.exc_info and record.exc_info[0] is KeyboardInterrupt)
 
 
 def _install_signal_handlers() -> Callable[[], bool]:

@@ -1,0 +1,376 @@
+from __future__ import annotations
+
+import json
+import math
+import pickle
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import pytest
+from optuna.distributions import BaseDistribution, FloatDistribution, IntDistribution
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial, TrialState, create_trial
+
+from model.config import TrainConfig
+from study.presets import PRESETS
+from study.sampler import GaussianPriorSampler, draw_from_prior, draw_params
+from study.space import GaussianPrior, SearchSpace, compression_priors
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+ROOT = Path(__file__).resolve().parents[1]
+SPACE = SearchSpace()
+DEFAULTS = TrainConfig()
+SEED = 0
+N_DRAWS = 3000  # through the real study and `suggest`: about 4 s
+N_DIRECT = 40_000  # straight from `sample_independent`: about 0.5 s per parameter
+
+# How many standard errors a sample mean or sd may stray from the exact value.
+N_SE = 5.0
+# Kolmogorov–Smirnov: P(sqrt(n) · D_n > 1.9495) ≈ 0.001 under the null (asymptotic,
+# c(α) = sqrt(-ln(α/2) / 2) with α = 0.001).
+KS_C_0999 = 1.9495
+# 0.999 quantiles of the chi-square distribution, by degrees of freedom.
+CHI2_0999 = {1: 10.828, 2: 13.816, 9: 27.877}
+
+
+@pytest.fixture(scope="module")
+def draws() -> list[dict[str, Any]]:
+    """What a study with SEED tries first: N_DRAWS configurations, as params."""
+    return draw_params(SPACE, DEFAULTS, N_DRAWS, SEED)
+
+
+def column(draws: list[dict[str, Any]], name: str) -> np.ndarray:
+    return np.array([d[name] for d in draws])
+
+
+def ks_uniform(x: np.ndarray, low: float, high: float) -> float:
+    """Kolmogorov–Smirnov statistic D_n of `x` against the uniform CDF on [low, high]."""
+    n = len(x)
+    cdf = np.clip((np.sort(x) - low) / (high - low), 0.0, 1.0)
+    above = np.arange(1, n + 1) / n - cdf
+    below = cdf - np.arange(0, n) / n
+    return float(max(above.max(), below.max()))
+
+
+def ks_critical(n: int) -> float:
+    return KS_C_0999 / math.sqrt(n)
+
+
+def chi_square_uniform(values: Sequence[Any], choices: Sequence[Any]) -> float:
+    """Pearson's chi-square of the counts of `values` against equal probabilities."""
+    counts = Counter(values)
+    assert set(counts) <= set(choices)
+    expected = len(values) / len(choices)
+    return sum((counts[c] - expected) ** 2 / expected for c in choices)
+
+
+def trial_numbered(number: int, system_attrs: dict[str, Any] | None = None) -> FrozenTrial:
+    return FrozenTrial(
+        number=number,
+        state=TrialState.RUNNING,
+        value=None,
+        datetime_start=None,
+        datetime_complete=None,
+        params={},
+        distributions={},
+        user_attrs={},
+        system_attrs=system_attrs or {},
+        intermediate_values={},
+        trial_id=number,
+    )
+
+
+def sample_many(
+    sampler: GaussianPriorSampler, name: str, distribution: BaseDistribution, n: int
+) -> np.ndarray:
+    """One draw of `name` from each of trials 0 .. n-1, straight from the sampler."""
+    return np.array(
+        [
+            sampler.sample_independent(None, trial_numbered(i), name, distribution)  # type: ignore[arg-type]
+            for i in range(n)
+        ]
+    )
+
+
+def configurations(sampler: GaussianPriorSampler, n: int) -> list[dict[str, Any]]:
+    """What `draw_params` does, with a sampler of our own."""
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    out = []
+    for _ in range(n):
+        trial = study.ask()
+        config = SPACE.suggest(trial, DEFAULTS)
+        out.append({name: config.params()[name] for name in SPACE.distributions()})
+        study.tell(trial, 0.0)
+    return out
+
+
+def test_every_preset_searches_the_space_tested_here() -> None:
+    assert {name: preset.space for name, preset in PRESETS.items()} == {
+        "quick": SPACE,
+        "seed": SPACE,
+        "smoke": SPACE,
+    }
+
+
+@pytest.mark.parametrize("name", ["n_units_l0", "n_units_l1"])
+def test_neuron_counts_follow_the_truncated_rounded_prior(
+    draws: list[dict[str, Any]], name: str
+) -> None:
+    prior = SPACE.priors()[name]
+    mean, sd = prior.truncated_moments(SPACE.units_low, SPACE.units_high)
+    x = column(draws, name)
+    n = len(x)
+    assert x.mean() == pytest.approx(mean, abs=N_SE * sd / math.sqrt(n))
+    assert x.std(ddof=1) == pytest.approx(sd, abs=N_SE * sd / math.sqrt(2 * n))
+
+
+@pytest.mark.parametrize("name", ["n_units_l0", "n_units_l1"])
+def test_many_direct_draws_match_the_truncated_moments_not_mu_and_sigma(name: str) -> None:
+    # N_DRAWS through draw_params cannot tell 187.47 from 183.18 at 5 standard errors
+    # (5 · 83.9 / sqrt(3000) ≈ 7.7); N_DIRECT draws of the same sampler can (≈ 2.1).
+    prior = SPACE.priors()[name]
+    distribution = SPACE.distributions()[name]
+    assert isinstance(distribution, IntDistribution)
+    mean, sd = prior.truncated_moments(distribution.low, distribution.high)
+    sampler = GaussianPriorSampler(SPACE.priors(), seed=SEED)
+    x = sample_many(sampler, name, distribution, N_DIRECT)
+    tolerance = N_SE * sd / math.sqrt(N_DIRECT)
+    assert x.mean() == pytest.approx(mean, abs=tolerance)
+    assert x.std(ddof=1) == pytest.approx(sd, abs=N_SE * sd / math.sqrt(2 * N_DIRECT))
+    if name == "n_units_l0":
+        # Truncation at 1 moves layer 1's mean from 183.18 up to about 187.47.
+        assert prior.mu == pytest.approx(183.18, abs=0.01)
+        assert mean == pytest.approx(187.47, abs=0.01)
+        assert abs(mean - prior.mu) > tolerance
+        assert abs(x.mean() - prior.mu) > tolerance
+
+
+def test_every_draw_lies_in_its_distribution(draws: list[dict[str, Any]]) -> None:
+    distributions = SPACE.distributions()
+    for params in draws:
+        assert set(params) == set(distributions)
+        for name, value in params.items():
+            distribution = distributions[name]
+            assert distribution._contains(distribution.to_internal_repr(value)), (name, value)
+            if isinstance(distribution, IntDistribution):
+                assert type(value) is int, (name, value)
+            if isinstance(distribution, FloatDistribution):
+                assert type(value) is float, (name, value)
+                assert distribution.low <= value <= distribution.high
+
+
+def test_dropout_is_uniform_on_its_range(draws: list[dict[str, Any]]) -> None:
+    x = column(draws, "dropout")
+    assert x.min() >= 0.3 and x.max() <= 0.5
+    assert x.min() < 0.301 and x.max() > 0.499  # the whole range is reached
+    assert ks_uniform(x, 0.3, 0.5) < ks_critical(len(x))
+    # The test has power: the same draws are far from uniform on a narrower range.
+    assert ks_uniform(x, 0.3, 0.45) > ks_critical(len(x))
+
+
+@pytest.mark.parametrize(("name", "low", "high"), [("lr", -4, -2), ("weight_decay", -5, -3)])
+def test_learning_rate_and_weight_decay_are_log_uniform(
+    draws: list[dict[str, Any]], name: str, low: int, high: int
+) -> None:
+    x = column(draws, name)
+    log_x = np.log10(x)
+    assert low <= log_x.min() and log_x.max() <= high
+    assert ks_uniform(log_x, low, high) < ks_critical(len(x))
+    # Uniform on the linear scale would be rejected by a wide margin.
+    assert ks_uniform(x, 10.0**low, 10.0**high) > 10 * ks_critical(len(x))
+
+
+@pytest.mark.parametrize(
+    ("name", "choices"),
+    [("activation", ("relu", "leaky_relu", "hardswish")), ("optimizer", ("adam", "adamax"))],
+)
+def test_categories_are_drawn_equally_often(
+    draws: list[dict[str, Any]], name: str, choices: tuple[str, ...]
+) -> None:
+    values = [d[name] for d in draws]
+    assert set(values) == set(choices)
+    assert chi_square_uniform(values, choices) < CHI2_0999[len(choices) - 1]
+
+
+def test_the_same_seed_draws_the_same_configurations_in_another_process() -> None:
+    script = (
+        "import json, optuna\n"
+        "optuna.logging.set_verbosity(optuna.logging.WARNING)\n"
+        "from model.config import TrainConfig\n"
+        "from study.sampler import draw_params\n"
+        "from study.space import SearchSpace\n"
+        "print(json.dumps(draw_params(SearchSpace(), TrainConfig(), 20, 7)))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    there = json.loads(done.stdout)
+    here = draw_params(SPACE, DEFAULTS, 20, 7)
+    assert there == here
+    assert here != draw_params(SPACE, DEFAULTS, 20, 8)
+
+
+def test_a_different_seed_draws_different_values() -> None:
+    a = draw_params(SPACE, DEFAULTS, 10, 1)
+    b = draw_params(SPACE, DEFAULTS, 10, 2)
+    assert all(x["dropout"] != y["dropout"] for x, y in zip(a, b, strict=True))
+    assert [x["n_units_l0"] for x in a] != [y["n_units_l0"] for y in b]
+
+
+def test_trials_of_one_study_draw_different_configurations(draws: list[dict[str, Any]]) -> None:
+    configs = [tuple(sorted(d.items())) for d in draws[:200]]
+    assert len(set(configs)) == len(configs)
+    # Not even one float value repeats across the whole sample.
+    for name in ("dropout", "lr", "weight_decay"):
+        assert len(set(column(draws, name))) == len(draws)
+
+
+def study_with_retry_of(failed: int, number: int) -> optuna.Study:
+    """An in-memory study whose trial `number` is a retry of trial `failed`."""
+    study = optuna.create_study(sampler=GaussianPriorSampler(SPACE.priors(), seed=SEED))
+    for _ in range(number):
+        study.add_trial(create_trial(state=TrialState.COMPLETE, value=0.0))
+    study.add_trial(create_trial(state=TrialState.WAITING, system_attrs={"failed_trial": failed}))
+    return study
+
+
+def test_a_retried_trial_draws_the_values_of_the_trial_it_retries() -> None:
+    study = study_with_retry_of(failed=3, number=9)
+    study.ask()  # takes the waiting trial: number 9, retrying 3
+    sampler = study.sampler
+    retry, original = study.trials[9], study.trials[3]
+    assert retry.number == 9 and retry.system_attrs["failed_trial"] == 3
+    assert original.number == 3 and "failed_trial" not in original.system_attrs
+    distributions = SPACE.distributions()
+
+    def draw(trial: FrozenTrial, name: str) -> Any:
+        return sampler.sample_independent(study, trial, name, distributions[name])
+
+    def configuration(trial: FrozenTrial) -> list[Any]:
+        return [draw(trial, name) for name in distributions]
+
+    assert draw(retry, "n_units_l0") == draw(original, "n_units_l0")  # a prior parameter
+    assert draw(retry, "dropout") == draw(original, "dropout")  # a plain one
+    assert configuration(retry) == configuration(original)
+    assert configuration(trial_numbered(9, {"failed_trial": 3})) == configuration(original)
+    # Without the attribute, trial 9 draws values of its own (dropout: never equal).
+    assert draw(trial_numbered(9), "dropout") != draw(original, "dropout")
+    assert configuration(trial_numbered(9)) != configuration(original)
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_optunas_retry_callback_gives_a_trial_the_configuration_it_retries() -> None:
+    # The callback the project's storage runs on a stale trial, called here by hand.
+    seed = 5
+    expected = draw_params(SPACE, DEFAULTS, 4, seed)[3]
+    study = optuna.create_study(sampler=GaussianPriorSampler(SPACE.priors(), seed=seed))
+    for _ in range(3):
+        study.tell(study.ask(), 0.0)
+    dying = study.ask()
+    assert dying.number == 3
+    dying.suggest_int("n_units_l0", SPACE.units_low, SPACE.units_high)  # then it dies
+    study.tell(dying, state=TrialState.FAIL)
+    RetryHeartbeatStaleTrialCallback()(study, study.trials[3])
+    retry = study.ask()
+    assert retry.number == 4
+    assert study.trials[4].system_attrs["failed_trial"] == 3
+    config = SPACE.suggest(retry, DEFAULTS)
+    assert {name: config.params()[name] for name in SPACE.distributions()} == expected
+
+
+def test_a_pickled_sampler_draws_the_same_values() -> None:
+    sampler = GaussianPriorSampler(SPACE.priors(), seed=11)
+    configurations(sampler, 5)  # used before pickling, as a running study's sampler is
+    clone = pickle.loads(pickle.dumps(sampler))
+    assert clone is not sampler and clone.seed == 11
+    ours = configurations(sampler, 30)
+    assert configurations(clone, 30) == ours
+    assert ours == draw_params(SPACE, DEFAULTS, 30, 11)
+
+
+def test_a_parameter_without_a_prior_is_drawn_uniformly() -> None:
+    sampler = GaussianPriorSampler(SPACE.priors(), seed=SEED)
+    distribution = IntDistribution(0, 9)
+    x = sample_many(sampler, "other", distribution, 5000)
+    assert all(type(v) is int for v in x.tolist())
+    assert set(x.tolist()) == set(range(10))
+    assert chi_square_uniform(x.tolist(), range(10)) < CHI2_0999[9]
+    # A float parameter named like a prior is not an IntDistribution: it is drawn plainly.
+    y = sample_many(sampler, "n_units_l0", FloatDistribution(0.0, 1.0), 2000)
+    assert ks_uniform(y, 0.0, 1.0) < ks_critical(len(y))
+
+
+def test_the_sampler_has_no_relative_search_space() -> None:
+    sampler = GaussianPriorSampler(SPACE.priors(), seed=SEED)
+    study = optuna.create_study(sampler=sampler)
+    trial = study.ask()
+    SPACE.suggest(trial, DEFAULTS)
+    study.tell(trial, 0.0)
+    frozen = study.trials[0]
+    assert sampler.infer_relative_search_space(study, frozen) == {}
+    assert sampler.sample_relative(study, frozen, SPACE.distributions()) == {}
+
+
+def test_a_prior_partly_outside_the_range_is_redrawn_inside_it() -> None:
+    rng = np.random.default_rng(0)
+    low_prior, high_prior = GaussianPrior(mu=0, sigma=5), GaussianPrior(mu=784, sigma=50)
+    distribution = IntDistribution(1, 784)
+    low_side = np.array([draw_from_prior(low_prior, distribution, rng) for _ in range(4000)])
+    high_side = np.array([draw_from_prior(high_prior, distribution, rng) for _ in range(4000)])
+    assert low_side.min() == 1 and high_side.max() == 784
+    assert low_side.max() <= 784 and high_side.min() >= 1
+    # Redrawn, not clipped: the draws have the truncated distribution's mean.
+    for prior, x in ((low_prior, low_side), (high_prior, high_side)):
+        mean, sd = prior.truncated_moments(1, 784)
+        assert x.mean() == pytest.approx(mean, abs=N_SE * sd / math.sqrt(len(x)))
+    # P(round(X) = 1 | round(X) >= 1) for X ~ N(0, 5) is (Φ(0.3) − Φ(0.1)) / (1 − Φ(0.1));
+    # clipping would instead put Φ(0.3) ≈ 0.62 of the draws on 1.
+    phi = [0.5 * (1 + math.erf(z / math.sqrt(2))) for z in (0.1, 0.3)]
+    p_one = (phi[1] - phi[0]) / (1 - phi[0])
+    assert p_one == pytest.approx(0.1697, abs=1e-4)
+    se = math.sqrt(p_one * (1 - p_one) / len(low_side))
+    assert np.mean(low_side == 1) == pytest.approx(p_one, abs=N_SE * se)
+
+
+def test_a_prior_with_a_step_lands_on_the_grid() -> None:
+    rng = np.random.default_rng(1)
+    distribution = IntDistribution(2, 98, step=4)
+    prior = GaussianPrior(mu=50, sigma=30)
+    values = [draw_from_prior(prior, distribution, rng) for _ in range(500)]
+    assert all(type(v) is int and 2 <= v <= 98 and (v - 2) % 4 == 0 for v in values)
+
+
+def test_a_prior_that_never_lands_in_the_range_raises() -> None:
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="no value in"):
+        draw_from_prior(GaussianPrior(mu=-1e6, sigma=1), IntDistribution(1, 784), rng)
+
+
+def test_compression_priors_for_two_layers_are_the_reports() -> None:
+    priors = compression_priors(2)
+    assert [p.mu for p in priors] == pytest.approx([183.18, 42.80], abs=0.005)
+    assert [p.sigma for p in priors] == pytest.approx([88.54, 10.00], abs=0.005)
+    assert SPACE.priors() == {"n_units_l0": priors[0], "n_units_l1": priors[1]}
+
+
+def test_compression_priors_for_three_layers_follow_the_formula() -> None:
+    r = 10 / 784
+    priors = compression_priors(3)
+    assert [p.mu for p in priors] == pytest.approx([784 * r ** (n / 4) for n in (1, 2, 3)])
+    assert [p.sigma for p in priors] == pytest.approx([784 * r ** (n / 3) for n in (1, 2, 3)])
+    # By hand: μ = 784 · 0.01276^(n/4), σ_3 = 10 (the output width).
+    assert [p.mu for p in priors] == pytest.approx([263.47, 88.54, 29.76], abs=0.01)
+    assert priors[2].sigma == pytest.approx(10.0)
+    assert list(SearchSpace(n_layers=3).priors()) == ["n_units_l0", "n_units_l1", "n_units_l2"]
