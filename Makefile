@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 .PHONY: demo test data lint format clean
 
 demo: data
-	$(BIN)/mnist-study run --preset quick
+	$(BIN)/mnist-study run --preset quick --workers 2
 
 test: data
 	$(BIN)/python -m pytest

@@ -360,6 +360,8 @@ def _format_table(result: Any) -> str:
 def _storage_url(args: argparse.Namespace) -> str:
     import os
 
+    if args.storage is not None and not args.storage.strip():
+        raise UsageError("--storage is empty: give a database URL such as sqlite:///optuna.db")
     return args.storage or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
 
 
