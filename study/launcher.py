@@ -84,8 +84,8 @@ def plan_workers(devices: tuple[str, ...] | None, workers: int | None) -> list[t
 
 
 def run_study(options: RunOptions, log: Callable[[str], None]) -> RunOutcome:
+    plan = plan_workers(options.devices, options.workers)  # a bad device fails before any write
     storage = open_storage(options.storage, create=True, heartbeat=options.heartbeat)
-    plan = plan_workers(options.devices, options.workers)
     study, created = create_or_resume(
         storage, options.study, options.preset, budget=options.n_trials, seed=options.seed
     )
