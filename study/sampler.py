@@ -95,17 +95,25 @@ def _original_number(trial: FrozenTrial) -> int:
     return int(trial.system_attrs.get("failed_trial", trial.number))
 
 
-def draw_params(space: SearchSpace, defaults: TrainConfig, n: int, seed: int) -> list[dict]:
+def draw_params(
+    space: SearchSpace,
+    defaults: TrainConfig,
+    n: int,
+    seed: int,
+    *,
+    sampler: GaussianPriorSampler | None = None,
+) -> list[dict]:
     """n configurations drawn through the real sampler and the real `suggest`, as params.
 
     Runs an in-memory study whose objective trains nothing: what a study with this seed
-    would try first, and a sample to compare against the priors.
+    would try first, and a sample to compare against the priors. `sampler` replaces the
+    study's own sampler (seeded `seed`) when given.
     """
     import optuna
 
-    study = optuna.create_study(
-        direction="maximize", sampler=GaussianPriorSampler(space.priors(), seed=seed)
-    )
+    if sampler is None:
+        sampler = GaussianPriorSampler(space.priors(), seed=seed)
+    study = optuna.create_study(direction="maximize", sampler=sampler)
     drawn: list[dict] = []
     for _ in range(n):
         trial = study.ask()

@@ -99,18 +99,6 @@ def sample_many(
     )
 
 
-def configurations(sampler: GaussianPriorSampler, n: int) -> list[dict[str, Any]]:
-    """What `draw_params` does, with a sampler of our own."""
-    study = optuna.create_study(direction="maximize", sampler=sampler)
-    out = []
-    for _ in range(n):
-        trial = study.ask()
-        config = SPACE.suggest(trial, DEFAULTS)
-        out.append({name: config.params()[name] for name in SPACE.distributions()})
-        study.tell(trial, 0.0)
-    return out
-
-
 def test_every_preset_searches_the_space_tested_here() -> None:
     assert {name: preset.space for name, preset in PRESETS.items()} == {
         "quick": SPACE,
@@ -292,11 +280,13 @@ def test_optunas_retry_callback_gives_a_trial_the_configuration_it_retries() -> 
 
 def test_a_pickled_sampler_draws_the_same_values() -> None:
     sampler = GaussianPriorSampler(SPACE.priors(), seed=11)
-    configurations(sampler, 5)  # used before pickling, as a running study's sampler is
+    draw_params(
+        SPACE, DEFAULTS, 5, 11, sampler=sampler
+    )  # used before pickling, as a running study's sampler is
     clone = pickle.loads(pickle.dumps(sampler))
     assert clone is not sampler and clone.seed == 11
-    ours = configurations(sampler, 30)
-    assert configurations(clone, 30) == ours
+    ours = draw_params(SPACE, DEFAULTS, 30, 11, sampler=sampler)
+    assert draw_params(SPACE, DEFAULTS, 30, 11, sampler=clone) == ours
     assert ours == draw_params(SPACE, DEFAULTS, 30, 11)
 
 
