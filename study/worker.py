@@ -64,17 +64,20 @@ def run_worker(options: WorkerOptions, log: Callable[[str], None] = print) -> in
     data = to_device(mnist.train_images, mnist.train_labels, device)
     worker_id = options.worker_id or f"{socket.gethostname()}:{os.getpid()}"
 
+    stop = _StopSignals()
+
     def parent_gone() -> bool:
-        return options.parent_pid is not None and os.getppid() != options.parent_pid
+        gone = options.parent_pid is not None and os.getppid() != options.parent_pid
+        stop.interrupted = stop.interrupted or gone
+        return gone
 
     objective = Objective(preset, data, worker=f"{worker_id} ({device})", should_stop=parent_gone)
-    finish_requested = _install_signal_handlers()
     # Filters on the handlers, which see the records of every optuna.* logger.
     for handler in logging.getLogger("optuna").handlers:
-        handler.addFilter(_drop_interrupt_tracebacks)
+        handler.addFilter(stop.keep_log_record)
     ran = 0
     try:
-        while not parent_gone() and not finish_requested():
+        while not parent_gone() and not stop.finish_requested:
             fail_stale_trials(study)
             counts = count_trials(study)
             if counts.done:
@@ -94,26 +97,30 @@ def run_worker(options: WorkerOptions, log: Callable[[str], None] = print) -> in
     return ran
 
 
-def _drop_interrupt_tracebacks(record: logging.LogRecord) -> bool:
-    """Optuna logs an interrupted trial as a failure with a traceback; the worker says
-    itself that it queued the trial again, so that record only alarms."""
-    return not (record.exc_info and record.exc_info[0] is KeyboardInterrupt)
+class _StopSignals:
+    """How a worker is asked to stop. SIGINT and SIGTERM interrupt the trial in hand (the
+    worker queues it again); SIGUSR1 asks it to finish that trial and start no other."""
 
+    def __init__(self) -> None:
+        self.interrupted = False
+        self.finish_requested = False
+        signal.signal(signal.SIGINT, self._interrupt)
+        signal.signal(signal.SIGTERM, self._interrupt)
+        signal.signal(signal.SIGUSR1, self._finish)
 
-def _install_signal_handlers() -> Callable[[], bool]:
-    """SIGTERM stops a worker as Ctrl-C does (its running trial is queued again); SIGUSR1
-    asks it to finish the trial in hand and start no other. Returns whether it was asked."""
-    asked: list[bool] = []
-
-    def interrupt(signum: int, frame: object) -> None:
+    def _interrupt(self, signum: int, frame: object) -> None:
+        self.interrupted = True
         raise KeyboardInterrupt
 
-    def finish(signum: int, frame: object) -> None:
-        asked.append(True)
+    def _finish(self, signum: int, frame: object) -> None:
+        self.finish_requested = True
 
-    signal.signal(signal.SIGTERM, interrupt)
-    signal.signal(signal.SIGUSR1, finish)
-    return lambda: bool(asked)
+    def keep_log_record(self, record: logging.LogRecord) -> bool:
+        """Optuna logs an interrupted trial as failed (with a traceback); the worker says
+        itself that it queued the trial again, so those records only alarm."""
+        if record.exc_info and record.exc_info[0] is KeyboardInterrupt:
+            return False
+        return not (self.interrupted and "failed" in record.getMessage())
 
 
 def quiet_optuna() -> None:
