@@ -25,6 +25,8 @@ from model.config import TrainConfig
 from model.data import DeviceData
 from model.network import StackedFFNN
 
+CURVES = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
+
 
 @dataclass(frozen=True)
 class Progress:
@@ -43,7 +45,8 @@ class KFoldResult:
 
     Epoch numbers are 1-based. A fold's accuracy and loss are its validation figures at
     its best epoch (lowest validation loss), whose weights `model` holds. `curves` has,
-    per fold, one value per epoch that fold ran: `train_loss`, `val_loss`, `val_accuracy`.
+    per fold, one value per epoch that fold ran, for each name in `CURVES` (training
+    figures are the epoch's running means, with dropout on).
     `diverged` names the fold and epoch whose loss became NaN or infinite; `halted` says
     the caller's `on_progress` stopped the run.
     """
@@ -95,17 +98,23 @@ def split_folds(n_images: int, config: TrainConfig) -> tuple[torch.Tensor, torch
     cuts it into k folds of m images each; the `n mod k` images left over are not used,
     so every fold has the same shape and the stack needs no padding.
     """
-    n = n_images if config.subset is None else min(config.subset, n_images)
+    subset = training_subset(n_images, config)
     k = config.k
-    m = n // k
+    m = len(subset) // k
     if m < 1:
-        raise ValueError(f"{n} images cannot make {k} folds")
-    generator = torch.Generator().manual_seed(config.fold_seed)
-    perm = torch.randperm(n_images, generator=generator)[: m * k]
-    parts = perm.view(k, m)
+        raise ValueError(f"{len(subset)} images cannot make {k} folds")
+    parts = subset[: m * k].view(k, m)
     val = parts
     train = torch.stack([torch.cat([parts[i] for i in range(k) if i != j]) for j in range(k)])
     return train, val
+
+
+def training_subset(n_images: int, config: TrainConfig) -> torch.Tensor:
+    """The training images a configuration learns from, in the order `fold_seed` shuffles
+    them: the folds are cut from it, and the final model is retrained on all of it."""
+    n = n_images if config.subset is None else min(config.subset, n_images)
+    generator = torch.Generator().manual_seed(config.fold_seed)
+    return torch.randperm(n_images, generator=generator)[:n]
 
 
 def initial_model(config: TrainConfig) -> StackedFFNN:
@@ -167,8 +176,8 @@ class _FoldState:
         self.active = torch.ones(k, dtype=torch.bool, device=device)
         self.diverged_epoch = torch.zeros(k, dtype=torch.int64, device=device)
         self.best_params = [p.detach().clone() for p in model.parameters()]
-        # Rows: train loss, validation loss, validation accuracy; filled per epoch.
-        self.curves = torch.full((max_epochs, 3, k), math.nan, device=device)
+        # Rows: CURVES; filled per epoch.
+        self.curves = torch.full((max_epochs, len(CURVES), k), math.nan, device=device)
         self.epochs_done = 0
         self.halted = False
 
@@ -176,12 +185,13 @@ class _FoldState:
         self,
         epoch: int,
         train_loss: torch.Tensor,
+        train_accuracy: torch.Tensor,
         val_loss: torch.Tensor,
         val_accuracy: torch.Tensor,
         patience: int,
     ) -> None:
         """Book epoch `epoch` (1-based) for the folds still active; no host sync."""
-        self.curves[epoch - 1] = torch.stack([train_loss, val_loss, val_accuracy])
+        self.curves[epoch - 1] = torch.stack([train_loss, train_accuracy, val_loss, val_accuracy])
         finite = torch.isfinite(train_loss) & torch.isfinite(val_loss)
         newly_diverged = self.active & ~finite
         self.diverged_epoch = torch.where(newly_diverged, epoch, self.diverged_epoch)
@@ -204,10 +214,9 @@ class _FoldState:
                 param.copy_(best)
         stop = self.stop_epoch.clamp(max=self.epochs_done).tolist()
         curves = self.curves.cpu()
-        names = ("train_loss", "val_loss", "val_accuracy")
         per_fold = {
             name: [curves[: stop[j], row, j].tolist() for j in range(config.k)]
-            for row, name in enumerate(names)
+            for row, name in enumerate(CURVES)
         }
         diverged_epoch = self.diverged_epoch.tolist()
         diverged = None
@@ -230,6 +239,57 @@ class _FoldState:
         )
 
 
+Step = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def make_step(model: StackedFFNN, optimizer: torch.optim.Optimizer) -> Step:
+    """One optimizer step for all k networks on a (k, B, 784) batch; returns each
+    network's mean loss and count of correct predictions, shape (k,), on the device."""
+    k = model.k
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(x)
+        losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
+        per_network = losses.view(k, -1).mean(dim=1)
+        optimizer.zero_grad(set_to_none=True)
+        # Summing the networks' losses gives each one's weights exactly its own gradient.
+        per_network.sum().backward()
+        optimizer.step()
+        correct = (logits.detach().argmax(dim=2) == y).sum(dim=1)
+        return per_network.detach(), correct
+
+    return step
+
+
+def train_epoch(
+    step: Step,
+    data: DeviceData,
+    train_idx: torch.Tensor,
+    batch_size: int,
+    gathered: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One epoch of each network over its rows of `train_idx` (k, n); returns the mean
+    training loss and accuracy per network (with dropout on, as training sees them).
+
+    `gathered` — the (k, n, 784) images and (k, n) labels of `train_idx`, gathered once
+    by the caller — means full batch: one step per epoch.
+    """
+    k, n = train_idx.shape
+    if gathered is not None:
+        loss, correct = step(*gathered)
+        return loss, correct / n
+    # Each network shuffles its own rows; batches are cut by indexing, no DataLoader.
+    order = train_idx.gather(1, torch.rand(k, n, device=data.device).argsort(dim=1))
+    total_loss = torch.zeros(k, device=data.device)
+    total_correct = torch.zeros(k, device=data.device)
+    for start in range(0, n, batch_size):
+        batch = order[:, start : start + batch_size]
+        loss, correct = step(data.x[batch], data.y[batch])
+        total_loss += loss * batch.shape[1]
+        total_correct += correct
+    return total_loss / n, total_correct / n
+
+
 def _run(
     config: TrainConfig,
     data: DeviceData,
@@ -243,6 +303,7 @@ def _run(
     # Validation sets never change: gather them once.
     x_val, y_val = data.x[val_idx], data.y[val_idx]
     full_batch = config.full_batch or config.batch_size >= n_train
+    x_train = y_train = None
     if full_batch:
         # One step per epoch over each fold's whole training part: gather that once too.
         x_train, y_train = data.x[train_idx], data.y[train_idx]
@@ -250,30 +311,14 @@ def _run(
     model = initial_model(config).to(device)
     optimizer = make_optimizer(model, config)
     state = _FoldState(model, config.max_epochs, device)
-
-    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """One optimizer step for all folds; returns each fold's mean loss, shape (k,)."""
-        logits = model(x)
-        losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
-        per_fold = losses.view(k, -1).mean(dim=1)
-        optimizer.zero_grad(set_to_none=True)
-        # Summing the folds' losses gives each fold's weights exactly its own gradient.
-        per_fold.sum().backward()
-        optimizer.step()
-        return per_fold.detach()
+    step = make_step(model, optimizer)
+    batch_size = n_train if full_batch else config.batch_size
 
     for epoch in range(1, config.max_epochs + 1):
         model.train()
-        if full_batch:
-            train_loss = step(x_train, y_train)
-        else:
-            # Each fold shuffles its own training part; batches are cut by indexing.
-            order = train_idx.gather(1, torch.rand(k, n_train, device=device).argsort(dim=1))
-            train_loss = torch.zeros(k, device=device)
-            for start in range(0, n_train, config.batch_size):
-                batch = order[:, start : start + config.batch_size]
-                train_loss += step(data.x[batch], data.y[batch]) * batch.shape[1]
-            train_loss /= n_train
+        train_loss, train_accuracy = train_epoch(
+            step, data, train_idx, batch_size, (x_train, y_train) if full_batch else None
+        )
 
         model.eval()
         with torch.no_grad():
@@ -284,7 +329,7 @@ def _run(
                 .mean(dim=1)
             )
             val_accuracy = (logits.argmax(dim=2) == y_val).float().mean(dim=1)
-            state.record(epoch, train_loss, val_loss, val_accuracy, config.patience)
+            state.record(epoch, train_loss, train_accuracy, val_loss, val_accuracy, config.patience)
 
         if epoch % sync_every == 0 or epoch == config.max_epochs:
             # The only host sync of the loop: one small read every `sync_every` epochs.

@@ -1,0 +1,91 @@
+"""The final model: one network trained on the whole training subset, then tested once.
+
+Cross-validation chose the configuration and how long to train it (the caller passes the
+epochs, e.g. the mean of the folds' best epochs); nothing here looks at the test set to
+decide anything. The training loop is the k-fold trainer's own, with k = 1.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from model.config import N_CLASSES, TrainConfig
+from model.data import DeviceData
+from model.kfold import make_optimizer, make_step, train_epoch, training_subset
+from model.network import FFNN, StackedFFNN
+
+
+@dataclass(frozen=True)
+class FinalTraining:
+    """A network trained on all of its training subset, with its per-epoch curve."""
+
+    model: FFNN
+    epochs: int
+    train_loss: list[float]
+    train_accuracy: list[float]
+    seconds: float
+    device: str
+    n_images: int
+
+    @property
+    def diverged(self) -> bool:
+        return not all(torch.isfinite(torch.tensor(self.train_loss)).tolist())
+
+
+def train_final(config: TrainConfig, data: DeviceData, epochs: int) -> FinalTraining:
+    """Train one network of `config` for `epochs` epochs on the configuration's subset."""
+    if epochs < 1:
+        raise ValueError(f"epochs = {epochs}: must be at least 1")
+    device = data.device
+    started = time.perf_counter()
+    indices = training_subset(len(data), config).to(device)[None, :]
+    fork_devices = []
+    if device.type == "cuda":
+        fork_devices = [torch.cuda.current_device() if device.index is None else device.index]
+    with torch.random.fork_rng(devices=fork_devices):
+        torch.manual_seed(config.seed)
+        stack = StackedFFNN(1, config.hidden, config.activation, config.dropout)
+        stack.reset_parameters(torch.Generator().manual_seed(config.seed))
+        stack.to(device).train()
+        step = make_step(stack, make_optimizer(stack, config))
+        full_batch = config.full_batch or config.batch_size >= indices.shape[1]
+        gathered = (data.x[indices], data.y[indices]) if full_batch else None
+        batch_size = indices.shape[1] if full_batch else config.batch_size
+        curve = torch.empty(epochs, 2, device=device)
+        for epoch in range(epochs):
+            loss, accuracy = train_epoch(step, data, indices, batch_size, gathered)
+            curve[epoch, 0], curve[epoch, 1] = loss[0], accuracy[0]
+    curve_list = curve.T.tolist()
+    return FinalTraining(
+        model=stack.extract(0).eval(),
+        epochs=epochs,
+        train_loss=curve_list[0],
+        train_accuracy=curve_list[1],
+        seconds=time.perf_counter() - started,
+        device=str(device),
+        n_images=indices.shape[1],
+    )
+
+
+@torch.no_grad()
+def predict(model: FFNN, x: torch.Tensor, batch: int = 8192) -> torch.Tensor:
+    """Predicted digits for images x (N, 784), in eval mode (no dropout)."""
+    model.eval()
+    return torch.cat([model(x[i : i + batch]).argmax(dim=1) for i in range(0, len(x), batch)])
+
+
+def classification_metrics(predictions: torch.Tensor, labels: torch.Tensor) -> dict[str, object]:
+    """Accuracy, per-class accuracy and the confusion matrix (rows: true, columns: predicted)."""
+    predictions, labels = predictions.cpu(), labels.cpu()
+    confusion = torch.zeros(N_CLASSES, N_CLASSES, dtype=torch.int64)
+    confusion.index_put_((labels, predictions), torch.ones_like(labels), accumulate=True)
+    per_class = confusion.diag().double() / confusion.sum(dim=1).clamp(min=1).double()
+    return {
+        "test_accuracy": (predictions == labels).double().mean().item(),
+        "test_images": len(labels),
+        "per_class_accuracy": per_class.tolist(),
+        "confusion_matrix": confusion.tolist(),
+    }
