@@ -129,8 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SEC",
         help="after SEC seconds, finish the running trials and stop; rerun to resume",
     )
+    run.add_argument(
+        "--no-retrain", action="store_true",
+        help="when the budget is met, skip retraining the best trial and the report",
+    )  # fmt: skip
+    run.add_argument(
+        "--out", type=Path, metavar="DIR", help="folder for the report (default: reports/<study>)"
+    )
     _add_root(run)
     _add_heartbeat(run)
+    _add_artifacts(run)
 
     worker = _command(
         commands,
@@ -147,12 +155,55 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--worker-id", help=argparse.SUPPRESS)
     worker.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
     worker.add_argument("--quiet", action="store_true", help="no per-trial log lines")
+    _add_artifacts(worker)
 
     status = _command(commands, "status", cmd_status, "show a study's progress and best trial")
     _add_study(status, required=False)
     _add_storage(status)
     status.add_argument("--json", action="store_true", help="print one JSON object")
+
+    retrain = _command(
+        commands, "retrain", cmd_retrain,
+        "train the best trial on all its training images and measure the test set once",
+    )  # fmt: skip
+    _add_study(retrain, required=False, default_text="the storage's only study")
+    _add_storage(retrain)
+    retrain.add_argument(
+        "--out", type=Path, metavar="DIR", help="folder for best.pt and metrics.json "
+        "(default: runs/<study>)",
+    )  # fmt: skip
+    retrain.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
+    retrain.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    _add_root(retrain)
+
+    report = _command(commands, "report", cmd_report, "write the study's HTML report page")
+    _add_study(report, required=False, default_text="the storage's only study")
+    _add_storage(report)
+    report.add_argument(
+        "--out", type=Path, metavar="DIR", help="folder for index.html and its images "
+        "(default: reports/<study>)",
+    )  # fmt: skip
+    _add_root(report)
+    _add_artifacts(report)
+
+    dashboard = _command(
+        commands, "dashboard", cmd_dashboard, "serve optuna-dashboard on the study storage"
+    )
+    _add_storage(dashboard)
+    dashboard.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this "
+        "machine only; optuna-dashboard has no authentication)",
+    )  # fmt: skip
+    dashboard.add_argument("--port", type=_whole_number(1, 65535), default=8080, help="port")
+    _add_artifacts(dashboard)
     return parser
+
+
+def _add_artifacts(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--artifacts", type=Path, metavar="DIR", help="artifact folder with each trial's "
+        "learning curves (default: <sqlite file>.artifacts, else ./artifacts)",
+    )  # fmt: skip
 
 
 def _whole_number(low: int, high: int | None = None) -> Callable[[str], int]:
@@ -192,12 +243,14 @@ def _device_list(text: str) -> tuple[str, ...]:
     return devices
 
 
-def _add_study(parser: argparse.ArgumentParser, *, required: bool) -> None:
+def _add_study(
+    parser: argparse.ArgumentParser, *, required: bool, default_text: str = "mnist-<preset>"
+) -> None:
     parser.add_argument(
         "--study",
         required=required,
         metavar="NAME",
-        help="study name" + ("" if required else " (default: mnist-<preset>)"),
+        help="study name" + ("" if required else f" (default: {default_text})"),
     )
 
 
@@ -443,9 +496,22 @@ def cmd_run(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         data_root=_data_root(args),
         heartbeat=args.heartbeat,
+        artifacts=args.artifacts,
     )
     outcome = run_study(options, log=lambda line: print(line, file=sys.stderr))
     print(_format_status(outcome.study.study_name, outcome.study, outcome.counts))
+    if outcome.counts.done and not args.no_retrain:
+        from model.device import resolve_device
+        from study.launcher import plan_workers
+        from study.storage import open_storage
+
+        device = resolve_device(plan_workers(args.devices, 1)[0][0])
+        _retrain_and_print(outcome.study, None, device, options.data_root, json_out=False)
+        storage = open_storage(options.storage, heartbeat=None)
+        page = _write_report(
+            outcome.study, storage, options.storage, args.out, args.artifacts, options.data_root
+        )
+        print(f"report: {page}")
     if outcome.interrupted:
         print("interrupted: the study is saved; run the same command to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -477,6 +543,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         threads=args.threads,
         worker_id=args.worker_id,
         parent_pid=args.parent_pid,
+        artifacts=args.artifacts,
     )
     ran = run_worker(
         options, log=lambda line: print(f"mnist-study worker: {line}", file=sys.stderr)
@@ -532,4 +599,116 @@ def _format_status(name: str, study: Any, counts: Any) -> str:
     for key, value in best.params.items():
         shown = f"{value:.4g}" if isinstance(value, float) else str(value)
         lines.append(f"          {key} = {shown}")
+    if "test_accuracy" in attrs:
+        lines.append(
+            f"  test    accuracy {attrs['test_accuracy']:.4f} after retraining "
+            f"(checkpoint {attrs.get('checkpoint')})"
+        )
     return "\n".join(lines)
+
+
+def _open_study(args: argparse.Namespace) -> tuple[Any, Any, str]:
+    """(storage, study, url) for --study, or the storage's only study when none is named."""
+    from study.storage import list_studies, load_study, open_storage
+
+    _quiet_optuna()
+    url = _storage_url(args)
+    storage = open_storage(url, heartbeat=None)
+    name = args.study
+    if name is None:
+        names = list_studies(storage)
+        if len(names) != 1:
+            there = ", ".join(names) if names else "none"
+            raise StudyError(f"name the study with --study; the storage holds: {there}")
+        name = names[0]
+    return storage, load_study(storage, name), url
+
+
+def _retrain_and_print(
+    study: Any, out_dir: Path | None, device: Any, data_root: Path, *, json_out: bool
+) -> None:
+    from study.retrain import retrain_best, study_slug
+
+    out_dir = out_dir or Path("runs") / study_slug(study.study_name)
+    print(f"retraining the best trial of {study.study_name!r} on {device}", file=sys.stderr)
+    outcome = retrain_best(study, out_dir=out_dir, device=device, data_root=data_root)
+    m = outcome.metrics
+    if json_out:
+        print(json.dumps(m))
+        return
+    print(
+        f"retrained trial {m['trial']} for {m['epochs']} epochs on {m['train_images']} images "
+        f"({m['seconds']:.1f} s on {m['device']}): test accuracy {m['test_accuracy']:.4f} "
+        f"(the seed report: 0.9798)\ncheckpoint: {outcome.checkpoint}\nmetrics: "
+        f"{outcome.metrics_path}"
+    )
+
+
+def _write_report(
+    study: Any,
+    storage: Any,
+    url: str,
+    out_dir: Path | None,
+    artifacts: Path | None,
+    data_root: Path,
+) -> Path:
+    from study.artifacts import artifact_dir
+    from study.reporting import build_report
+    from study.retrain import study_slug
+
+    out_dir = out_dir or Path("reports") / study_slug(study.study_name)
+    print(f"writing the report of {study.study_name!r}", file=sys.stderr)
+    return build_report(
+        study,
+        storage,
+        storage_url=url,
+        out_dir=out_dir,
+        artifact_dir=artifact_dir(url, artifacts),
+        data_root=data_root,
+    )
+
+
+def cmd_retrain(args: argparse.Namespace) -> int:
+    from model.device import resolve_device
+
+    device = resolve_device(args.device)
+    _, study, _ = _open_study(args)
+    _retrain_and_print(study, args.out, device, _data_root(args), json_out=args.json)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    storage, study, url = _open_study(args)
+    page = _write_report(study, storage, url, args.out, args.artifacts, _data_root(args))
+    print(f"report: {page}")
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from optuna_dashboard import run_server
+
+    from study.artifacts import artifact_dir, open_artifact_store
+    from study.storage import open_storage
+
+    url = _storage_url(args)
+    storage = open_storage(url, heartbeat=None)
+    store = open_artifact_store(artifact_dir(url, args.artifacts), create=False)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(
+            f"mnist-study dashboard: warning: listening on {args.host}: optuna-dashboard has "
+            "no authentication, so anyone who reaches this port can read and change the studies",
+            file=sys.stderr,
+        )
+    from study.storage import redact
+
+    print(
+        f"optuna-dashboard on {redact(url)}: http://{args.host}:{args.port}/ (Ctrl-C stops it)",
+        file=sys.stderr,
+    )
+    try:
+        run_server(storage, host=args.host, port=args.port, artifact_store=store)
+    except OSError as exc:
+        raise UsageError(
+            f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}"
+        ) from None
+    return 0

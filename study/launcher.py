@@ -54,6 +54,7 @@ class RunOptions:
     timeout: float | None = None
     data_root: Path = Path("data")
     heartbeat: int = DEFAULT_HEARTBEAT
+    artifacts: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,8 @@ def _spawn(options: RunOptions, device: str, threads: int, index: int) -> subpro
         "--parent-pid", str(os.getpid()),
         "--quiet",
     ]  # fmt: skip
+    if options.artifacts is not None:
+        command += ["--artifacts", str(options.artifacts)]
     env = {**os.environ, STORAGE_ENV: options.storage}
     return subprocess.Popen(command, env=env, start_new_session=True)
 

@@ -2,18 +2,24 @@
 
 It only translates: `suggest` turns the trial into a `TrainConfig`, `model.kfold` trains,
 and the figures go back to the trial — running mean accuracy as intermediate values
-(epoch as step, for the pruner and the dashboard), per-fold figures as user attributes.
+(epoch as step, for the pruner and the dashboard), per-fold figures as user attributes,
+the learning curves as artifacts (data and picture) when the worker has a store.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import optuna
 
 from model.data import DeviceData
 from model.kfold import Progress, train_kfold
+from study.artifacts import attach_curves
 from study.presets import Preset
+
+if TYPE_CHECKING:
+    from optuna.artifacts import FileSystemArtifactStore
 
 
 class Objective:
@@ -25,11 +31,13 @@ class Objective:
         data: DeviceData,
         worker: str,
         should_stop: Callable[[], bool] = lambda: False,
+        artifacts: FileSystemArtifactStore | None = None,
     ) -> None:
         self.preset = preset
         self.data = data
         self.worker = worker
         self.should_stop = should_stop
+        self.artifacts = artifacts
         self.current_trial: int | None = None
 
     def __call__(self, trial: optuna.Trial) -> float:
@@ -54,6 +62,8 @@ class Objective:
             "worker": self.worker,
         }.items():
             trial.set_user_attr(key, value)
+        if self.artifacts is not None:
+            attach_curves(self.artifacts, trial, result.curves, result.best_epochs)
         if result.diverged:
             # Pruned, not failed: the configuration was evaluated and found unstable, which
             # counts against the budget and must not be retried.

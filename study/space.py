@@ -35,13 +35,13 @@ class GaussianPrior:
 
         Truncation moves the mean: layer 1's prior (183 ± 89) loses its left tail below 1.
         """
-        weights = [self._bin_mass(n) for n in range(low, high + 1)]
+        weights = [self.bin_mass(n) for n in range(low, high + 1)]
         total = sum(weights)
         mean = sum(n * w for n, w in zip(range(low, high + 1), weights, strict=True)) / total
         var = sum((n - mean) ** 2 * w for n, w in zip(range(low, high + 1), weights, strict=True))
         return mean, math.sqrt(var / total)
 
-    def _bin_mass(self, n: int) -> float:
+    def bin_mass(self, n: int) -> float:
         """P(round(X) = n) for X ~ N(mu, sigma)."""
         lo = (n - 0.5 - self.mu) / (self.sigma * math.sqrt(2))
         hi = (n + 0.5 - self.mu) / (self.sigma * math.sqrt(2))
@@ -97,6 +97,11 @@ class SearchSpace:
     def suggest(self, trial: optuna.trial.BaseTrial, defaults: TrainConfig) -> TrainConfig:
         """Ask `trial` for every parameter and lay them over `defaults`."""
         params = {name: _suggest(trial, name, d) for name, d in self.distributions().items()}
+        return self.configure(params, defaults)
+
+    def configure(self, params: dict[str, Any], defaults: TrainConfig) -> TrainConfig:
+        """The configuration a trial with these `params` trained: how a finished trial is
+        rebuilt without Optuna's trial object."""
         return _with_hidden(defaults, self.n_layers).with_params(params)
 
     def describe(self) -> dict[str, Any]:

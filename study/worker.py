@@ -23,6 +23,7 @@ import optuna
 
 from model.data import ensure_mnist, load_mnist, to_device
 from model.device import resolve_device
+from study.artifacts import artifact_dir, open_artifact_store
 from study.objective import Objective
 from study.storage import (
     DEFAULT_HEARTBEAT,
@@ -47,6 +48,7 @@ class WorkerOptions:
     threads: int | None = None
     worker_id: str | None = None
     parent_pid: int | None = None
+    artifacts: Path | None = None
 
 
 def run_worker(options: WorkerOptions, log: Callable[[str], None] = print) -> int:
@@ -71,7 +73,10 @@ def run_worker(options: WorkerOptions, log: Callable[[str], None] = print) -> in
         stop.interrupted = stop.interrupted or gone
         return gone
 
-    objective = Objective(preset, data, worker=f"{worker_id} ({device})", should_stop=parent_gone)
+    store = open_artifact_store(artifact_dir(options.storage, options.artifacts))
+    objective = Objective(
+        preset, data, worker=f"{worker_id} ({device})", should_stop=parent_gone, artifacts=store
+    )
     # Filters on the handlers, which see the records of every optuna.* logger.
     for handler in logging.getLogger("optuna").handlers:
         handler.addFilter(stop.keep_log_record)

@@ -1,0 +1,250 @@
+"""`mnist-study report`: everything about one study on one page, `reports/<study>/index.html`.
+
+This module gathers what the study holds — its trials and settings from the storage, the
+best trial's learning curves from the artifact store, the retrained network from its
+checkpoint — and hands the pieces to `viz`, which draws them. Parts that are not there
+yet (no retrain, no curves) say so on the page instead of failing it.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+from optuna.storages import BaseStorage
+
+from model.checkpoint import CheckpointError, load_checkpoint
+from model.data import DataError, load_mnist, to_device
+from model.retrain import predict
+from study.artifacts import open_artifact_store, read_curves
+from study.presets import get_preset
+from study.storage import count_trials, redact
+from viz.curves import learning_curves_figure
+from viz.gradient_ascent import PLAIN, REGULARISED, gradient_ascent
+from viz.grid import image_grid_png
+from viz.mistakes import confusion_figure, misclassified_png
+from viz.receptive_fields import receptive_fields
+from viz.report import Section, write_report
+from viz.study_plots import prior_figure, search_figures
+
+# The seed report's test accuracy, for comparison on the page.
+SEED_REPORT_TEST_ACCURACY = 0.9798
+DIGITS = [str(d) for d in range(10)]
+
+
+def build_report(
+    study: optuna.Study,
+    storage: BaseStorage,
+    *,
+    storage_url: str,
+    out_dir: Path,
+    artifact_dir: Path,
+    data_root: Path,
+) -> Path:
+    """Write the study's page into `out_dir`; return the path of `index.html`."""
+    attrs = study.user_attrs
+    preset = get_preset(attrs["preset"])
+    counts = count_trials(study)
+    trials = study.get_trials(deepcopy=False)
+    best = counts.best
+    metrics = _read_metrics(attrs.get("metrics"))
+    images: dict[str, bytes] = {}
+    sections: list[Section] = []
+
+    curves = None
+    if best is not None:
+        store = open_artifact_store(artifact_dir, create=False)
+        curves = read_curves(store, storage, best)
+    final_loss = metrics.get("train_loss") if metrics else None
+    if curves is not None and best is not None:
+        sections.append(
+            Section(
+                f"Learning curves of the best trial ({best.number})",
+                "Every fold's training (solid) and validation (dashed) loss and accuracy per "
+                "epoch; a star marks the epoch whose weights the fold kept, and a curve ends "
+                "where early stopping stopped it. Training figures are running means over "
+                "the epoch with dropout on."
+                + (" Black: the retrain on all training images." if final_loss else ""),
+                figure=learning_curves_figure(curves["curves"], curves["best_epochs"], final_loss),
+            )
+        )
+    else:
+        sections.append(
+            Section(
+                "Learning curves of the best trial",
+                message="not available: no finished trial yet, or its curves are not in "
+                f"the artifact store {artifact_dir}",
+            )
+        )
+
+    model = _load_model(attrs.get("checkpoint"))
+    if isinstance(model, str):
+        sections.append(Section("The retrained network", message=model))
+    else:
+        sections += _network_sections(model, metrics, data_root, images)
+
+    for title, figure in search_figures(study):
+        if isinstance(figure, str):
+            sections.append(Section(f"Search: {title}", message=figure))
+        else:
+            sections.append(Section(f"Search: {title}", figure=figure))
+    for name, prior in preset.space.priors().items():
+        values = [t.params[name] for t in trials if name in t.params]
+        distribution = preset.space.distributions()[name]
+        sections.append(
+            Section(
+                f"Sampled {name} against its prior",
+                "Every trial's value of this neuron count beside the report's Gaussian "
+                "prior, rounded and truncated to the parameter's range as the sampler draws.",
+                figure=prior_figure(name, values, prior, distribution),
+            )
+        )
+
+    summary = _summary(study, preset.name, preset.summary, counts, metrics, storage_url)
+    return write_report(out_dir, f"mnist-study: {study.study_name}", summary, sections, images)
+
+
+def _summary(
+    study: optuna.Study,
+    preset_name: str,
+    preset_summary: str,
+    counts: Any,
+    metrics: dict[str, Any] | None,
+    storage_url: str,
+) -> list[tuple[str, str]]:
+    trials = study.get_trials(deepcopy=False)
+    compute_s = sum(float(t.user_attrs.get("seconds", 0.0)) for t in trials)
+    rows = [
+        ("study", study.study_name),
+        ("storage", redact(storage_url)),
+        ("preset", f"{preset_name}: {preset_summary}"),
+        ("budget", f"{counts.finished} of {counts.budget} trials finished"),
+        (
+            "trials by state",
+            f"{counts.complete} complete, {counts.pruned} pruned, {counts.failed} failed, "
+            f"{counts.running} running, {counts.waiting} queued, {counts.retried} retried",
+        ),
+        ("sampler seed", str(study.user_attrs.get("seed"))),
+        (
+            "total training time",
+            (f"{compute_s / 60:.1f} min" if compute_s >= 120 else f"{compute_s:.1f} s")
+            + " over all trials",
+        ),
+    ]
+    best = counts.best
+    if best is not None:
+        folds = best.user_attrs.get("fold_accuracies", [])
+        spread = (
+            f" ± {statistics.pstdev(folds):.4f} (folds: {', '.join(f'{a:.4f}' for a in folds)})"
+            if folds
+            else ""
+        )
+        params = ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.params.items()
+        )
+        rows.append(("best mean CV accuracy", f"{best.value:.4f}{spread}, trial {best.number}"))
+        rows.append(("best parameters", params))
+    if metrics:
+        rows.append(
+            (
+                "test accuracy",
+                f"{metrics['test_accuracy']:.4f} on {metrics['test_images']} test images "
+                f"(retrained {metrics['epochs']} epochs on {metrics['train_images']} images); "
+                f"the seed report: {SEED_REPORT_TEST_ACCURACY:.4f}",
+            )
+        )
+    else:
+        rows.append(
+            (
+                "test accuracy",
+                f"not measured yet (mnist-study retrain); the seed report: "
+                f"{SEED_REPORT_TEST_ACCURACY:.4f}",
+            )
+        )
+    return rows
+
+
+def _network_sections(
+    model: Any, metrics: dict[str, Any] | None, data_root: Path, images: dict[str, bytes]
+) -> list[Section]:
+    sections = []
+    images["receptive_fields.png"] = image_grid_png(receptive_fields(model), DIGITS, diverging=True)
+    sections.append(
+        Section(
+            "Receptive fields of the output neurons",
+            "The product of the weight matrices without biases, W_out · … · W_1, one row per "
+            "digit shown as 28 × 28 (red positive, blue negative, each on its own scale), as "
+            "the seed report defines them. Biases and activations are left out.",
+            png="receptive_fields.png",
+        )
+    )
+    plain, regularised = gradient_ascent(model, PLAIN), gradient_ascent(model, REGULARISED)
+    titles = [f"{d}: {plain.end_outputs[d]:.0f}" for d in range(10)]
+    titles += [f"{d}: {regularised.end_outputs[d]:.0f}" for d in range(10)]
+    images["gradient_ascent.png"] = image_grid_png(
+        torch.cat([plain.images, regularised.images]),
+        titles,
+        row_labels=["plain", "regularised"],
+    )
+    sections.append(
+        Section(
+            "Gradient-ascent images",
+            f"Each output neuron's own image, grown from uniform noise by gradient ascent on "
+            f"its output (title: digit and final output). Top, the report's way: "
+            f"{PLAIN.steps} steps at learning rate {PLAIN.lr}, pixels kept in [0, 1]. "
+            f"Bottom, regularised: an L2 ({REGULARISED.l2}) and a total-variation "
+            f"({REGULARISED.tv}) penalty, a Gaussian blur every {REGULARISED.blur_every} "
+            f"steps, learning rate {REGULARISED.lr}.",
+            png="gradient_ascent.png",
+        )
+    )
+    try:
+        mnist = load_mnist(data_root)
+    except DataError as exc:
+        sections.append(Section("Test-set mistakes", message=f"not drawn: {exc}"))
+        return sections
+    test = to_device(mnist.test_images, mnist.test_labels, "cpu")
+    predictions = predict(model, test.x)
+    if metrics:
+        sections.append(
+            Section(
+                "Confusion matrix on the test set",
+                "Rows: true digit; columns: predicted digit.",
+                figure=confusion_figure(metrics["confusion_matrix"]),
+            )
+        )
+    picture, wrong = misclassified_png(mnist.test_images, mnist.test_labels, predictions)
+    images["misclassified.png"] = picture
+    sections.append(
+        Section(
+            "Misclassified test images",
+            f"{wrong} of {len(predictions)} test images are misclassified; the first "
+            f"{min(wrong, 40)} are shown, titled true → predicted.",
+            png="misclassified.png",
+        )
+    )
+    return sections
+
+
+def _load_model(checkpoint: str | None) -> Any:
+    """The retrained network, or a sentence saying why there is none."""
+    if not checkpoint:
+        return "not retrained yet: run `mnist-study retrain` for the test accuracy and pictures"
+    try:
+        model, _, _ = load_checkpoint(Path(checkpoint))
+    except CheckpointError as exc:
+        return f"checkpoint unusable: {exc}"
+    return model
+
+
+def _read_metrics(path: str | None) -> dict[str, Any] | None:
+    if not path:
+        return None
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,213 @@
+"""After the search: retraining the best trial, the report page, optuna-dashboard."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+from wsgiref.util import setup_testing_defaults
+
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from model.checkpoint import CheckpointError, load_checkpoint
+from model.data import Mnist, default_root, to_device
+from model.network import FFNN
+from study.artifacts import CURVES_JSON, CURVES_PNG, artifact_dir, open_artifact_store
+from study.objective import Objective
+from study.presets import PRESETS
+from study.reporting import build_report
+from study.retrain import best_finished_trial, retrain_best
+from study.storage import StudyError, create_or_resume, load_study, open_storage
+from tests.conftest import synthetic_data
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+SMOKE = PRESETS["smoke"]
+
+
+def study_with_trials(db: str, name: str, n: int, *, artifacts: Path | None = None) -> Any:
+    """A smoke study whose n trials really trained (on synthetic images, for speed)."""
+    storage = open_storage(db, create=True)
+    study, _ = create_or_resume(storage, name, SMOKE, budget=n, seed=2)
+    store = open_artifact_store(artifacts) if artifacts else None
+    objective = Objective(SMOKE, synthetic_data(4000), worker="test", artifacts=store)
+    study.optimize(objective, n_trials=n)
+    return storage, load_study(storage, name)
+
+
+def test_retrain_writes_a_checkpoint_and_metrics_that_agree_with_its_predictions(
+    tmp_path: Path, mnist: Mnist
+) -> None:
+    storage, study = study_with_trials(f"sqlite:///{tmp_path / 'optuna.db'}", "s", 2)
+    best = best_finished_trial(study)
+    outcome = retrain_best(study, out_dir=tmp_path / "runs", device="cpu", data_root=default_root())
+
+    payload = torch.load(outcome.checkpoint, weights_only=True)
+    assert payload["config"]["n_units_l0"] == best.params["n_units_l0"]
+    assert payload["meta"]["trial"] == best.number
+    net = FFNN(
+        [payload["config"]["n_units_l0"], payload["config"]["n_units_l1"]],
+        payload["config"]["activation"],
+        payload["config"]["dropout"],
+    )
+    net.load_state_dict(payload["state_dict"])
+    test = to_device(mnist.test_images, mnist.test_labels, "cpu")
+    with torch.no_grad():
+        predictions = net.eval()(test.x).argmax(dim=1)
+
+    metrics = json.loads(outcome.metrics_path.read_text())
+    assert metrics["test_accuracy"] == pytest.approx((predictions == test.y).double().mean().item())
+    confusion = torch.zeros(10, 10, dtype=torch.int64)
+    for true, predicted in zip(test.y.tolist(), predictions.tolist(), strict=True):
+        confusion[true, predicted] += 1
+    assert metrics["confusion_matrix"] == confusion.tolist()
+    assert metrics["epochs"] == round(sum(best.user_attrs["best_epochs"]) / 2)
+    assert metrics["train_images"] == 4000 and metrics["test_images"] == 10_000
+    assert len(metrics["train_loss"]) == metrics["epochs"]
+    assert metrics["test_accuracy"] > 0.5
+
+    rebuilt, config, _ = load_checkpoint(outcome.checkpoint)
+    assert torch.equal(rebuilt(test.x).argmax(dim=1), predictions)
+    assert config.hidden == (best.params["n_units_l0"], best.params["n_units_l1"])
+    attrs = load_study(storage, "s").user_attrs
+    assert attrs["test_accuracy"] == metrics["test_accuracy"]
+    assert attrs["checkpoint"] == str(outcome.checkpoint.resolve())
+
+
+def test_retraining_a_study_without_a_finished_trial_says_so(tmp_path: Path) -> None:
+    storage = open_storage(f"sqlite:///{tmp_path / 'optuna.db'}", create=True)
+    study, _ = create_or_resume(storage, "empty", SMOKE)
+    with pytest.raises(StudyError, match="'empty' has no finished trial to retrain yet"):
+        retrain_best(study, out_dir=tmp_path / "runs", device="cpu", data_root=default_root())
+    assert not (tmp_path / "runs").exists()
+
+
+class _RunsCode:
+    def __reduce__(self) -> tuple:
+        return (os.system, ("touch pwned",))
+
+
+def test_a_tampered_checkpoint_is_refused_without_running_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "mnist-study/ffnn-1", "config": _RunsCode()}, evil)
+    with pytest.raises(CheckpointError, match="not a checkpoint that loads safely"):
+        load_checkpoint(evil)
+    assert not (tmp_path / "pwned").exists()
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError):
+        load_checkpoint(garbage)
+
+
+EVIL_NAME = "<script>alert('x')</script>"
+SECTIONS = (
+    "Learning curves of the best trial",
+    "Receptive fields of the output neurons",
+    "Gradient-ascent images",
+    "Confusion matrix on the test set",
+    "Misclassified test images",
+    "Search: Optimization history",
+    "Search: Parameter importances",
+    "Search: Parallel coordinates",
+    "Search: Slices per parameter",
+    "Sampled n_units_l0 against its prior",
+    "Sampled n_units_l1 against its prior",
+)
+
+
+def test_report_page_holds_every_figure_loads_nothing_and_escapes_the_study_name(
+    tmp_path: Path, mnist: Mnist
+) -> None:
+    db = f"sqlite:///{tmp_path / 'optuna.db'}"
+    store_dir = artifact_dir(db)
+    storage, study = study_with_trials(db, EVIL_NAME, 4, artifacts=store_dir)
+    retrain_best(study, out_dir=tmp_path / "runs", device="cpu", data_root=default_root())
+    study = load_study(storage, EVIL_NAME)
+    page = build_report(
+        study, storage, storage_url=db, out_dir=tmp_path / "report",
+        artifact_dir=store_dir, data_root=default_root(),
+    )  # fmt: skip
+    text = page.read_text()
+    for title in SECTIONS:
+        assert f"<h2>{title}" in text, title
+    assert '<p class="message">' not in text  # no part of the page is missing
+    assert EVIL_NAME not in text
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in text
+    # Offline: no tag fetches anything; plotly's library is inlined once.
+    assert not re.search(r"<(script|img|iframe|embed|source)[^>]*\ssrc=[\"']?(https?:)?//", text)
+    assert not re.search(r"<link[^>]*href=", text)
+    assert "@import" not in text
+    assert len(re.findall(r"plotly\.js v\d+\.\d+\.\d+", text)) == 1
+    assert text.count("Plotly.newPlot(") == 8
+    assert "the seed report: 0.9798" in text
+    for png in ("receptive_fields.png", "gradient_ascent.png", "misclassified.png"):
+        assert (page.parent / png).read_bytes().startswith(b"\x89PNG")
+
+
+def wsgi_get(app: Any, path: str) -> Any:
+    environ: dict[str, Any] = {"PATH_INFO": path, "REQUEST_METHOD": "GET"}
+    setup_testing_defaults(environ)
+    status: list[str] = []
+
+    def start_response(code: str, headers: list, exc_info: Any = None) -> Any:
+        status.append(code)
+        return lambda data: None
+
+    body = b"".join(app(environ, start_response))
+    assert status[0].startswith("200"), (path, status, body[:300])
+    return json.loads(body)
+
+
+def test_dashboard_api_shows_trials_with_their_figures_while_a_worker_writes(
+    tmp_path: Path, mnist: Mnist
+) -> None:
+    from optuna_dashboard import wsgi
+
+    db = f"sqlite:///{tmp_path / 'optuna.db'}"
+    create_or_resume(open_storage(db, create=True), "live", SMOKE, budget=40, seed=9)
+    env = {**os.environ, "MNIST_STUDY_STORAGE": db}
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "study", "worker", "--study", "live", "--threads", "1",
+         "--root", str(default_root().resolve()), "--quiet"],
+        env=env, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        storage = open_storage(db, heartbeat=None)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            done = [
+                t
+                for t in load_study(storage, "live").get_trials()
+                if t.state == TrialState.COMPLETE
+            ]
+            if len(done) >= 2:
+                break
+            time.sleep(0.2)
+        app = wsgi(storage, artifact_store=open_artifact_store(artifact_dir(db), create=False))
+        studies = wsgi_get(app, "/api/studies")["study_summaries"]
+        (entry,) = [s for s in studies if s["study_name"] == "live"]
+        detail = wsgi_get(app, f"/api/studies/{entry['study_id']}")
+        assert worker.poll() is None, "the worker should still be writing"
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(timeout=60)
+    finished = [t for t in detail["trials"] if t["state"] == "Complete"]
+    assert len(finished) >= 2
+    for trial in finished:
+        attrs = {a["key"]: a["value"] for a in trial["user_attrs"]}
+        assert {"fold_accuracies", "best_epochs", "device", "worker", "seconds"} <= set(attrs)
+        assert trial["intermediate_values"], "running mean accuracy per epoch"
+        assert {a["filename"] for a in trial["artifacts"]} == {CURVES_JSON, CURVES_PNG}
+    study_attrs = {a["key"]: a["value"] for a in detail["user_attrs"]}
+    assert "n_units_l0" in study_attrs["priors"]
