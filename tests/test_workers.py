@@ -126,7 +126,7 @@ def test_a_worker_killed_mid_trial_has_its_trial_retried_with_the_same_parameter
     assert trials(db, "killed")[victim.number].state == TrialState.RUNNING  # left stale
 
     rerun = mnist_study(
-        "run", "--preset", "smoke", "--study", "killed", "--heartbeat", HEARTBEAT,
+        "run", "--preset", "smoke", "--study", "killed", "--heartbeat", HEARTBEAT, "--no-retrain",
         db=db, log=tmp_path / "run.log",
     )  # fmt: skip
     assert rerun.wait(timeout=WAIT_S) == 0, (tmp_path / "run.log").read_text()
@@ -144,7 +144,8 @@ def test_a_worker_killed_mid_trial_has_its_trial_retried_with_the_same_parameter
 
 
 def test_ctrl_c_on_run_stops_it_and_the_same_command_resumes(db: str, tmp_path: Path) -> None:
-    args = ("run", "--preset", "smoke", "--study", "stopped", "--n-trials", "6", "--seed", "3")
+    args = ("run", "--preset", "smoke", "--study", "stopped", "--n-trials", "6", "--seed", "3",
+            "--no-retrain")  # fmt: skip
     run = mnist_study(*args, "--heartbeat", HEARTBEAT, db=db, log=tmp_path / "run1.log",
                       new_session=True)  # fmt: skip
     wait_for_a_trial_in_progress(db, "stopped", run)
