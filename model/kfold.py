@@ -13,9 +13,10 @@ results are frozen at its stop epoch, so the numbers do not depend on `sync_ever
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -117,6 +118,18 @@ def training_subset(n_images: int, config: TrainConfig) -> torch.Tensor:
     return torch.randperm(n_images, generator=generator)[:n]
 
 
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Seed torch's random streams (dropout, batch order) for a block, then restore them,
+    so training is reproducible without disturbing the caller's random state."""
+    devices = []
+    if device.type == "cuda":
+        devices = [torch.cuda.current_device() if device.index is None else device.index]
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
 def initial_model(config: TrainConfig) -> StackedFFNN:
     """The k fold networks before training, drawn on the CPU from `config.seed`."""
     model = StackedFFNN(config.k, config.hidden, config.activation, config.dropout)
@@ -151,11 +164,7 @@ def train_kfold(
     if sync_every is None:
         sync_every = 1 if device.type == "cpu" else 10
     started = time.perf_counter()
-    fork_devices = []
-    if device.type == "cuda":
-        fork_devices = [torch.cuda.current_device() if device.index is None else device.index]
-    with torch.random.fork_rng(devices=fork_devices):
-        torch.manual_seed(config.seed)
+    with seeded(config.seed, device):
         state = _run(config, data, sync_every, on_progress)
     if device.type == "cuda":
         torch.cuda.synchronize(device)

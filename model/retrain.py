@@ -14,7 +14,7 @@ import torch
 
 from model.config import N_CLASSES, TrainConfig
 from model.data import DeviceData
-from model.kfold import make_optimizer, make_step, train_epoch, training_subset
+from model.kfold import make_optimizer, make_step, seeded, train_epoch, training_subset
 from model.network import FFNN, StackedFFNN
 
 
@@ -42,11 +42,7 @@ def train_final(config: TrainConfig, data: DeviceData, epochs: int) -> FinalTrai
     device = data.device
     started = time.perf_counter()
     indices = training_subset(len(data), config).to(device)[None, :]
-    fork_devices = []
-    if device.type == "cuda":
-        fork_devices = [torch.cuda.current_device() if device.index is None else device.index]
-    with torch.random.fork_rng(devices=fork_devices):
-        torch.manual_seed(config.seed)
+    with seeded(config.seed, device):
         stack = StackedFFNN(1, config.hidden, config.activation, config.dropout)
         stack.reset_parameters(torch.Generator().manual_seed(config.seed))
         stack.to(device).train()

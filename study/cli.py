@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from model.checkpoint import CheckpointError
 from model.config import ConfigError
 from model.data import DataError
 from model.device import DeviceError
@@ -48,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, ConfigError, DeviceError, StudyError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (DataError, StorageError) as exc:
+    except (DataError, StorageError, CheckpointError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
