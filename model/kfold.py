@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from model.config import TrainConfig
+from model.cpu_step import CpuStep
 from model.data import DeviceData
 from model.network import StackedFFNN
 
@@ -143,8 +144,13 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.O
     Both act element by element, so on a stacked model each fold has its own optimizer
     state in effect.
     """
-    cls = {"adam": torch.optim.Adam, "adamax": torch.optim.Adamax}[config.optimizer]
-    return cls(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    params = list(model.parameters())
+    if config.optimizer == "adam":
+        # The fused kernel updates each tensor in one pass: on the CPU a mini-batch step
+        # of the report's network took 0.28 ms fused against 1.09 ms unfused.
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
+    # Adamax has no fused kernel; the multi-tensor one is the fastest there is.
+    return torch.optim.Adamax(params, lr=config.lr, weight_decay=config.weight_decay, foreach=True)
 
 
 def train_kfold(
@@ -153,19 +159,24 @@ def train_kfold(
     *,
     sync_every: int | None = None,
     on_progress: Callable[[Progress], bool] | None = None,
+    precision: str | None = None,
+    compile: bool = False,
 ) -> KFoldResult:
     """Cross-validate `config` on `data` (on its device); see the module docstring.
 
     `on_progress` is called every `sync_every` epochs (default: every epoch on the CPU,
     where reading back costs nothing, every 10 on a GPU); returning True stops the run,
-    which is then marked `halted`. Same config, data and seed on the CPU → same numbers.
+    which is then marked `halted`. `precision` is fp32, tf32 or bf16 (default: tf32 on
+    a GPU, fp32 on the CPU); `compile` hands the step to torch.compile (see
+    `AutogradStep`). Same config, data and seed on the CPU → same numbers.
     """
     device = data.device
+    precision = resolve_precision(precision, device)
     if sync_every is None:
         sync_every = 1 if device.type == "cpu" else 10
     started = time.perf_counter()
-    with seeded(config.seed, device):
-        state = _run(config, data, sync_every, on_progress)
+    with seeded(config.seed, device), matmul_precision(precision, device):
+        state = _run(config, data, sync_every, on_progress, precision, compile)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return state.result(config, device, time.perf_counter() - started)
@@ -248,26 +259,117 @@ class _FoldState:
         )
 
 
-Step = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+class AutogradStep:
+    """The training step through autograd: any device, any precision. See `make_step`.
 
+    `bf16` runs forward and loss under autocast (matrix products in bfloat16, weights
+    and optimizer in float32). `compile` hands forward and loss to `torch.compile`; on a
+    GPU in "reduce-overhead" mode, which captures the step's kernels as CUDA graphs and
+    replays them, so a step costs one launch instead of dozens. Backward follows from the
+    compiled forward; the optimizer step stays eager (it is one fused kernel already).
+    """
 
-def make_step(model: StackedFFNN, optimizer: torch.optim.Optimizer) -> Step:
-    """One optimizer step for all k networks on a (k, B, 784) batch; returns each
-    network's mean loss and count of correct predictions, shape (k,), on the device."""
-    k = model.k
+    def __init__(
+        self,
+        model: StackedFFNN,
+        optimizer: torch.optim.Optimizer,
+        *,
+        bf16: bool = False,
+        compile: bool = False,
+    ) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.bf16 = bf16
+        self.forward = self._forward
+        if compile:
+            cuda = model.weights[0].device.type == "cuda"
+            self.forward = torch.compile(self._forward, mode="reduce-overhead" if cuda else None)
 
-    def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = model(x)
-        losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
-        per_network = losses.view(k, -1).mean(dim=1)
-        optimizer.zero_grad(set_to_none=True)
+    def _forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k = self.model.k
+        device_type = x.device.type
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.bf16):
+            logits = self.model(x)
+            losses = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none")
+        correct = (logits.argmax(dim=2) == y).sum(dim=1)
+        return losses.view(k, -1).mean(dim=1), correct
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        per_network, correct = self.forward(x, y)
+        self.optimizer.zero_grad(set_to_none=True)
         # Summing the networks' losses gives each one's weights exactly its own gradient.
         per_network.sum().backward()
-        optimizer.step()
-        correct = (logits.detach().argmax(dim=2) == y).sum(dim=1)
+        self.optimizer.step()
         return per_network.detach(), correct
 
-    return step
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean loss and accuracy (k,) without dropout, whatever mode the model is in."""
+        k = self.model.k
+        training = self.model.training
+        self.model.eval()
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            logits = self.model(x).float()
+        self.model.train(training)
+        losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
+        accuracy = (logits.argmax(dim=2) == y).float().mean(dim=1)
+        return losses.view(k, -1).mean(dim=1), accuracy
+
+
+Step = AutogradStep | CpuStep
+
+
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+def make_step(
+    model: StackedFFNN,
+    optimizer: torch.optim.Optimizer,
+    max_rows: int,
+    *,
+    precision: str = "fp32",
+    compile: bool = False,
+    hand_written: bool | None = None,
+) -> Step:
+    """The fastest training step for the model's device: one optimizer step for all k
+    networks on a (k, B, 784) batch, returning each network's mean loss and count of
+    correct predictions (k,), both left on the device; and `evaluate`, without dropout.
+
+    On the CPU in float32 that is `CpuStep`, written by hand into preallocated buffers;
+    `hand_written=False` asks for the autograd step instead (the tests compare the two).
+    """
+    if hand_written is None:
+        on_cpu = model.weights[0].device.type == "cpu"
+        hand_written = on_cpu and precision == "fp32" and not compile
+    if hand_written:
+        return CpuStep(model, optimizer, max_rows)
+    return AutogradStep(model, optimizer, bf16=precision == "bf16", compile=compile)
+
+
+def resolve_precision(precision: str | None, device: torch.device) -> str:
+    """`None` → tf32 on a GPU (tensor cores, ~10 mantissa bits in the products), fp32 on
+    the CPU; tf32 is refused on the CPU, which has no such mode."""
+    if precision is None:
+        return "tf32" if device.type == "cuda" else "fp32"
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: must be one of {', '.join(PRECISIONS)}")
+    if precision == "tf32" and device.type != "cuda":
+        raise ValueError("precision tf32: a CUDA setting; on the CPU use fp32 or bf16")
+    return precision
+
+
+@contextlib.contextmanager
+def matmul_precision(precision: str, device: torch.device) -> Iterator[None]:
+    """TF32 tensor-core products on a GPU for the block when `precision` is tf32."""
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def train_epoch(
@@ -293,7 +395,12 @@ def train_epoch(
     total_correct = torch.zeros(k, device=data.device)
     for start in range(0, n, batch_size):
         batch = order[:, start : start + batch_size]
-        loss, correct = step(data.x[batch], data.y[batch])
+        # index_select on the flattened indices gathers in half the time of x[batch].
+        flat = batch.reshape(-1)
+        loss, correct = step(
+            data.x.index_select(0, flat).view(k, -1, data.x.shape[1]),
+            data.y.index_select(0, flat).view(k, -1),
+        )
         total_loss += loss * batch.shape[1]
         total_correct += correct
     return total_loss / n, total_correct / n
@@ -304,9 +411,10 @@ def _run(
     data: DeviceData,
     sync_every: int,
     on_progress: Callable[[Progress], bool] | None,
+    precision: str,
+    compile: bool,
 ) -> _FoldState:
     device = data.device
-    k = config.k
     train_idx, val_idx = (idx.to(device) for idx in split_folds(len(data), config))
     n_train = train_idx.shape[1]
     # Validation sets never change: gather them once.
@@ -320,8 +428,8 @@ def _run(
     model = initial_model(config).to(device)
     optimizer = make_optimizer(model, config)
     state = _FoldState(model, config.max_epochs, device)
-    step = make_step(model, optimizer)
     batch_size = n_train if full_batch else config.batch_size
+    step = make_step(model, optimizer, batch_size, precision=precision, compile=compile)
 
     for epoch in range(1, config.max_epochs + 1):
         model.train()
@@ -330,14 +438,8 @@ def _run(
         )
 
         model.eval()
+        val_loss, val_accuracy = step.evaluate(x_val, y_val)
         with torch.no_grad():
-            logits = model(x_val)
-            val_loss = (
-                F.cross_entropy(logits.flatten(0, 1), y_val.flatten(), reduction="none")
-                .view(k, -1)
-                .mean(dim=1)
-            )
-            val_accuracy = (logits.argmax(dim=2) == y_val).float().mean(dim=1)
             state.record(epoch, train_loss, train_accuracy, val_loss, val_accuracy, config.patience)
 
         if epoch % sync_every == 0 or epoch == config.max_epochs:

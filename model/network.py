@@ -5,10 +5,11 @@ every hidden layer, logits out (cross-entropy applies the softmax). Retraining,
 checkpoints and pictures use it.
 
 `StackedFFNN` holds k such networks in one set of tensors — each weight `(k, fan_in,
-fan_out)`, each bias `(k, 1, fan_out)` — and advances all of them with one batched matmul
-per layer. The k networks share nothing: batched matmul keeps their products apart, the
-summed loss gives each its own gradient, and Adam/Adamax act element-wise, so training
-the stack is training k networks side by side. `extract(j)` gives fold j back as an
+fan_out)`, each bias `(k, 1, fan_out)` — and advances all of them together: one batched
+matmul per layer on a GPU, one plain matmul per network on the CPU (`model.stacked_ops`).
+The k networks share nothing: each product stays within its network, the summed loss
+gives each its own gradient, and Adam/Adamax act element-wise, so training the stack is
+training k networks side by side. `extract(j)` gives fold j back as an
 `FFNN` with the same outputs.
 """
 
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import ACTIVATIONS, N_CLASSES, N_INPUTS
+from model.stacked_ops import activation_dropout, stacked_linear
 
 _ACTIVATION_FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu,
@@ -94,17 +96,16 @@ class StackedFFNN(nn.Module):
                     tensor.copy_(values.mul_(2 * bound).sub_(bound))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        act = _ACTIVATION_FUNCTIONS[self.activation]
         last = len(self.weights) - 1
         for i, (weight, bias) in enumerate(zip(self.weights, self.biases, strict=True)):
             if x.dim() == 2:
                 # One batch for all networks: broadcasting matmul avoids k copies of it.
                 x = torch.matmul(x, weight) + bias
             else:
-                x = torch.baddbmm(bias, x, weight)
+                x = stacked_linear(x, weight, bias)
             if i < last:
                 # Dropout draws an independent mask per element, hence per network.
-                x = F.dropout(act(x), self.dropout, self.training)
+                x = activation_dropout(x, self.activation, self.dropout, self.training)
         return x
 
     def extract(self, j: int) -> FFNN:

@@ -14,7 +14,15 @@ import torch
 
 from model.config import N_CLASSES, TrainConfig
 from model.data import DeviceData
-from model.kfold import make_optimizer, make_step, seeded, train_epoch, training_subset
+from model.kfold import (
+    make_optimizer,
+    make_step,
+    matmul_precision,
+    resolve_precision,
+    seeded,
+    train_epoch,
+    training_subset,
+)
 from model.network import FFNN, StackedFFNN
 
 
@@ -35,21 +43,32 @@ class FinalTraining:
         return not all(torch.isfinite(torch.tensor(self.train_loss)).tolist())
 
 
-def train_final(config: TrainConfig, data: DeviceData, epochs: int) -> FinalTraining:
-    """Train one network of `config` for `epochs` epochs on the configuration's subset."""
+def train_final(
+    config: TrainConfig,
+    data: DeviceData,
+    epochs: int,
+    *,
+    precision: str | None = None,
+    compile: bool = False,
+) -> FinalTraining:
+    """Train one network of `config` for `epochs` epochs on the configuration's subset
+    (`precision` and `compile` as for `model.kfold.train_kfold`)."""
     if epochs < 1:
         raise ValueError(f"epochs = {epochs}: must be at least 1")
     device = data.device
+    precision = resolve_precision(precision, device)
     started = time.perf_counter()
     indices = training_subset(len(data), config).to(device)[None, :]
-    with seeded(config.seed, device):
+    with seeded(config.seed, device), matmul_precision(precision, device):
         stack = StackedFFNN(1, config.hidden, config.activation, config.dropout)
         stack.reset_parameters(torch.Generator().manual_seed(config.seed))
         stack.to(device).train()
-        step = make_step(stack, make_optimizer(stack, config))
         full_batch = config.full_batch or config.batch_size >= indices.shape[1]
         gathered = (data.x[indices], data.y[indices]) if full_batch else None
         batch_size = indices.shape[1] if full_batch else config.batch_size
+        step = make_step(
+            stack, make_optimizer(stack, config), batch_size, precision=precision, compile=compile
+        )
         curve = torch.empty(epochs, 2, device=device)
         for epoch in range(epochs):
             loss, accuracy = train_epoch(step, data, indices, batch_size, gathered)

@@ -20,6 +20,7 @@ from model.checkpoint import CheckpointError
 from model.config import ConfigError
 from model.data import DataError
 from model.device import DeviceError
+from model.kfold import PRECISIONS
 from study.launcher import STORAGE_ENV
 from study.presets import DEFAULT_PRESET, PRESETS, get_preset
 from study.storage import DEFAULT_HEARTBEAT, DEFAULT_STORAGE, StorageError, StudyError
@@ -86,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--json", action="store_true", help="print one JSON object")
     _add_root(train)
+    _add_speed(train)
 
     space = _command(
         commands, "space", cmd_space, "draw configurations from a preset's priors, train nothing"
@@ -122,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: every GPU, else cpu)",
     )
     run.add_argument(
+        "--workers-per-device", type=_positive_int, metavar="N",
+        help="workers on each device when --workers is not given (default: 1)",
+    )  # fmt: skip
+    run.add_argument(
         "--seed", type=_seed, help="sampler seed of a new study (default: random, stored)"
     )
     run.add_argument(
@@ -140,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_root(run)
     _add_heartbeat(run)
     _add_artifacts(run)
+    _add_speed(run)
 
     worker = _command(
         commands,
@@ -157,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
     worker.add_argument("--quiet", action="store_true", help="no per-trial log lines")
     _add_artifacts(worker)
+    _add_speed(worker)
 
     status = _command(commands, "status", cmd_status, "show a study's progress and best trial")
     _add_study(status, required=False)
@@ -176,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     retrain.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
     retrain.add_argument("--json", action="store_true", help="print the metrics as JSON")
     _add_root(retrain)
+    _add_speed(retrain, compile_flag=False)
 
     report = _command(commands, "report", cmd_report, "write the study's HTML report page")
     _add_study(report, required=False, default_text="the storage's only study")
@@ -198,6 +207,29 @@ def build_parser() -> argparse.ArgumentParser:
     dashboard.add_argument("--port", type=_whole_number(1, 65535), default=8080, help="port")
     _add_artifacts(dashboard)
     return parser
+
+
+def _add_speed(parser: argparse.ArgumentParser, *, compile_flag: bool = True) -> None:
+    parser.add_argument(
+        "--precision", choices=PRECISIONS,
+        help="matrix products in fp32, tf32 (GPU tensor cores) or bf16 (autocast); "
+        "default: tf32 on a GPU, fp32 on the CPU",
+    )  # fmt: skip
+    if compile_flag:
+        parser.add_argument(
+            "--compile", action="store_true",
+            help="compile the training step with torch.compile (on a GPU as CUDA graphs); "
+            "it pays off on long GPU runs, not on the CPU",
+        )  # fmt: skip
+
+
+def _check_precision(precision: str | None, device: Any) -> None:
+    from model.kfold import resolve_precision
+
+    try:
+        resolve_precision(precision, device)
+    except ValueError as exc:
+        raise UsageError(f"--precision: {exc}") from None
 
 
 def _add_artifacts(parser: argparse.ArgumentParser) -> None:
@@ -356,6 +388,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     preset = get_preset(args.preset)
     config = preset.defaults.with_params(parse_params(args.params))
     device = resolve_device(args.device)
+    _check_precision(args.precision, device)
 
     from model.data import ensure_mnist, load_mnist, to_device
     from model.kfold import train_kfold
@@ -364,7 +397,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     ensure_mnist(root)
     mnist = load_mnist(root)
     data = to_device(mnist.train_images, mnist.train_labels, device)
-    result = train_kfold(config, data, on_progress=_epoch_bar(config.max_epochs))
+    result = train_kfold(
+        config,
+        data,
+        on_progress=_epoch_bar(config.max_epochs),
+        precision=args.precision,
+        compile=args.compile,
+    )
     if args.json:
         print(json.dumps(result.summary()))
         return 0
@@ -482,10 +521,13 @@ def _format_space_summary(preset: Any, draws: list[dict[str, Any]], seed: int) -
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from study.launcher import RunOptions, run_study
+    from model.device import resolve_device
+    from study.launcher import RunOptions, plan_workers, run_study
 
     _quiet_optuna()
     preset = get_preset(args.preset)
+    for device, _ in plan_workers(args.devices, args.workers, args.workers_per_device):
+        _check_precision(args.precision, resolve_device(device))
     options = RunOptions(
         storage=_storage_url(args),
         study=args.study or f"mnist-{preset.name}",
@@ -498,16 +540,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         data_root=_data_root(args),
         heartbeat=args.heartbeat,
         artifacts=args.artifacts,
+        workers_per_device=args.workers_per_device,
+        precision=args.precision,
+        compile=args.compile,
     )
     outcome = run_study(options, log=lambda line: print(line, file=sys.stderr))
     print(_format_status(outcome.study.study_name, outcome.study, outcome.counts))
     if outcome.counts.done and not args.no_retrain:
-        from model.device import resolve_device
-        from study.launcher import plan_workers
         from study.storage import open_storage
 
         device = resolve_device(plan_workers(args.devices, 1)[0][0])
-        _retrain_and_print(outcome.study, None, device, options.data_root, json_out=False)
+        _retrain_and_print(
+            outcome.study, None, device, options.data_root, json_out=False, precision=args.precision
+        )
         storage = open_storage(options.storage, heartbeat=None)
         page = _write_report(
             outcome.study, storage, options.storage, args.out, args.artifacts, options.data_root
@@ -531,8 +576,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from model.device import resolve_device
     from study.worker import WorkerOptions, run_worker
 
+    _check_precision(args.precision, resolve_device(args.device))
     if args.quiet:
         _quiet_optuna()
     options = WorkerOptions(
@@ -545,6 +592,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         worker_id=args.worker_id,
         parent_pid=args.parent_pid,
         artifacts=args.artifacts,
+        precision=args.precision,
+        compile=args.compile,
     )
     ran = run_worker(
         options, log=lambda line: print(f"mnist-study worker: {line}", file=sys.stderr)
@@ -626,13 +675,21 @@ def _open_study(args: argparse.Namespace) -> tuple[Any, Any, str]:
 
 
 def _retrain_and_print(
-    study: Any, out_dir: Path | None, device: Any, data_root: Path, *, json_out: bool
+    study: Any,
+    out_dir: Path | None,
+    device: Any,
+    data_root: Path,
+    *,
+    json_out: bool,
+    precision: str | None = None,
 ) -> None:
     from study.retrain import retrain_best, study_slug
 
     out_dir = out_dir or Path("runs") / study_slug(study.study_name)
     print(f"retraining the best trial of {study.study_name!r} on {device}", file=sys.stderr)
-    outcome = retrain_best(study, out_dir=out_dir, device=device, data_root=data_root)
+    outcome = retrain_best(
+        study, out_dir=out_dir, device=device, data_root=data_root, precision=precision
+    )
     m = outcome.metrics
     if json_out:
         print(json.dumps(m))
@@ -673,8 +730,11 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     from model.device import resolve_device
 
     device = resolve_device(args.device)
+    _check_precision(args.precision, device)
     _, study, _ = _open_study(args)
-    _retrain_and_print(study, args.out, device, _data_root(args), json_out=args.json)
+    _retrain_and_print(
+        study, args.out, device, _data_root(args), json_out=args.json, precision=args.precision
+    )
     return 0
 
 

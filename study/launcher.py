@@ -55,6 +55,9 @@ class RunOptions:
     data_root: Path = Path("data")
     heartbeat: int = DEFAULT_HEARTBEAT
     artifacts: Path | None = None
+    workers_per_device: int | None = None
+    precision: str | None = None
+    compile: bool = False
 
 
 @dataclass(frozen=True)
@@ -68,8 +71,11 @@ class RunOutcome:
     failed_workers: tuple[int, ...] = ()
 
 
-def plan_workers(devices: tuple[str, ...] | None, workers: int | None) -> list[tuple[str, int]]:
-    """(device, CPU threads) per worker: devices round-robin, the cores shared out evenly."""
+def plan_workers(
+    devices: tuple[str, ...] | None, workers: int | None, per_device: int | None = None
+) -> list[tuple[str, int]]:
+    """(device, CPU threads) per worker: devices round-robin, the cores shared out evenly.
+    `per_device` puts that many workers on each device (small models share a GPU well)."""
     import torch
 
     if devices:
@@ -78,14 +84,15 @@ def plan_workers(devices: tuple[str, ...] | None, workers: int | None) -> list[t
         chosen = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     else:
         chosen = ["cpu"]
-    n = workers if workers is not None else len(chosen)
+    n = workers if workers is not None else len(chosen) * (per_device or 1)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     threads = max(1, (cores or 1) // n)
     return [(chosen[i % len(chosen)], threads) for i in range(n)]
 
 
 def run_study(options: RunOptions, log: Callable[[str], None]) -> RunOutcome:
-    plan = plan_workers(options.devices, options.workers)  # a bad device fails before any write
+    # A bad device fails here, before anything is written.
+    plan = plan_workers(options.devices, options.workers, options.workers_per_device)
     storage = open_storage(options.storage, create=True, heartbeat=options.heartbeat)
     study, created = create_or_resume(
         storage, options.study, options.preset, budget=options.n_trials, seed=options.seed
@@ -143,6 +150,10 @@ def _spawn(options: RunOptions, device: str, threads: int, index: int) -> subpro
     ]  # fmt: skip
     if options.artifacts is not None:
         command += ["--artifacts", str(options.artifacts)]
+    if options.precision is not None:
+        command += ["--precision", options.precision]
+    if options.compile:
+        command.append("--compile")
     env = {**os.environ, STORAGE_ENV: options.storage}
     return subprocess.Popen(command, env=env, start_new_session=True)
 

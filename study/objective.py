@@ -32,7 +32,11 @@ class Objective:
         worker: str,
         should_stop: Callable[[], bool] = lambda: False,
         artifacts: FileSystemArtifactStore | None = None,
+        precision: str | None = None,
+        compile: bool = False,
     ) -> None:
+        self.precision = precision
+        self.compile = compile
         self.preset = preset
         self.data = data
         self.worker = worker
@@ -51,7 +55,13 @@ class Objective:
             trial.report(progress.mean_accuracy, progress.epoch)
             return trial.should_prune()
 
-        result = train_kfold(config, self.data, on_progress=on_progress)
+        result = train_kfold(
+            config,
+            self.data,
+            on_progress=on_progress,
+            precision=self.precision,
+            compile=self.compile,
+        )
         for key, value in {
             "fold_accuracies": result.fold_accuracies,
             "accuracy_sd": result.std_accuracy,

@@ -52,7 +52,12 @@ def best_finished_trial(study: optuna.Study) -> FrozenTrial:
 
 
 def retrain_best(
-    study: optuna.Study, *, out_dir: Path, device: Any, data_root: Path
+    study: optuna.Study,
+    *,
+    out_dir: Path,
+    device: Any,
+    data_root: Path,
+    precision: str | None = None,
 ) -> RetrainOutcome:
     """Train the best trial's configuration on all its images, test it, write its files."""
     trial = best_finished_trial(study)
@@ -62,7 +67,8 @@ def retrain_best(
     epochs = max(1, round(statistics.fmean(best_epochs)))
 
     mnist = load_mnist(data_root)
-    final = train_final(config, to_device(mnist.train_images, mnist.train_labels, device), epochs)
+    data = to_device(mnist.train_images, mnist.train_labels, device)
+    final = train_final(config, data, epochs, precision=precision)
     if final.diverged:
         raise StudyError(f"retraining trial {trial.number} diverged (non-finite loss)")
     test = to_device(mnist.test_images, mnist.test_labels, device)

@@ -49,6 +49,8 @@ class WorkerOptions:
     worker_id: str | None = None
     parent_pid: int | None = None
     artifacts: Path | None = None
+    precision: str | None = None
+    compile: bool = False
 
 
 def run_worker(options: WorkerOptions, log: Callable[[str], None] = print) -> int:
@@ -75,7 +77,13 @@ def run_worker(options: WorkerOptions, log: Callable[[str], None] = print) -> in
 
     store = open_artifact_store(artifact_dir(options.storage, options.artifacts))
     objective = Objective(
-        preset, data, worker=f"{worker_id} ({device})", should_stop=parent_gone, artifacts=store
+        preset,
+        data,
+        worker=f"{worker_id} ({device})",
+        should_stop=parent_gone,
+        artifacts=store,
+        precision=options.precision,
+        compile=options.compile,
     )
     # Filters on the handlers, which see the records of every optuna.* logger.
     for handler in logging.getLogger("optuna").handlers:

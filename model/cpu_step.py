@@ -1,0 +1,156 @@
+"""The CPU training step written out by hand: forward, cross-entropy, backward and the
+optimizer update of k stacked networks, in buffers allocated once, without autograd.
+
+Why: on the project's 2-core CPU the products are most of the work, and what is left
+over was bookkeeping — autograd's graph, a fresh tensor for every intermediate, and, in
+full batch, 48 MB activations that the allocator maps and the kernel faults in again
+every epoch (bigger than malloc's mmap threshold). Writing every result into a buffer
+made once per trial removes all of it; the products are the same `addmm`/`mm` calls on
+per-network slices that `model.stacked_ops` uses.
+
+The step draws its dropout masks with `stacked_ops.keep_mask` in the same order as the
+autograd path, so from the same random state both give the same numbers (a test holds
+them to it). `make_step` in `model.kfold` chooses this step on the CPU in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from model.network import StackedFFNN
+from model.stacked_ops import LEAKY_SLOPE, keep_mask
+
+
+class CpuStep:
+    """Callable like `model.kfold.make_step`'s step: (x (k, B, 784), y (k, B)) →
+    (mean loss (k,), correct count (k,)); `max_rows` is the largest B it will see."""
+
+    def __init__(self, model: StackedFFNN, optimizer: torch.optim.Optimizer, max_rows: int):
+        self.model = model
+        self.optimizer = optimizer
+        self.k = model.k
+        self.weights = [w.detach() for w in model.weights]
+        self.biases = [b.detach() for b in model.biases]
+        k = self.k
+        widths = [w.shape[2] for w in self.weights]
+        # out[i]: layer i's output after activation and dropout; pre[i]: before them
+        # (kept only for hardswish, whose derivative needs it); grad_out[i]: its gradient.
+        self.out = [torch.empty(k, max_rows, n) for n in widths]
+        self.grad_out = [torch.empty(k, max_rows, n) for n in widths]
+        hidden = widths[:-1]
+        self.pre = (
+            [torch.empty(k, max_rows, n) for n in hidden] if model.activation == "hardswish" else []
+        )
+        # Scratch for dropout masks and derivative flags, sized for the widest layer.
+        most = k * max_rows * max(hidden, default=1)
+        self.words = torch.empty(-(-most // 4), dtype=torch.int64)
+        self.bits = torch.empty(4 * self.words.numel(), dtype=torch.bool)
+        self.flags = torch.empty(most, dtype=torch.bool)
+        # The optimizer reads .grad; the step writes gradients straight into these.
+        for param in model.parameters():
+            param.grad = torch.empty_like(param)
+        self.val_out: list[torch.Tensor] = []
+        self.scales = [1.0] * (len(widths) - 1)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = x.shape[1]
+        layers = len(self.weights)
+        inputs = [x] + [o[:, :rows] for o in self.out[:-1]]
+        for i in range(layers):
+            out = self.out[i][:, :rows]
+            for j in range(self.k):
+                torch.addmm(self.biases[i][j], inputs[i][j], self.weights[i][j], out=out[j])
+            if i < layers - 1:
+                self._activate(i, out)
+        logits = self.out[-1][:, :rows]
+        loss, correct = _cross_entropy_and_grad(logits, y, self.grad_out[-1][:, :rows])
+        for i in reversed(range(layers)):
+            grad = self.grad_out[i][:, :rows]
+            weight_grad = self.model.weights[i].grad
+            for j in range(self.k):
+                torch.mm(inputs[i][j].T, grad[j], out=weight_grad[j])
+            torch.sum(grad, dim=1, keepdim=True, out=self.model.biases[i].grad)
+            if i > 0:  # the images need no gradient
+                below = self.grad_out[i - 1][:, :rows]
+                for j in range(self.k):
+                    torch.mm(grad[j], self.weights[i][j].T, out=below[j])
+                self._activation_backward(i - 1, below, inputs[i])
+        self.optimizer.step()
+        return loss, correct
+
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean loss and accuracy (k,) of every network on its own (k, n, 784) images,
+        without dropout, in buffers kept for the next call with the same n."""
+        rows = x.shape[1]
+        if not self.val_out or self.val_out[0].shape[1] != rows:
+            self.val_out = [torch.empty(self.k, rows, w.shape[2]) for w in self.weights]
+        a = x
+        for i, out in enumerate(self.val_out):
+            for j in range(self.k):
+                torch.addmm(self.biases[i][j], a[j], self.weights[i][j], out=out[j])
+            if i < len(self.val_out) - 1:
+                _ACTIVATIONS_IN_PLACE[self.model.activation](out)
+            a = out
+        losses = F.cross_entropy(a.flatten(0, 1), y.flatten(), reduction="none")
+        accuracy = (a.argmax(dim=-1) == y).float().mean(dim=1)
+        return losses.view(self.k, -1).mean(dim=1), accuracy
+
+    def _activate(self, i: int, z: torch.Tensor) -> None:
+        """activation, dropout mask and scale, in place on layer i's output."""
+        activation, p = self.model.activation, self.model.dropout
+        if activation == "hardswish":
+            self.pre[i][:, : z.shape[1]].copy_(z)
+        _ACTIVATIONS_IN_PLACE[activation](z)
+        if p > 0.0:
+            mask, kept = keep_mask(z.shape, 1.0 - p, words=self.words, bits=self.bits)
+            self.scales[i] = 1.0 / kept
+            z.mul_(mask).mul_(self.scales[i])
+
+    def _activation_backward(self, i: int, grad: torch.Tensor, out: torch.Tensor) -> None:
+        """grad ← grad · d(out)/d(pre-activation), in place; `out` is layer i's output.
+
+        Where the output is 0 the value was dropped (or its activation is flat there), so
+        the derivative is 0; elsewhere relu's is the dropout scale, leaky_relu's the scale
+        or slope · scale by the sign, hardswish's its own derivative times the scale.
+        """
+        scale = self.scales[i]
+        activation = self.model.activation
+        if activation == "relu":
+            positive = torch.gt(out, 0, out=self.flags[: out.numel()].view(out.shape))
+            grad.mul_(positive).mul_(scale)
+        elif activation == "leaky_relu":
+            factor = torch.where(out > 0, scale, torch.where(out < 0, scale * LEAKY_SLOPE, 0.0))
+            grad.mul_(factor)
+        else:
+            pre = self.pre[i][:, : out.shape[1]]
+            derivative = torch.ops.aten.hardswish_backward(grad, pre)
+            nonzero = torch.ne(out, 0, out=self.flags[: out.numel()].view(out.shape))
+            grad.copy_(derivative).mul_(nonzero).mul_(scale)
+
+
+_ACTIVATIONS_IN_PLACE = {
+    "relu": lambda z: z.clamp_min_(0.0),
+    "leaky_relu": lambda z: F.leaky_relu_(z, LEAKY_SLOPE),
+    "hardswish": lambda z: F.hardswish(z, inplace=True),
+}
+
+
+def _cross_entropy_and_grad(
+    logits: torch.Tensor, y: torch.Tensor, grad: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-network mean cross-entropy and correct count of `logits` (k, B, 10); writes
+    d(sum of the k mean losses)/d(logits) = (softmax − one-hot) / B into `grad`."""
+    rows = logits.shape[1]
+    target = y.unsqueeze(-1)
+    correct = (logits.argmax(dim=-1) == y).sum(dim=1)
+    shifted = torch.sub(logits, logits.amax(dim=-1, keepdim=True), out=grad)
+    target_logit = shifted.gather(-1, target)
+    probs = shifted.exp_()
+    total = probs.sum(dim=-1, keepdim=True)
+    loss = (total.log() - target_logit).mean(dim=(1, 2))
+    probs.div_(total)
+    probs.scatter_add_(-1, target, torch.full_like(target_logit, -1.0))
+    grad.div_(rows)
+    return loss, correct
