@@ -53,7 +53,10 @@ REPORT_BEST = TrainConfig(
     hidden=(249, 36), activation="relu", dropout=0.35, optimizer="adam", lr=5.4e-3,
     weight_decay=1.2e-4, k=5, subset=60_000,
 )  # fmt: skip
-DRAWS_FILE = Path(__file__).with_name("seed_draws.json")
+# `mnist-study space --preset seed --sample 12 --seed 0 --json`: the seed study's first
+# trials, for machines without Optuna (a test checks the file against the sampler).
+DRAWS_FILE = Path(__file__).with_name("seed_draws.jsonl")
+SEED_TRIALS = 200
 
 
 def machine() -> str:
@@ -279,6 +282,148 @@ def _print_case(row: dict[str, Any]) -> None:
     print(line)
 
 
+# --- the seed preset, estimated ------------------------------------------------------
+
+
+def seed_draws(n: int) -> list[dict[str, Any]]:
+    """The first n configurations of a seed study with sampler seed 0."""
+    try:
+        from study.presets import PRESETS
+        from study.sampler import draw_params
+    except ImportError:  # no Optuna here: the same draws, made where it is
+        lines = DRAWS_FILE.read_text().splitlines()
+        return [json.loads(line) for line in lines[:n]]
+    preset = PRESETS["seed"]
+    return draw_params(preset.space, preset.defaults, n, 0)
+
+
+def run_estimate(
+    device: torch.device, data: DeviceData, trials: int, max_minutes: float
+) -> dict[str, Any]:
+    """Time whole `seed` trials (early stopping on) and extrapolate to 200 trials.
+
+    A trial still running after `max_minutes` is stopped there; the estimate then says
+    what it assumes about the epochs left (see the printed note) and is a lower bound.
+    """
+    seed = TrainConfig(subset=None, batch_size=None, max_epochs=2000, patience=50, k=5)
+    rows = []
+    for params in seed_draws(trials):
+        config = seed.with_params(params)
+        deadline = time.perf_counter() + 60 * max_minutes
+        result = train_kfold(
+            config, data, on_progress=lambda _, end=deadline: time.perf_counter() > end
+        )
+        epochs = max(result.epochs_run)
+        rows.append(
+            {
+                "params": params,
+                "seconds": result.seconds,
+                "epochs": epochs,
+                "seconds_per_epoch": result.seconds / epochs,
+                "stopped_early": not result.halted,
+                "mean_accuracy": result.mean_accuracy,
+            }
+        )
+        r = rows[-1]
+        how = "early stopping" if r["stopped_early"] else f"the {max_minutes:g}-minute cap"
+        print(
+            f"  trial {len(rows) - 1}: {config.hidden} {config.activation} {config.optimizer}: "
+            f"{r['seconds']:.1f} s, {epochs} epochs (ended by {how}), "
+            f"{r['seconds_per_epoch']:.3f} s/epoch, CV accuracy {r['mean_accuracy']:.4f}"
+        )
+    finished = [r for r in rows if r["stopped_early"]]
+    per_trial = statistics.fmean(r["seconds"] for r in rows)
+    out: dict[str, Any] = {
+        "device": str(device),
+        "machine": machine(),
+        "trials": rows,
+        "minutes_for_200_trials": per_trial * SEED_TRIALS / 60,
+        "all_trials_finished": len(finished) == len(rows),
+    }
+    if finished:
+        out["mean_epochs_of_finished_trials"] = statistics.fmean(r["epochs"] for r in finished)
+    note = "" if out["all_trials_finished"] else " (a lower bound: some trials hit the cap)"
+    print(
+        f"  seed preset, {SEED_TRIALS} trials on {machine()}: "
+        f"{out['minutes_for_200_trials']:.1f} minutes{note}"
+    )
+    if not out["all_trials_finished"]:
+        # Without knowing where early stopping would have ended them: the rate.
+        per_epoch = statistics.fmean(r["seconds_per_epoch"] for r in rows)
+        out["minutes_per_100_epochs_per_trial"] = per_epoch * 100 * SEED_TRIALS / 60
+        print(
+            f"  at {per_epoch:.3f} s per epoch (all 5 folds), every 100 epochs a trial runs "
+            f"add {out['minutes_per_100_epochs_per_trial']:.0f} minutes to {SEED_TRIALS} trials"
+        )
+    return out
+
+
+# --- how the cost grows ---------------------------------------------------------------
+
+
+def run_scaling(device: torch.device, data: DeviceData, epochs: int) -> dict[str, Any]:
+    """Seconds per trial of the report's network (full batch, `epochs` epochs) against
+    the training-set size (k = 5) and against k (9,600 training images per network; k = 1
+    is the final retrain, which has no validation)."""
+    from model.retrain import train_final
+
+    base = dataclasses.replace(REPORT_BEST, max_epochs=epochs, patience=epochs + 1)
+    train_kfold(dataclasses.replace(base, subset=6000, max_epochs=1), data)  # warm-up
+
+    def timed(fn: Callable[[], Any]) -> float:
+        sync(device)
+        started = time.perf_counter()
+        fn()
+        sync(device)
+        return time.perf_counter() - started
+
+    by_size = []
+    for n in (6_000, 12_000, 24_000, 48_000):
+        config = dataclasses.replace(base, subset=n)
+        by_size.append({"images": n, "seconds": timed(lambda c=config: train_kfold(c, data))})
+    by_k = []
+    per_network = 9_600
+    for k in (1, 3, 5, 10):
+        if k == 1:
+            config = dataclasses.replace(base, k=2, subset=per_network)
+            seconds = timed(lambda c=config: train_final(c, data, epochs))
+        else:
+            config = dataclasses.replace(base, k=k, subset=per_network * k // (k - 1))
+            seconds = timed(lambda c=config: train_kfold(c, data))
+        by_k.append({"k": k, "seconds": seconds})
+    out = {
+        "device": str(device),
+        "machine": machine(),
+        "epochs": epochs,
+        "by_images": by_size,
+        "by_k": by_k,
+    }
+    print(f"  time per trial ({epochs} full-batch epochs), {machine()}")
+    _print_growth("images", by_size, "images")
+    _print_growth("k", by_k, "k")
+    return out
+
+
+def _print_growth(label: str, rows: list[dict[str, Any]], key: str) -> None:
+    """Seconds per unit against the largest case's: linear growth keeps them equal."""
+    last = rows[-1]["seconds"] / rows[-1][key]
+    for row in rows:
+        per_unit = row["seconds"] / row[key]
+        row["relative_cost_per_unit"] = per_unit / last
+        print(
+            f"    {label} = {row[key]:>6}: {row['seconds']:7.2f} s, per unit "
+            f"{row['relative_cost_per_unit']:.2f}× the largest case's"
+        )
+    spread = max(r["relative_cost_per_unit"] for r in rows)
+    verdict = (
+        "grows linearly (within 15 %)"
+        if spread <= 1.15
+        else f"grows less than linearly at small {label}: fixed costs weigh "
+        f"{spread:.2f}× per unit at the smallest"
+    )
+    print(f"    → {verdict}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.speed", description=__doc__.split("\n")[0]
@@ -288,6 +433,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--full-epochs", type=int, default=3)
     parser.add_argument("--mb-epochs", type=int, default=1)
+    parser.add_argument("--trials", type=int, default=3, help="estimate: trials to time")
+    parser.add_argument(
+        "--max-minutes", type=float, default=2.0, help="estimate: cap on one trial's minutes"
+    )
+    parser.add_argument("--scaling-epochs", type=int, default=2)
     parser.add_argument("--json", type=Path, help="also write the results as JSON")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -301,6 +451,12 @@ def main(argv: list[str] | None = None) -> int:
             args.rounds,
             {"full batch": args.full_epochs, "mini-batch 256": args.mb_epochs},
         )
+    if args.what in ("estimate", "all"):
+        print(f"\nestimate of the seed preset: {args.trials} trials drawn by its sampler")
+        out["estimate"] = run_estimate(device, data, args.trials, args.max_minutes)
+    if args.what in ("scaling", "all"):
+        print("\nscaling")
+        out["scaling"] = run_scaling(device, data, args.scaling_epochs)
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
     return 0
