@@ -7,13 +7,17 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test data lint format clean
+.PHONY: demo test data lint format bench clean
 
 demo: data
 	$(BIN)/mnist-study run --preset quick --workers 2
 
 test: data
 	$(BIN)/python -m pytest
+
+# Speed benchmarks (about 15 minutes on 2 cores); results in benchmarks/README.md.
+bench: data
+	$(BIN)/python -m benchmarks.speed all --json benchmarks/last-run.json
 
 data: $(STAMP)
 	$(BIN)/mnist-study data

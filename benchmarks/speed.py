@@ -241,18 +241,27 @@ def _ours(config: TrainConfig, data: DeviceData) -> None:
     assert result.epochs_run == [config.max_epochs] * config.k  # early stopping is off
 
 
+@dataclasses.dataclass(frozen=True)
+class SelfTimed:
+    """Seconds a way measured itself, leaving its set-up out."""
+
+    seconds: float
+
+
 def _repeat_floor(
     config: TrainConfig, n_train: int, n_val: int, device: torch.device, epochs: int
-) -> None:
-    for _ in range(epochs):
-        gemm_floor(config, n_train, n_val, device)
+) -> SelfTimed:
+    """The floor's own timing of `epochs` epochs (its inputs' set-up is not timed)."""
+    return SelfTimed(sum(gemm_floor(config, n_train, n_val, device) for _ in range(epochs)))
 
 
 def _alternate(
     ways: dict[str, Callable[[], Any]], rounds: int, warmup: TrainConfig, data: DeviceData
 ) -> dict[str, float]:
     """Median seconds of each way over `rounds`, run in turn (A, B, C, A, B, C, ...)
-    after one warm-up of each, so drifts in the machine's speed hit all ways alike."""
+    after one warm-up of each, so drifts in the machine's speed hit all ways alike.
+    A way that returns `SelfTimed` has timed itself (the GEMM floor, whose set-up is
+    excluded); the others are timed whole."""
     train_kfold(warmup, data)
     for fn in ways.values():
         fn()
@@ -261,9 +270,10 @@ def _alternate(
         for name, fn in ways.items():
             sync(data.device)
             started = time.perf_counter()
-            fn()
+            returned = fn()
             sync(data.device)
-            samples[name].append(time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            samples[name].append(returned.seconds if isinstance(returned, SelfTimed) else elapsed)
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
@@ -292,8 +302,12 @@ def _print_case(row: dict[str, Any]) -> None:
 def seed_draws(n: int) -> list[dict[str, Any]]:
     """The first n configurations of a seed study with sampler seed 0."""
     try:
+        import optuna
+
         from study.presets import PRESETS
         from study.sampler import draw_params
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
     except ImportError:  # no Optuna here: the same draws, made where it is
         lines = DRAWS_FILE.read_text().splitlines()
         return [json.loads(line) for line in lines[:n]]

@@ -64,7 +64,7 @@ def train_final(
         stack.reset_parameters(torch.Generator().manual_seed(config.seed))
         stack.to(device).train()
         full_batch = config.full_batch or config.batch_size >= indices.shape[1]
-        gathered = (data.x[indices], data.y[indices]) if full_batch else None
+        gathered = data.gather(indices) if full_batch else None
         batch_size = indices.shape[1] if full_batch else config.batch_size
         step = make_step(
             stack, make_optimizer(stack, config), batch_size, precision=precision, compile=compile

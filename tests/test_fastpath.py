@@ -61,10 +61,13 @@ def test_hand_written_cpu_step_equals_the_autograd_step(activation: str, dropout
         assert torch.equal(correct_a, correct_b)
     for a, b in zip(ours_eval, ref_eval, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    # Adam divides by the root of tiny second moments, which magnifies rounding a little;
-    # a wrong gradient would show as differences near the step size, 1e-3.
+    # Adam divides by the root of tiny second moments, which magnifies rounding where a
+    # gradient is near zero; a wrong gradient would move many weights by about the step
+    # size, 1e-3. So: every weight within a tenth of a step, and on average far closer.
     for a, b in zip(ours_params, ref_params, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        difference = (a - b).abs()
+        assert difference.max() < 1e-4
+        assert difference.mean() < 1e-7
 
 
 def test_keep_masks_keep_the_asked_fraction_in_every_position_and_reuse_buffers() -> None:
