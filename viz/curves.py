@@ -4,9 +4,10 @@ stopping stopped it), and optionally the final retrain's training loss."""
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
+
+from viz.grid import figure_png, pyplot
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -61,12 +62,7 @@ def learning_curves_png(
     curves: dict[str, list[list[float]]], best_epochs: Sequence[int], title: str
 ) -> bytes:
     """The same curves as a small PNG (for optuna-dashboard's trial page)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    fig, axes = pyplot().subplots(1, 2, figsize=(9, 3.2))
     for j, best in enumerate(best_epochs):
         colour = _COLOURS[j % len(_COLOURS)]
         for ax, metric in zip(axes, ("loss", "accuracy"), strict=True):
@@ -82,8 +78,4 @@ def learning_curves_png(
         ax.set_title(metric, fontsize=10)
     axes[0].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90)
-    plt.close(fig)
-    return buffer.getvalue()
+    return figure_png(fig, dpi=90)

@@ -1,10 +1,11 @@
-"""Grids of 28 × 28 images with a title each, written as PNG (matplotlib, no display)."""
+"""Grids of 28 × 28 images with a title each, as PNG (matplotlib, no display), and the
+PNG plumbing the other matplotlib pictures share."""
 
 from __future__ import annotations
 
 import io
 from collections.abc import Sequence
-from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -23,11 +24,7 @@ def image_grid_png(
     `diverging`: each image on its own symmetric red-blue scale around zero (for weights);
     else grey pixels in [0, 1], white on black as MNIST shows digits.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     n = images.shape[0]
     rows = max(1, -(-n // columns))
     fig, axes = plt.subplots(
@@ -50,14 +47,23 @@ def image_grid_png(
             ax.set_ylabel(row_labels[i // columns], fontsize=8)
     if suptitle:
         fig.suptitle(suptitle, fontsize=10)
+    return figure_png(fig, dpi=100)
+
+
+def pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend (no display is needed or opened)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def figure_png(fig: Any, dpi: int) -> bytes:
+    """The figure as PNG bytes; the figure is closed (pyplot keeps every open one)."""
     fig.tight_layout()
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
+    fig.savefig(buffer, format="png", dpi=dpi)
+    pyplot().close(fig)
     return buffer.getvalue()
-
-
-def write_png(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    return path
