@@ -19,8 +19,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import optuna
-
 from model.data import ensure_mnist, load_mnist, to_device
 from model.device import resolve_device
 from study.artifacts import artifact_dir, open_artifact_store
@@ -134,7 +132,3 @@ class _StopSignals:
         if record.exc_info and record.exc_info[0] is KeyboardInterrupt:
             return False
         return not (self.interrupted and "failed" in record.getMessage())
-
-
-def quiet_optuna() -> None:
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
