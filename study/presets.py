@@ -4,7 +4,9 @@
 epochs, k = 5, 200 trials, nothing pruned). `quick` keeps the report's network and search
 ranges but trains on a 12,000-image subset with mini-batches, few epochs and k = 3, so a
 whole study runs on a 2-core CPU in minutes. `smoke` is smaller still — trials of about a
-second — for checking that the machinery works (the tests use it). All three search the
+second — for checking that the machinery works (the tests use it), and `tiny` has trials
+of a fraction of a second, so that the storage, not training, is the bottleneck (the
+fault-injection tests load the database with it). All three search the
 same space; the default hyperparameters (what `train` uses without `--params`) are the
 report's best network: 784-249-36-10, relu, adam, dropout 0.35, lr 5.4e-3, L2 1.2e-4.
 """
@@ -57,6 +59,13 @@ PRESETS: dict[str, Preset] = {
             "about a second a trial, to check the machinery",
             defaults=TrainConfig(subset=4_000, batch_size=100, max_epochs=5, patience=5, k=2),
             n_trials=6,
+        ),
+        Preset(
+            name="tiny",
+            summary="1,000-image subset, full batch, 3 epochs, k = 2, 24 trials: "
+            "a fraction of a second a trial, to load the storage",
+            defaults=TrainConfig(subset=1_000, batch_size=None, max_epochs=3, patience=3, k=2),
+            n_trials=24,
         ),
     )
 }

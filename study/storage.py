@@ -13,9 +13,15 @@ killed mid-trial (found by the heartbeat) or interrupted — since its retry tak
 
 from __future__ import annotations
 
+import functools
 import sqlite3
+import sys
+import threading
+import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +45,13 @@ GRACE_FACTOR = 4
 MAX_RETRY = 3
 # How long an SQLite writer waits for another's lock before giving up.
 SQLITE_BUSY_TIMEOUT_S = 120
+# How long a storage call keeps retrying through a lost connection (a database server
+# restarting, a network blip) or a lock it could not wait for, before the process gives up.
+RECONNECT_S = 120
+# An outage shorter than this is contention, not news: retried without a word.
+QUIET_RETRY_S = 2.0
+# Seconds a PostgreSQL connection attempt may take before it counts as failed.
+CONNECT_TIMEOUT_S = 10
 
 
 class StorageError(RuntimeError):
@@ -68,10 +81,16 @@ def open_storage(
     A file that is not an Optuna database is refused before anything writes to it.
     """
     from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 
     try:
         parsed = make_url(url)
+        parsed.get_dialect()
+    except NoSuchModuleError:
+        raise StorageError(
+            f"storage {redact(url)}: no database driver {parsed.drivername!r} "
+            "(e.g. sqlite:///optuna.db or postgresql+psycopg://user@host/db)"
+        ) from None
     except ArgumentError:
         raise StorageError(
             f"storage {url!r}: not a database URL (e.g. sqlite:///optuna.db or "
@@ -83,7 +102,10 @@ def open_storage(
         if parsed.database and parsed.database != ":memory:":
             _check_sqlite_file(Path(parsed.database), create=create)
     else:
+        # A pooled connection that died with its server is noticed and replaced at checkout.
         engine_kwargs["pool_pre_ping"] = True
+        if parsed.get_driver_name() in ("psycopg", "psycopg2"):
+            engine_kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ExperimentalWarning)
@@ -96,9 +118,163 @@ def open_storage(
                         max_retry=MAX_RETRY
                     ),
                 }
-            return RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
-    except (SQLAlchemyError, ImportError, RuntimeError, ValueError) as exc:
+            storage = ResilientRDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+    except ImportError:
+        raise StorageError(
+            f"storage {redact(url)}: the driver {parsed.drivername!r} is not installed "
+            "(for PostgreSQL: pip install 'mnist-study[postgres]')"
+        ) from None
+    except (SQLAlchemyError, RuntimeError, ValueError) as exc:
         raise StorageError(f"storage {redact(url)}: {_one_line(exc)}") from None
+    # Only now: a wrong password or a database that is not there fails at once above,
+    # whereas an outage after a good start is waited out.
+    storage.reconnect_s = RECONNECT_S
+    return storage
+
+
+def _transient_cause(exc: BaseException) -> BaseException | None:
+    """The database error behind `exc` if retrying the same call may succeed: a dropped or
+    refused connection, a server restarting, SQLite's "database is locked", a PostgreSQL
+    serialization failure (all `OperationalError`s in SQLAlchemy's terms)."""
+    from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+
+    # Optuna wraps errors raised inside its sessions; the driver's error is the cause.
+    cause = exc.__cause__ if isinstance(exc, optuna.exceptions.StorageInternalError) else exc
+    if isinstance(cause, OperationalError | InterfaceError):
+        return cause
+    if isinstance(cause, DBAPIError) and cause.connection_invalidated:
+        return cause
+    return None
+
+
+class ResilientRDBStorage(RDBStorage):
+    """Optuna's `RDBStorage`, whose calls ride out a lost connection.
+
+    Each storage call that fails for a transient reason is repeated, with backoff, for up
+    to `reconnect_s` seconds; then a `StorageError` ends the process with one line, and the
+    heartbeat hands its running trial to another worker. Re-running a call is safe because
+    each runs in its own transaction; the one call whose first attempt may have committed
+    unseen, ending a trial, is recognised on its retry (see `set_trial_state_values`).
+    """
+
+    reconnect_s: float = 0.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Per thread, since the heartbeat thread calls in while the trial runs.
+        self._retry_state = threading.local()
+        super().__init__(*args, **kwargs)
+
+    def __getstate__(self) -> dict[Any, Any]:
+        state = super().__getstate__()
+        state.pop("_retry_state", None)
+        return state
+
+    def __setstate__(self, state: dict[Any, Any]) -> None:
+        super().__setstate__(state)
+        self._retry_state = threading.local()
+
+    def set_trial_state_values(self, trial_id: int, state: TrialState, values: Any = None) -> bool:
+        try:
+            return super().set_trial_state_values(trial_id, state, values)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # Raised by a retry whose first attempt committed before its connection
+            # dropped: the trial already holds what this call was to write.
+            if getattr(self._retry_state, "retrying", False):
+                stored = RDBStorage.get_trial(self, trial_id)
+                if stored.state == state:
+                    return True
+            raise
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        # Runs in Optuna's heartbeat thread, where an exception would print a traceback and
+        # end the beats; a beat missed for good is the grace period's business instead.
+        try:
+            _retrying(RDBStorage.record_heartbeat)(self, trial_id)
+        except StorageError as exc:
+            print(f"mnist-study: heartbeat of trial id {trial_id} missed: {exc}", file=sys.stderr)
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        """Optuna's stale trials, plus running trials that never beat at all: a worker
+        killed between claiming a trial and its first heartbeat leaves one, which would
+        otherwise stay RUNNING and hold its share of the budget forever."""
+        stale = super()._get_stale_trial_ids(study_id)
+        grace = timedelta(seconds=self.grace_period or 2 * (self.heartbeat_interval or 0))
+        # Optuna's own models and session helper: the query must see what its tables hold.
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import _create_scoped_session
+
+        with _create_scoped_session(self.scoped_session) as session:
+            never_beat = [
+                (trial.trial_id, trial.datetime_start)
+                for trial in session.query(models.TrialModel)
+                .filter(models.TrialModel.state == TrialState.RUNNING)
+                .filter(models.TrialModel.study_id == study_id)
+                .filter(~models.TrialModel.heartbeats.any())
+            ]
+        # The start time comes from the claiming host's clock (Optuna 5 hands it back
+        # time-zone aware, older versions naive and local), so this host's clock judges it.
+        return stale + [
+            trial_id
+            for trial_id, started in never_beat
+            if started is not None
+            and datetime.now(started.tzinfo) - started > grace
+            and trial_id not in stale
+        ]
+
+
+def _retrying(method: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(method)
+    def call(self: ResilientRDBStorage, *args: Any, **kwargs: Any) -> Any:
+        deadline: float | None = None
+        delay = 0.05
+        said = False
+        outer = getattr(self._retry_state, "retrying", False)
+        try:
+            while True:
+                try:
+                    return method(self, *args, **kwargs)
+                except Exception as exc:
+                    cause = _transient_cause(exc)
+                    if cause is None or self.reconnect_s <= 0:
+                        raise
+                    now = time.monotonic()
+                    start = now if deadline is None else deadline - self.reconnect_s
+                    deadline = deadline or now + self.reconnect_s
+                    if now >= deadline:
+                        raise StorageError(
+                            f"storage {redact(self.url)} failed for {self.reconnect_s:.0f} s: "
+                            f"{_one_line(cause)}"
+                        ) from None
+                    if not said and now - start >= QUIET_RETRY_S:
+                        said = True
+                        print(
+                            f"mnist-study: storage {redact(self.url)}: {_one_line(cause)}; "
+                            f"retrying for up to {self.reconnect_s:.0f} s",
+                            file=sys.stderr,
+                        )
+                    time.sleep(min(delay, deadline - now))
+                    delay = min(2 * delay, 2.0)
+                    self._retry_state.retrying = True
+        finally:
+            self._retry_state.retrying = outer
+
+    return call
+
+
+# Every call Optuna (directly, or through its cache in front of the storage) makes on an
+# RDB storage. Nested ones (get_all_trials calling _get_trials) retry in the innermost.
+_RETRIED_CALLS = (
+    "create_new_study", "delete_study", "set_study_user_attr", "set_study_system_attr",
+    "get_study_id_from_name", "get_study_name_from_id", "get_study_directions",
+    "get_study_user_attrs", "get_study_system_attrs", "get_all_studies",
+    "create_new_trial", "_create_new_trial", "set_trial_param", "_set_trial_param",
+    "get_trial_param", "set_trial_state_values", "set_trial_intermediate_value",
+    "set_trial_user_attr", "set_trial_system_attr", "get_trial_id_from_study_id_trial_number",
+    "get_trial", "get_all_trials", "_get_trials", "get_best_trial", "_get_best_trial_id",
+    "_get_stale_trial_ids",
+)  # fmt: skip
+for _name in _RETRIED_CALLS:
+    setattr(ResilientRDBStorage, _name, _retrying(getattr(ResilientRDBStorage, _name)))
 
 
 def _check_sqlite_file(path: Path, *, create: bool) -> None:

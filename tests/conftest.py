@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
+import re
+from collections.abc import Iterator
+
 import pytest
 import torch
 
 from model.data import DeviceData, Mnist, default_root, load_mnist, present
+from tests.pgserver import PgServer, why_unavailable
 
 
 def synthetic_data(n: int = 240, seed: int = 0, *, learnable: bool = True) -> DeviceData:
@@ -28,3 +33,27 @@ def mnist() -> Mnist:
     if not present(root):
         pytest.fail(f"MNIST is not in {root}: run `make data` (make test does) first")
     return load_mnist(root)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PgServer]:
+    """One throwaway PostgreSQL server for the session (see tests/pgserver.py)."""
+    reason = why_unavailable()
+    if reason:
+        pytest.skip(f"no PostgreSQL for this test: {reason}")
+    server = PgServer()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PgServer, request: pytest.FixtureRequest) -> str:
+    """A fresh database on the session's server, named after the test."""
+    name = "t_" + re.sub(r"[^a-z0-9]+", "_", request.node.name.lower())[:50]
+    name = f"{name}_{next(_database_numbers)}"
+    return postgres_server.create_database(name)
+
+
+_database_numbers = itertools.count()

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import sqlite3
+import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import optuna
 import pytest
 import torch
+from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
 from model.data import DeviceData
@@ -18,6 +21,7 @@ from study.storage import (
     StudyError,
     count_trials,
     create_or_resume,
+    fail_stale_trials,
     load_study,
     open_storage,
     redact,
@@ -187,3 +191,102 @@ def test_a_diverging_configuration_is_pruned_with_its_reason_and_the_worker_goes
     assert [t.state for t in study.trials] == [TrialState.PRUNED, TrialState.PRUNED]
     for trial in study.trials:
         assert trial.user_attrs["failure"].startswith("diverged: fold 1 loss became non-finite")
+
+
+def test_a_running_trial_that_never_beat_is_failed_and_retried_after_the_grace_period(
+    db: str,
+) -> None:
+    """A worker killed between claiming a trial and its first heartbeat leaves no heartbeat
+    row; Optuna alone would leave that trial RUNNING for ever."""
+    storage = open_storage(db, create=True, heartbeat=1)
+    study, _ = create_or_resume(storage, "s", PRESETS["smoke"], budget=3)
+    orphan = study.ask()
+    orphan.suggest_float("x", 0, 1)
+    fresh = study.ask()  # claimed just now: inside the grace period, left alone
+    # Four grace periods ago, as its claiming worker's clock (the same as ours) wrote it.
+    long_ago = datetime.now(UTC) - timedelta(seconds=16)
+    with sqlite3.connect(db.removeprefix("sqlite:///")) as connection:
+        connection.execute(
+            "UPDATE trials SET datetime_start = ? WHERE trial_id = ?",
+            (long_ago.replace(tzinfo=None).isoformat(sep=" "), orphan._trial_id),
+        )
+    fail_stale_trials(study)
+    after = study.get_trials()
+    assert after[orphan.number].state == TrialState.FAIL
+    assert after[fresh.number].state == TrialState.RUNNING
+    retry = after[-1]
+    assert retry.state == TrialState.WAITING
+    assert retry.system_attrs["failed_trial"] == orphan.number
+    assert retry.params == {"x": after[orphan.number].params["x"]}
+
+
+def _lost_connection() -> optuna.exceptions.StorageInternalError:
+    from sqlalchemy.exc import OperationalError
+
+    try:
+        raise OperationalError("SELECT 1", {}, Exception("server closed the connection"))
+    except OperationalError as cause:
+        error = optuna.exceptions.StorageInternalError("during the commit")
+        error.__cause__ = cause
+        return error
+
+
+def test_a_storage_call_rides_out_a_lost_connection_and_gives_up_in_one_line(
+    db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = open_storage(db, create=True)
+    create_or_resume(storage, "s", PRESETS["smoke"], budget=3)
+    real_session = storage.scoped_session
+    failures = iter([_lost_connection(), _lost_connection()])
+    attempts = []
+
+    def flaky_session() -> object:
+        # Where Optuna opens every storage call's transaction.
+        attempts.append(time.monotonic())
+        error = next(failures, None)
+        if error is not None:
+            raise error
+        return real_session()
+
+    monkeypatch.setattr(storage, "scoped_session", flaky_session)
+    assert [s.study_name for s in storage.get_all_studies()] == ["s"]
+    assert len(attempts) == 3
+
+    failures = iter([_lost_connection()] * 1000)
+    storage.reconnect_s = 0.3
+    started = time.monotonic()
+    with pytest.raises(StorageError, match=r"failed for 0 s: .*server closed the connection"):
+        storage.get_all_studies()
+    assert 0.3 <= time.monotonic() - started < 2
+
+    # Not every error is worth a retry: a bad request fails at once.
+    failures = iter([ValueError("no such thing")])
+    attempts.clear()
+    with pytest.raises(ValueError, match="no such thing"):
+        storage.get_all_studies()
+    assert len(attempts) == 1
+
+
+def test_ending_a_trial_whose_first_commit_went_unacknowledged_is_not_an_error(
+    db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The connection drops after the server committed the trial's end but before the
+    worker heard so; the retry finds the trial already ended as asked."""
+    storage = open_storage(db, create=True)
+    study, _ = create_or_resume(storage, "s", PRESETS["smoke"], budget=3)
+    trial = study.ask()
+    real = RDBStorage.set_trial_state_values
+    calls = []
+
+    def commit_then_drop(self: RDBStorage, trial_id: int, state: TrialState, values=None):
+        calls.append(state)
+        result = real(self, trial_id, state, values)
+        if len(calls) == 1:
+            raise _lost_connection()
+        return result
+
+    monkeypatch.setattr(RDBStorage, "set_trial_state_values", commit_then_drop)
+    assert storage.set_trial_state_values(trial._trial_id, TrialState.COMPLETE, [0.5]) is True
+    assert len(calls) == 2
+    ended = study.get_trials()[trial.number]
+    assert ended.state == TrialState.COMPLETE and ended.value == 0.5
