@@ -1,6 +1,8 @@
 # make demo / make test each do their whole set-up on a fresh machine: a virtual
-# environment in .venv with the package and its dev extras, then MNIST under ./data
-# (or $MNIST_ROOT), fetched if missing. Nothing here needs a GPU.
+# environment in .venv with the package and its dev and postgres extras, then MNIST under
+# ./data (or $MNIST_ROOT), fetched if missing. Nothing here needs a GPU. The PostgreSQL
+# tests also need the server binaries (apt-get install postgresql); without them they are
+# skipped, with the reason shown.
 
 PYTHON ?= python3
 VENV := .venv
@@ -33,7 +35,7 @@ format: $(STAMP)
 # Reinstalled when pyproject.toml changes; the stamp is written only after pip succeeds.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,postgres]'
 	touch $@
 
 clean:

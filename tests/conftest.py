@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import re
 from collections.abc import Iterator
 
@@ -39,6 +40,8 @@ def mnist() -> Mnist:
 def postgres_server() -> Iterator[PgServer]:
     """One throwaway PostgreSQL server for the session (see tests/pgserver.py)."""
     reason = why_unavailable()
+    if reason and os.environ.get("MNIST_STUDY_REQUIRE_POSTGRES"):
+        pytest.fail(f"MNIST_STUDY_REQUIRE_POSTGRES is set but {reason}")
     if reason:
         pytest.skip(f"no PostgreSQL for this test: {reason}")
     server = PgServer()
