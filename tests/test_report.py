@@ -211,3 +211,25 @@ def test_dashboard_api_shows_trials_with_their_figures_while_a_worker_writes(
         assert {a["filename"] for a in trial["artifacts"]} == {CURVES_JSON, CURVES_PNG}
     study_attrs = {a["key"]: a["value"] for a in detail["user_attrs"]}
     assert "n_units_l0" in study_attrs["priors"]
+
+
+@pytest.mark.parametrize(
+    ("host", "warned"), [(None, False), ("127.0.0.1", False), ("0.0.0.0", True)]
+)
+def test_the_dashboard_binds_this_machine_only_unless_told_and_then_warns(
+    host: str | None, warned: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    import optuna_dashboard
+
+    from study.cli import main
+
+    db = f"sqlite:///{tmp_path / 'optuna.db'}"
+    create_or_resume(open_storage(db, create=True), "s", SMOKE, budget=1)
+    served = {}
+    monkeypatch.setattr(optuna_dashboard, "run_server", lambda storage, **kw: served.update(kw))
+    argv = ["dashboard", "--storage", db, "--port", "8123"] + (["--host", host] if host else [])
+    assert main(argv) == 0
+    assert served["host"] == (host or "127.0.0.1") and served["port"] == 8123
+    err = capsys.readouterr().err
+    assert ("warning" in err and "no authentication" in err) is warned, err
