@@ -7,6 +7,7 @@ them — a checkpoint from elsewhere cannot run code — and no study is needed 
 from __future__ import annotations
 
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,14 @@ FORMAT = "mnist-study/ffnn-1"
 
 class CheckpointError(RuntimeError):
     """The file is not a checkpoint this program wrote, or it was altered."""
+
+
+class CheckpointMissing(CheckpointError):
+    """There is no file at the checkpoint's path."""
+
+
+# torch names the global a refused pickle asked for, e.g. "unsupported GLOBAL posix.system".
+_REFUSED_GLOBAL = re.compile(r"GLOBAL (\S+)")
 
 
 def save_checkpoint(path: Path, model: FFNN, config: TrainConfig, meta: dict[str, Any]) -> None:
@@ -41,16 +50,38 @@ def load_checkpoint(path: Path) -> tuple[FFNN, TrainConfig, dict[str, Any]]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such checkpoint") from None
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: not a checkpoint that loads safely ({first})") from None
+        raise CheckpointMissing(f"{path}: no such checkpoint") from None
+    except pickle.UnpicklingError as exc:
+        # torch's own text advises weights_only=False, the one thing not to do with this file.
+        refused = _REFUSED_GLOBAL.search(str(exc))
+        what = f"it asks to load {refused.group(1)}" if refused else _first_sentence(exc)
+        raise CheckpointError(
+            f"{path}: not a checkpoint that loads safely ({what}; an mnist-study checkpoint "
+            "holds only tensors and plain values, so it was altered or is not ours); "
+            "run `mnist-study retrain` to write it again"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"{path}: damaged checkpoint ({_first_sentence(exc)}); "
+            "run `mnist-study retrain` to write it again"
+        ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an mnist-study checkpoint ({FORMAT})")
     try:
         config = TrainConfig().with_params(payload["config"])
         model = FFNN(config.hidden, config.activation, config.dropout)
         model.load_state_dict(payload["state_dict"])
-    except (ConfigError, KeyError, RuntimeError, TypeError) as exc:
-        raise CheckpointError(f"{path}: damaged checkpoint ({exc})") from None
-    return model.eval(), config, dict(payload.get("meta", {}))
+        meta = dict(payload.get("meta", {}))
+    except (ConfigError, KeyError, RuntimeError, TypeError, ValueError, AttributeError) as exc:
+        # load_state_dict lists every mismatched key on lines of their own.
+        detail = " ".join(str(exc).split()) or type(exc).__name__
+        raise CheckpointError(f"{path}: damaged checkpoint ({detail})") from None
+    return model.eval(), config, meta
+
+
+def _first_sentence(exc: BaseException) -> str:
+    """torch's load errors run to a paragraph; the first sentence says what broke."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    return lines[0].split(". ")[0].rstrip(".")

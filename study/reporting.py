@@ -17,7 +17,7 @@ import optuna
 import torch
 from optuna.storages import BaseStorage
 
-from model.checkpoint import CheckpointError, load_checkpoint
+from model.checkpoint import CheckpointMissing, load_checkpoint
 from model.data import DataError, load_mnist, to_device
 from model.retrain import predict
 from study.artifacts import open_artifact_store, read_curves
@@ -44,8 +44,12 @@ def build_report(
     out_dir: Path,
     artifact_dir: Path,
     data_root: Path,
+    network: Any = None,
 ) -> Path:
-    """Write the study's page into `out_dir`; return the path of `index.html`."""
+    """Write the study's page into `out_dir`; return the path of `index.html`.
+
+    `network` is `retrained_network(study)` when the caller has already loaded it.
+    """
     attrs = study.user_attrs
     preset = get_preset(attrs["preset"])
     counts = count_trials(study)
@@ -81,13 +85,20 @@ def build_report(
             )
         )
 
-    model = _load_model(attrs.get("checkpoint"))
+    model = retrained_network(study) if network is None else network
     if isinstance(model, str):
         sections.append(Section("The retrained network", message=model))
     else:
         sections += _network_sections(model, metrics, data_root, images)
 
-    for title, figure in search_figures(study):
+    # Optuna logs a warning for each plot it cannot draw yet; the page says so already.
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        figures = search_figures(study)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    for title, figure in figures:
         if isinstance(figure, str):
             sections.append(Section(f"Search: {title}", message=figure))
         else:
@@ -230,14 +241,19 @@ def _network_sections(
     return sections
 
 
-def _load_model(checkpoint: str | None) -> Any:
-    """The retrained network, or a sentence saying why there is none."""
+def retrained_network(study: optuna.Study) -> Any:
+    """The study's retrained network, or a sentence saying why there is none.
+
+    A checkpoint that is there but refused (altered, damaged) raises `CheckpointError`:
+    a page that quietly left out its pictures would hide that someone changed the file.
+    """
+    checkpoint = study.user_attrs.get("checkpoint")
     if not checkpoint:
         return "not retrained yet: run `mnist-study retrain` for the test accuracy and pictures"
     try:
         model, _, _ = load_checkpoint(Path(checkpoint))
-    except CheckpointError as exc:
-        return f"checkpoint unusable: {exc}"
+    except CheckpointMissing as exc:
+        return f"{exc}; run `mnist-study retrain` to write it again"
     return model
 
 
