@@ -165,6 +165,13 @@ def check_mnist(root: Path | str) -> None:
         raise DataError(_damaged_message(Path(root), damaged))
 
 
+def require_mnist(root: Path | str) -> None:
+    """Raise `DataError` unless the four official files are under `root`, saying what to run."""
+    if not present(root):
+        raise DataError(f"MNIST not found in {raw_dir(root)}: run `mnist-study data` to fetch it")
+    check_mnist(root)
+
+
 def _damaged_message(root: Path, damaged: dict[str, str]) -> str:
     files = ", ".join(f"{name} ({problem})" for name, problem in damaged.items())
     # Name the root only when the plain command would look elsewhere.
@@ -225,9 +232,7 @@ def load_mnist(root: Path | str) -> Mnist:
     from torchvision.datasets import MNIST
 
     root = Path(root)
-    if not present(root):
-        raise DataError(f"MNIST not found in {raw_dir(root)}: run `mnist-study data` to fetch it")
-    check_mnist(root)
+    require_mnist(root)
     splits = []
     for train, n in ((True, N_TRAIN), (False, N_TEST)):
         images_file = TRAIN_IMAGES if train else TEST_IMAGES

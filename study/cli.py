@@ -4,6 +4,9 @@ Every error a user can cause ends here as one line on stderr and a non-zero exit
 2 for bad input on the command line (a flag, a parameter, a device, a study that does not
 match), 1 when the data or the storage cannot serve the request, 130 for Ctrl-C.
 Bugs still raise with a traceback.
+
+torch is imported only by the commands that use it: it takes seconds to import, and a
+mistyped flag or `--help` should answer at once.
 """
 
 from __future__ import annotations
@@ -11,17 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from model.checkpoint import CheckpointError
 from model.config import ConfigError
-from model.data import DataError
-from model.device import DeviceError
-from model.kfold import PRECISIONS
-from study.launcher import STORAGE_ENV
 from study.presets import DEFAULT_PRESET, PRESETS, get_preset
 from study.storage import DEFAULT_HEARTBEAT, DEFAULT_STORAGE, StorageError, StudyError
 
@@ -29,33 +29,89 @@ EXIT_USAGE = 2
 EXIT_FAILURE = 1
 EXIT_INTERRUPTED = 130
 
+# Copies of model.kfold.PRECISIONS and study.launcher.STORAGE_ENV, whose modules import
+# torch; a test holds them equal.
+PRECISIONS = ("fp32", "tf32", "bf16")
+STORAGE_ENV = "MNIST_STUDY_STORAGE"
+
+# The errors a user can cause, by module and name: a module that was never imported raised
+# none of them, so looking them up in sys.modules spares importing torch to catch them.
+_USER_ERRORS = (
+    ("model.device", "DeviceError", EXIT_USAGE),
+    ("model.data", "DataError", EXIT_FAILURE),
+    ("model.checkpoint", "CheckpointError", EXIT_FAILURE),
+)
+
 
 class UsageError(Exception):
     """Bad input from the command line; exit 2."""
+
+
+class OutputError(Exception):
+    """A folder the command must write into cannot be made or written; exit 1."""
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but an error is one line (argparse would print the usage block first)."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
+        # argparse quotes some arguments it echoes and not others ("unrecognized arguments").
+        message = _printable(message)
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# user:password@ in any URL, for masking wherever a message echoes what the user typed.
+_URL_PASSWORD = re.compile(r"(://[^/:@\s]*:)[^/@\s]*@")
+
+
+def _printable(text: str) -> str:
+    """`text` with URL passwords masked and control characters (newlines too) escaped."""
+    text = _URL_PASSWORD.sub(r"\1***@", text)
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        # argparse would blame the top-level program for a flag the command lacks.
+        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     prog = f"mnist-study {args.command}"
     try:
         return args.handler(args)
-    except (UsageError, ConfigError, DeviceError, StudyError) as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except (DataError, StorageError, CheckpointError) as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as exc:
+        code = _exit_code(exc)
+        if code is None:
+            raise
+        print(f"{prog}: error: {_printable(_one_line(exc))}", file=sys.stderr)
+        return code
+
+
+def _exit_code(exc: Exception) -> int | None:
+    """The exit code of an error the user can fix, None for a bug."""
+    if isinstance(exc, UsageError | ConfigError | StudyError):
+        return EXIT_USAGE
+    if isinstance(exc, StorageError | OutputError):
+        return EXIT_FAILURE
+    for module, name, code in _USER_ERRORS:
+        error = getattr(sys.modules.get(module), name, None)
+        if error is not None and isinstance(exc, error):
+            return code
+    # A path the system refused (--out inside a file, a folder without write permission):
+    # the user's to fix, and the path and reason say all there is to say.
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        return EXIT_FAILURE
+    return None
+
+
+def _one_line(exc: Exception) -> str:
+    """The message on one line whatever it holds: a second line would read as another error."""
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}"
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--workers",
-        type=_positive_int,
+        type=_whole_number(1, MAX_WORKERS),
         metavar="W",
         help="worker processes (default: one per device)",
     )
@@ -129,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: every GPU, else cpu)",
     )
     run.add_argument(
-        "--workers-per-device", type=_positive_int, metavar="N",
+        "--workers-per-device", type=_whole_number(1, MAX_WORKERS), metavar="N",
         help="workers on each device when --workers is not given (default: 1)",
     )  # fmt: skip
     run.add_argument(
@@ -162,7 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_study(worker, required=True)
     _add_storage(worker)
     worker.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
-    worker.add_argument("--threads", type=_positive_int, help="CPU threads for torch")
+    worker.add_argument(
+        "--threads", type=_whole_number(1, MAX_THREADS), help="CPU threads for torch"
+    )
     _add_root(worker)
     _add_heartbeat(worker)
     worker.add_argument("--worker-id", help=argparse.SUPPRESS)
@@ -251,10 +309,10 @@ def _whole_number(low: int, high: int | None = None) -> Callable[[str], int]:
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+            raise argparse.ArgumentTypeError(f"{_shorten(text)!r} is not a whole number") from None
         if value < low or (high is not None and value > high):
             bound = f"at least {low}" if high is None else f"in [{low}, {high}]"
-            raise argparse.ArgumentTypeError(f"{text} must be {bound}")
+            raise argparse.ArgumentTypeError(f"{value} must be {bound}")
         return value
 
     return parse
@@ -262,15 +320,21 @@ def _whole_number(low: int, high: int | None = None) -> Callable[[str], int]:
 
 _positive_int = _whole_number(1)
 _seed = _whole_number(0, 2**31 - 1)
+# Bounds past any real use, below where things break: a million torch threads segfaulted,
+# a heartbeat of 10^12 s overflows the grace period's timedelta, and the workers are
+# planned as a list before any starts.
+MAX_THREADS = 1024
+MAX_HEARTBEAT = 3600
+MAX_WORKERS = 1024
 
 
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        raise argparse.ArgumentTypeError(f"{_shorten(text)!r} is not a number") from None
     if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text} must be greater than 0")
+        raise argparse.ArgumentTypeError(f"{value:g} must be greater than 0")
     return value
 
 
@@ -304,7 +368,7 @@ def _add_storage(parser: argparse.ArgumentParser) -> None:
 def _add_heartbeat(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--heartbeat",
-        type=_positive_int,
+        type=_whole_number(1, MAX_HEARTBEAT),
         default=DEFAULT_HEARTBEAT,
         metavar="SEC",
         help="seconds between a running trial's heartbeats; a trial silent for 4x as long "
@@ -321,7 +385,7 @@ def _command(
     sub = commands.add_parser(
         name, help=help_text, description=help_text[0].upper() + help_text[1:] + "."
     )
-    sub.set_defaults(handler=handler)
+    sub.set_defaults(handler=handler, command_parser=sub)
     return sub
 
 
@@ -366,32 +430,74 @@ def cmd_data(args: argparse.Namespace) -> int:
 def parse_params(text: str) -> dict[str, Any]:
     """`--params`: a JSON object given inline, or the path of a file holding one."""
     source = "--params"
-    if not text.lstrip().startswith(("{", "[")) and Path(text).is_file():
+    if not text.lstrip().startswith(("{", "[")) and _is_file(text):
+        path = text
         try:
-            text = Path(text).read_text()
+            text = Path(path).read_text()
         except (OSError, UnicodeDecodeError) as exc:
-            raise UsageError(f"--params {text!r}: cannot read it ({exc})") from None
-        source = f"--params file {text}"
+            raise UsageError(f"--params file {path}: cannot read it ({exc})") from None
+        source = f"--params file {path}"
     try:
-        params = json.loads(text)
+        params = json.loads(
+            text, parse_constant=_not_json, parse_float=_finite_float, parse_int=_short_int
+        )
     except json.JSONDecodeError as exc:
         if not text.lstrip().startswith(("{", "[")):
             raise UsageError(
-                f"--params {text!r}: neither a JSON object nor a readable file"
+                f"--params {_shorten(text)!r}: neither a JSON object nor a readable file"
             ) from None
         raise UsageError(
             f"{source}: bad JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
         ) from None
+    except _NotJson as exc:
+        raise UsageError(f"{source}: bad JSON: {exc}") from None
+    except RecursionError:
+        raise UsageError(f"{source}: bad JSON: nested too deeply") from None
     if not isinstance(params, dict):
         raise UsageError(f'{source}: must be a JSON object such as {{"n_units_l0": 300}}')
     return params
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from model.device import resolve_device
+class _NotJson(ValueError):
+    """A number Python's json reads but JSON has not: NaN, Infinity, or one that overflows."""
 
+
+def _not_json(name: str) -> float:
+    raise _NotJson(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NotJson(f"{_shorten(text)} is too large for a number")
+    return value
+
+
+def _short_int(text: str) -> int:
+    # Python refuses to read integers of over 4300 digits with a ValueError of its own.
+    if len(text) > 100:
+        raise _NotJson(f"a whole number of {len(text)} digits is too large")
+    return int(text)
+
+
+def _shorten(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _is_file(text: str) -> bool:
+    """Whether `text` names a file; a name the system refuses (too long, say) names none."""
+    try:
+        return Path(text).is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def cmd_train(args: argparse.Namespace) -> int:
     preset = get_preset(args.preset)
     config = preset.defaults.with_params(parse_params(args.params))
+
+    from model.device import resolve_device
+
     device = resolve_device(args.device)
     _check_precision(args.precision, device)
 
@@ -456,8 +562,6 @@ def _format_table(result: Any) -> str:
 
 
 def _storage_url(args: argparse.Namespace) -> str:
-    import os
-
     if args.storage is not None and not args.storage.strip():
         raise UsageError("--storage is empty: give a database URL such as sqlite:///optuna.db")
     return args.storage or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
@@ -526,15 +630,23 @@ def _format_space_summary(preset: Any, draws: list[dict[str, Any]], seed: int) -
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    storage_url = _storage_url(args)
+    preset = get_preset(args.preset)
+
+    from model.data import check_mnist
     from model.device import resolve_device
     from study.launcher import RunOptions, plan_workers, run_study
 
     _quiet_optuna()
-    preset = get_preset(args.preset)
     for device, _ in plan_workers(args.devices, args.workers, args.workers_per_device):
         _check_precision(args.precision, resolve_device(device))
+    # Damaged MNIST files or an unwritable --out stop the run before the storage is
+    # created or touched; missing MNIST files are fetched by run_study.
+    check_mnist(_data_root(args))
+    if args.out is not None:
+        _check_writable(args.out)
     options = RunOptions(
-        storage=_storage_url(args),
+        storage=storage_url,
         study=args.study or f"mnist-{preset.name}",
         preset=preset,
         n_trials=args.n_trials,
@@ -688,9 +800,15 @@ def _retrain_and_print(
     json_out: bool,
     precision: str | None = None,
 ) -> None:
-    from study.retrain import retrain_best, study_slug
+    from model.data import require_mnist
+    from study.retrain import best_finished_trial, retrain_best, study_slug
 
+    # What would stop the retrain stops it before its progress line, so that an error
+    # is the only line.
+    best_finished_trial(study)
+    require_mnist(data_root)
     out_dir = out_dir or Path("runs") / study_slug(study.study_name)
+    _check_writable(out_dir)
     print(f"retraining the best trial of {study.study_name!r} on {device}", file=sys.stderr)
     outcome = retrain_best(
         study, out_dir=out_dir, device=device, data_root=data_root, precision=precision
@@ -707,6 +825,16 @@ def _retrain_and_print(
     )
 
 
+def _check_writable(folder: Path) -> None:
+    """Refuse a folder that could not be made or written, before the work whose results
+    go there: its nearest existing ancestor must be a folder this process may write."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists() or p == Path("."))
+    if not existing.is_dir():
+        raise OutputError(f"cannot write into {folder}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write into {folder}: {existing} is not writable")
+
+
 def _write_report(
     study: Any,
     storage: Any,
@@ -716,10 +844,13 @@ def _write_report(
     data_root: Path,
 ) -> Path:
     from study.artifacts import artifact_dir
-    from study.reporting import build_report
+    from study.reporting import build_report, retrained_network
     from study.retrain import study_slug
 
+    # A refused checkpoint stops the report before its progress line.
+    network = retrained_network(study)
     out_dir = out_dir or Path("reports") / study_slug(study.study_name)
+    _check_writable(out_dir)
     print(f"writing the report of {study.study_name!r}", file=sys.stderr)
     return build_report(
         study,
@@ -728,6 +859,7 @@ def _write_report(
         out_dir=out_dir,
         artifact_dir=artifact_dir(url, artifacts),
         data_root=data_root,
+        network=network,
     )
 
 
