@@ -18,6 +18,11 @@ from typing import Any
 N_INPUTS = 28 * 28
 N_CLASSES = 10
 N_TRAIN_IMAGES = 60_000
+# Far past anything the search space draws (its priors centre near 190 and 40), yet small
+# enough that a typo such as 1e11 is refused rather than sent to the allocator.
+MAX_UNITS = 8192
+# torch.manual_seed takes a signed 64-bit integer.
+MAX_SEED = 2**63 - 1
 
 ACTIVATIONS = ("relu", "leaky_relu", "hardswish")
 OPTIMIZERS = ("adam", "adamax")
@@ -58,7 +63,7 @@ class TrainConfig:
         if not isinstance(self.hidden, tuple) or not self.hidden:
             raise ConfigError("hidden: needs at least one hidden layer (n_units_l0)")
         for i, units in enumerate(self.hidden):
-            _check_int(f"n_units_l{i}", units, low=1)
+            _check_int(f"n_units_l{i}", units, low=1, high=MAX_UNITS)
         if self.activation not in ACTIVATIONS:
             raise ConfigError(
                 f"activation = {self.activation!r}: must be one of {', '.join(ACTIVATIONS)}"
@@ -75,8 +80,8 @@ class TrainConfig:
         _check_int("max_epochs", self.max_epochs, low=1)
         _check_int("patience", self.patience, low=1)
         _check_int("k", self.k, low=2)
-        _check_int("fold_seed", self.fold_seed, low=0)
-        _check_int("seed", self.seed, low=0)
+        _check_int("fold_seed", self.fold_seed, low=0, high=MAX_SEED)
+        _check_int("seed", self.seed, low=0, high=MAX_SEED)
         if self.subset is not None:
             _check_int("subset", self.subset, low=2 * self.k, high=N_TRAIN_IMAGES, null_ok=True)
 

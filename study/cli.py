@@ -724,7 +724,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from study.storage import count_trials, list_studies, load_study, open_storage
 
     _quiet_optuna()
-    storage = open_storage(_storage_url(args), heartbeat=None)
+    storage = open_storage(_storage_url(args), heartbeat=None, write=False)
     names = [args.study] if args.study else list_studies(storage)
     if not names:
         raise StudyError("the storage holds no studies; start one with `mnist-study run`")
@@ -774,13 +774,13 @@ def _format_status(name: str, study: Any, counts: Any) -> str:
     return "\n".join(lines)
 
 
-def _open_study(args: argparse.Namespace) -> tuple[Any, Any, str]:
+def _open_study(args: argparse.Namespace, *, write: bool) -> tuple[Any, Any, str]:
     """(storage, study, url) for --study, or the storage's only study when none is named."""
     from study.storage import list_studies, load_study, open_storage
 
     _quiet_optuna()
     url = _storage_url(args)
-    storage = open_storage(url, heartbeat=None)
+    storage = open_storage(url, heartbeat=None, write=write)
     name = args.study
     if name is None:
         names = list_studies(storage)
@@ -868,7 +868,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     _check_precision(args.precision, device)
-    _, study, _ = _open_study(args)
+    _, study, _ = _open_study(args, write=True)  # the test accuracy goes into the study
     _retrain_and_print(
         study, args.out, device, _data_root(args), json_out=args.json, precision=args.precision
     )
@@ -876,7 +876,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    storage, study, url = _open_study(args)
+    storage, study, url = _open_study(args, write=False)
     page = _write_report(study, storage, url, args.out, args.artifacts, _data_root(args))
     print(f"report: {page}")
     return 0
@@ -889,7 +889,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     from study.storage import open_storage
 
     url = _storage_url(args)
-    storage = open_storage(url, heartbeat=None)
+    storage = open_storage(url, heartbeat=None, write=False)
     store = open_artifact_store(artifact_dir(url, args.artifacts), create=False)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(

@@ -93,6 +93,9 @@ def plan_workers(
 def run_study(options: RunOptions, log: Callable[[str], None]) -> RunOutcome:
     # A bad device fails here, before anything is written.
     plan = plan_workers(options.devices, options.workers, options.workers_per_device)
+    # Fetch MNIST here, once, rather than have every worker race to fetch it; and before
+    # the storage, so that missing data leaves no new study behind.
+    ensure_mnist(options.data_root)
     storage = open_storage(options.storage, create=True, heartbeat=options.heartbeat)
     study, created = create_or_resume(
         storage, options.study, options.preset, budget=options.n_trials, seed=options.seed
@@ -112,8 +115,6 @@ def run_study(options: RunOptions, log: Callable[[str], None]) -> RunOutcome:
     if counts.done:
         log(f"its budget is met; give --n-trials above {counts.budget} to run more")
         return RunOutcome(study, counts, created)
-    # Fetch MNIST here, once, rather than have every worker race to fetch it.
-    ensure_mnist(options.data_root)
     log(f"{len(plan)} worker(s): " + ", ".join(f"{d} ({t} threads)" for d, t in plan))
 
     started = time.monotonic()

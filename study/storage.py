@@ -13,7 +13,10 @@ killed mid-trial (found by the heartbeat) or interrupted — since its retry tak
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
+import re
 import sqlite3
 import sys
 import threading
@@ -24,6 +27,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 import optuna
 from optuna.exceptions import ExperimentalWarning
@@ -73,12 +77,18 @@ def redact(url: str) -> str:
 
 
 def open_storage(
-    url: str, *, create: bool = False, heartbeat: int | None = DEFAULT_HEARTBEAT
+    url: str,
+    *,
+    create: bool = False,
+    heartbeat: int | None = DEFAULT_HEARTBEAT,
+    write: bool = True,
 ) -> RDBStorage:
     """An `RDBStorage` for `url`, with heartbeats and retry of stale trials.
 
     With `create=False` a missing SQLite file is an error rather than a new empty file.
-    A file that is not an Optuna database is refused before anything writes to it.
+    A file that is not an Optuna database, or is damaged, is refused before anything
+    writes to it; so is one this process may not write to, unless `write=False` (the
+    commands that only read: status, report, dashboard).
     """
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
@@ -100,7 +110,7 @@ def open_storage(
     if parsed.get_backend_name() == "sqlite":
         engine_kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_S}
         if parsed.database and parsed.database != ":memory:":
-            _check_sqlite_file(Path(parsed.database), create=create)
+            _check_sqlite_file(Path(parsed.database), create=create, write=write)
     else:
         # A pooled connection that died with its server is noticed and replaced at checkout.
         engine_kwargs["pool_pre_ping"] = True
@@ -132,6 +142,10 @@ def open_storage(
     return storage
 
 
+# SQLITE_BUSY and SQLITE_LOCKED (the primary codes; extended codes add high bits).
+_SQLITE_BUSY_CODES = (5, 6)
+
+
 def _transient_cause(exc: BaseException) -> BaseException | None:
     """The database error behind `exc` if retrying the same call may succeed: a dropped or
     refused connection, a server restarting, SQLite's "database is locked", a PostgreSQL
@@ -140,6 +154,10 @@ def _transient_cause(exc: BaseException) -> BaseException | None:
 
     # Optuna wraps errors raised inside its sessions; the driver's error is the cause.
     cause = exc.__cause__ if isinstance(exc, optuna.exceptions.StorageInternalError) else exc
+    sqlite_code = getattr(getattr(cause, "orig", None), "sqlite_errorcode", None)
+    if sqlite_code is not None:
+        # SQLite's own verdicts are final, except another process holding the lock.
+        return cause if sqlite_code & 0xFF in _SQLITE_BUSY_CODES else None
     if isinstance(cause, OperationalError | InterfaceError):
         return cause
     if isinstance(cause, DBAPIError) and cause.connection_invalidated:
@@ -277,7 +295,7 @@ for _name in _RETRIED_CALLS:
     setattr(ResilientRDBStorage, _name, _retrying(getattr(ResilientRDBStorage, _name)))
 
 
-def _check_sqlite_file(path: Path, *, create: bool) -> None:
+def _check_sqlite_file(path: Path, *, create: bool, write: bool) -> None:
     if not path.exists():
         if not create:
             raise StorageError(
@@ -286,23 +304,66 @@ def _check_sqlite_file(path: Path, *, create: bool) -> None:
             )
         if not path.parent.is_dir():
             raise StorageError(f"cannot create {path}: folder {path.parent} does not exist")
+        if not os.access(path.parent, os.W_OK):
+            raise StorageError(f"cannot create {path}: folder {path.parent} is read-only")
         # WAL lets readers (the progress bar, the dashboard) read while a worker writes.
         # The mode is kept in the file, so it is set once, on a file nobody else has open.
-        with sqlite3.connect(path) as connection:
+        with contextlib.closing(sqlite3.connect(path)) as connection:
             connection.execute("PRAGMA journal_mode=WAL")
         return
     if path.is_dir():
         raise StorageError(f"{path} is a folder, not an SQLite database")
+    # Only SQLite itself opens the file: closing any other descriptor of it would drop the
+    # locks that this process's open connections hold (POSIX locks are per process), and
+    # then another process may delete a WAL those connections still read from.
+    companions = [path.with_name(path.name + end) for end in ("-wal", "-shm")]
+    unused = not any(c.exists() for c in companions)  # in WAL mode, open means they exist
     try:
-        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as connection:
+        uri = f"file:{quote(str(path.resolve()))}?mode=ro"
+        with contextlib.closing(sqlite3.connect(uri, uri=True)) as connection:
             tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master")}
-    except sqlite3.DatabaseError as exc:
-        raise StorageError(f"{path} is not an SQLite database ({exc})") from None
-    if tables and "studies" not in tables:
-        raise StorageError(
-            f"{path} is a database of another application (it has no Optuna tables); "
-            "refusing to add them"
-        )
+            page_size = connection.execute("PRAGMA page_size").fetchone()[0]
+            pages = connection.execute("PRAGMA page_count").fetchone()[0]
+        size = path.stat().st_size
+        # With no WAL, every page is in the file: one cut short (a copy interrupted, a full
+        # disk) has fewer bytes than its header counts.
+        if unused and size < pages * page_size:
+            raise StorageError(
+                f"{path} is damaged (truncated: {size:,} bytes, its header counts "
+                f"{pages * page_size:,}); it was left as it is"
+            )
+        if tables and "studies" not in tables:
+            raise StorageError(
+                f"{path} is a database of another application (it has no Optuna tables); "
+                "refusing to add them"
+            )
+        # SQLite in WAL mode also writes -wal and -shm files beside the database.
+        for needed in (path, path.parent) if write else ():
+            if not os.access(needed, os.W_OK):
+                raise StorageError(
+                    f"{path} is read-only for this user ({needed} is not writable): "
+                    "`mnist-study status` and `report` can read it; run and retrain need "
+                    "write access"
+                )
+    except (sqlite3.DatabaseError, StorageError) as exc:
+        if unused:
+            _remove_empty_companions(companions)
+        if not isinstance(exc, sqlite3.DatabaseError):
+            raise
+        if exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_NOTADB:
+            raise StorageError(f"{path} is not an SQLite database ({exc})") from None
+        raise StorageError(f"{path} is damaged ({exc}); it was left as it is") from None
+
+
+def _remove_empty_companions(companions: list[Path]) -> None:
+    """Takes away the -wal and -shm files that looking into a refused file left (so a
+    refusal changes nothing), but only an empty log: one with content is someone's data."""
+    wal, shm = companions
+    if wal.exists() and wal.stat().st_size == 0:
+        wal.unlink(missing_ok=True)
+        shm.unlink(missing_ok=True)
+    elif not wal.exists():
+        shm.unlink(missing_ok=True)
 
 
 def create_or_resume(
@@ -503,5 +564,7 @@ def fail_stale_trials(study: optuna.Study) -> None:
 def _one_line(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     text = lines[0] if lines else type(exc).__name__
-    # SQLAlchemy appends "(Background on this error at: https://sqlalche.me/...)".
-    return text.split(" (Background on this error")[0]
+    # SQLAlchemy appends "(Background on this error at: https://sqlalche.me/...)" and
+    # prefixes the driver's class, "(psycopg.OperationalError) ", which tell a user nothing.
+    text = text.split(" (Background on this error")[0]
+    return re.sub(r"^\([\w.]+\) ", "", text)

@@ -37,7 +37,7 @@ def test_null_or_zero_batch_size_means_full_batch() -> None:
 @pytest.mark.parametrize(
     ("params", "message"),
     [
-        ({"n_units_l0": 0}, r"n_units_l0 = 0: must be a whole number >= 1"),
+        ({"n_units_l0": 0}, r"n_units_l0 = 0: must be a whole number in \[1, 8192\]"),
         ({"n_units_l0": 2.5}, r"n_units_l0 = 2.5: must be a whole number"),
         ({"n_units_l3": 10}, r"n_units_l3: layers must be consecutive"),
         ({"dropout": 1.5}, r"dropout = 1.5: must be a number in \[0.0, 1.0\)"),

@@ -104,6 +104,7 @@ def test_every_preset_searches_the_space_tested_here() -> None:
         "quick": SPACE,
         "seed": SPACE,
         "smoke": SPACE,
+        "tiny": SPACE,
     }
 
 
