@@ -154,7 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
         commands, "space", cmd_space, "draw configurations from a preset's priors, train nothing"
     )
     _add_preset(space)
-    space.add_argument("--sample", type=_positive_int, required=True, metavar="N", help="draws")
+    space.add_argument(
+        "--sample",
+        type=_whole_number(1, 100_000),
+        required=True,
+        metavar="N",
+        help="draws (at most 100,000)",
+    )
     space.add_argument("--seed", type=_seed, default=0, help="sampler seed (default: 0)")
     space.add_argument("--json", action="store_true", help="one JSON object per draw")
 
