@@ -340,10 +340,10 @@ def _check_sqlite_file(path: Path, *, create: bool, write: bool) -> None:
         # SQLite in WAL mode also writes -wal and -shm files beside the database.
         for needed in (path, path.parent) if write else ():
             if not os.access(needed, os.W_OK):
+                why = "" if needed == path else f" (its folder {needed} is not writable)"
                 raise StorageError(
-                    f"{path} is read-only for this user ({needed} is not writable): "
-                    "`mnist-study status` and `report` can read it; run and retrain need "
-                    "write access"
+                    f"{path} is read-only for this user{why}: `mnist-study status` and "
+                    "`report` can read it; run and retrain need write access"
                 )
     except (sqlite3.DatabaseError, StorageError) as exc:
         if unused:
