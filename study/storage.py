@@ -52,6 +52,7 @@ SQLITE_BUSY_TIMEOUT_S = 120
 # How long a storage call keeps retrying through a lost connection (a database server
 # restarting, a network blip) or a lock it could not wait for, before the process gives up.
 RECONNECT_S = 120
+RECONNECT_ENV = "MNIST_STUDY_RECONNECT_S"
 # An outage shorter than this is contention, not news: retried without a word.
 QUIET_RETRY_S = 2.0
 # Seconds a PostgreSQL connection attempt may take before it counts as failed.
@@ -138,8 +139,22 @@ def open_storage(
         raise StorageError(f"storage {redact(url)}: {_one_line(exc)}") from None
     # Only now: a wrong password or a database that is not there fails at once above,
     # whereas an outage after a good start is waited out.
-    storage.reconnect_s = RECONNECT_S
+    storage.reconnect_s = _reconnect_seconds()
     return storage
+
+
+def _reconnect_seconds() -> float:
+    """$MNIST_STUDY_RECONNECT_S, for a planned outage longer than the default's."""
+    text = os.environ.get(RECONNECT_ENV)
+    if not text:
+        return RECONNECT_S
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):
+        raise StorageError(f"${RECONNECT_ENV} = {text!r}: must be a number of seconds >= 0")
+    return seconds
 
 
 # SQLITE_BUSY and SQLITE_LOCKED (the primary codes; extended codes add high bits).
@@ -175,7 +190,8 @@ class ResilientRDBStorage(RDBStorage):
     unseen, ending a trial, is recognised on its retry (see `set_trial_state_values`).
     """
 
-    reconnect_s: float = 0.0
+    # None while opening, so that no error is waited out; then RECONNECT_S or the env's.
+    reconnect_s: float | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # Per thread, since the heartbeat thread calls in while the trial runs.
@@ -244,6 +260,7 @@ def _retrying(method: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(method)
     def call(self: ResilientRDBStorage, *args: Any, **kwargs: Any) -> Any:
         deadline: float | None = None
+        start = 0.0
         delay = 0.05
         said = False
         outer = getattr(self._retry_state, "retrying", False)
@@ -253,11 +270,11 @@ def _retrying(method: Callable[..., Any]) -> Callable[..., Any]:
                     return method(self, *args, **kwargs)
                 except Exception as exc:
                     cause = _transient_cause(exc)
-                    if cause is None or self.reconnect_s <= 0:
+                    if cause is None or self.reconnect_s is None:
                         raise
                     now = time.monotonic()
-                    start = now if deadline is None else deadline - self.reconnect_s
-                    deadline = deadline or now + self.reconnect_s
+                    if deadline is None:
+                        start, deadline = now, now + self.reconnect_s
                     if now >= deadline:
                         raise StorageError(
                             f"storage {redact(self.url)} failed for {self.reconnect_s:.0f} s: "

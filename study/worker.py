@@ -25,6 +25,7 @@ from study.artifacts import artifact_dir, open_artifact_store
 from study.objective import Objective
 from study.storage import (
     DEFAULT_HEARTBEAT,
+    StorageError,
     count_trials,
     fail_stale_trials,
     load_study,
@@ -98,7 +99,16 @@ def run_worker(options: WorkerOptions, log: Callable[[str], None] = print) -> in
                 continue
             objective.current_trial = None
             # A trial that raises (a GPU out of memory, say) fails alone; Optuna logs why.
-            study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False)
+            try:
+                study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False)
+            except Exception as exc:
+                # A storage out of reach for good can surface from Optuna's own clean-up
+                # as another error (an UnboundLocalError in Optuna 5's _run_trial); the
+                # user is owed the storage's one line.
+                lost = _storage_error_behind(exc)
+                if lost is None:
+                    raise
+                raise lost from None
             ran += 1
     except KeyboardInterrupt:
         if objective.current_trial is not None:
@@ -106,6 +116,17 @@ def run_worker(options: WorkerOptions, log: Callable[[str], None] = print) -> in
             log(f"trial {objective.current_trial} was interrupted and is queued again")
         raise
     return ran
+
+
+def _storage_error_behind(exc: BaseException) -> StorageError | None:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, StorageError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 class _StopSignals:
@@ -128,7 +149,9 @@ class _StopSignals:
 
     def keep_log_record(self, record: logging.LogRecord) -> bool:
         """Optuna logs an interrupted trial as failed (with a traceback); the worker says
-        itself that it queued the trial again, so those records only alarm."""
-        if record.exc_info and record.exc_info[0] is KeyboardInterrupt:
+        itself that it queued the trial again, so those records only alarm. Likewise a
+        trial failed by a storage that stayed out of reach: the worker then ends with
+        that error in one line, and the heartbeat hands the trial to another worker."""
+        if record.exc_info and record.exc_info[0] in (KeyboardInterrupt, StorageError):
             return False
         return not (self.interrupted and "failed" in record.getMessage())

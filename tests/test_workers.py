@@ -32,7 +32,7 @@ from study.storage import (
     load_study,
     open_storage,
 )
-from tests.pgserver import PgServer
+from tests.pgserver import PASSWORD, PgServer
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -263,6 +263,41 @@ def test_postgresql_stopped_mid_study_and_started_again_the_workers_carry_on(
     assert_clean_logs(*logs, allowed="retrying for up to")
     # The outage was felt: a worker said it was waiting for the server (after 2 s of it).
     assert any("retrying for up to" in log.read_text() for log in logs)
+
+
+def test_an_outage_longer_than_the_wait_ends_the_worker_in_one_line_and_loses_one_trial_at_most(
+    postgres_server: PgServer, postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past $MNIST_STUDY_RECONNECT_S of outage a worker gives up, in one line; once the
+    server is back, the next worker retries its trial with the same parameters."""
+    db = postgres_url
+    new_study(db, "gone", budget=4)
+    monkeypatch.setenv("MNIST_STUDY_RECONNECT_S", "3")
+    log = tmp_path / "w1.log"
+    first = worker(db, "gone", log)
+    victim = wait_for_a_trial_in_progress(db, "gone", first)
+    before = finished_snapshot(db, "gone")
+    postgres_server.stop("immediate")
+    try:
+        assert first.wait(timeout=60) == 1
+    finally:
+        postgres_server.start()
+    lines = [line for line in log.read_text().splitlines() if line.strip()]
+    assert "Traceback" not in log.read_text(), log.read_text()
+    assert lines[-1].startswith("mnist-study worker: error: storage postgresql+psycopg://"), lines
+    assert "failed for 3 s" in lines[-1] and PASSWORD not in log.read_text()
+
+    second = worker(db, "gone", tmp_path / "w2.log")
+    assert second.wait(timeout=WAIT_S) == 0, (tmp_path / "w2.log").read_text()
+    after = trials(db, "gone")
+    assert after[victim.number].state == TrialState.FAIL
+    retries = [t for t in after if t.system_attrs.get("failed_trial") == victim.number]
+    assert len(retries) == 1 and retries[0].params == victim.params
+    assert retries[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
+    now = finished_snapshot(db, "gone")
+    assert {n: now[n] for n in before} == before
+    counts = count_trials(load_study(open_storage(db, heartbeat=None), "gone"))
+    assert counts.finished == 4 and counts.retried == 1 and counts.running == 0, counts
 
 
 def test_ctrl_c_on_run_stops_it_and_the_same_command_resumes(
