@@ -290,3 +290,23 @@ def test_ending_a_trial_whose_first_commit_went_unacknowledged_is_not_an_error(
     assert len(calls) == 2
     ended = study.get_trials()[trial.number]
     assert ended.state == TrialState.COMPLETE and ended.value == 0.5
+
+
+@pytest.mark.parametrize(("value", "wait"), [(None, 120.0), ("0", 0.0), ("7.5", 7.5)])
+def test_the_reconnect_wait_comes_from_the_environment(
+    value: str | None, wait: float, db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if value is None:
+        monkeypatch.delenv("MNIST_STUDY_RECONNECT_S", raising=False)
+    else:
+        monkeypatch.setenv("MNIST_STUDY_RECONNECT_S", value)
+    assert open_storage(db, create=True).reconnect_s == wait
+
+
+@pytest.mark.parametrize("value", ["soon", "-1", "inf", "nan"])
+def test_a_bad_reconnect_wait_is_one_line(
+    value: str, db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MNIST_STUDY_RECONNECT_S", value)
+    with pytest.raises(StorageError, match=r"MNIST_STUDY_RECONNECT_S = .*: must be a number"):
+        open_storage(db, create=True)
