@@ -129,7 +129,7 @@ def open_storage(
                         max_retry=MAX_RETRY
                     ),
                 }
-            storage = ResilientRDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+            storage = _create_tables_once(url, engine_kwargs, kwargs)
     except ImportError:
         raise StorageError(
             f"storage {redact(url)}: the driver {parsed.drivername!r} is not installed "
@@ -141,6 +141,30 @@ def open_storage(
     # whereas an outage after a good start is waited out.
     storage.reconnect_s = _reconnect_seconds()
     return storage
+
+
+# What a process sees when another creates Optuna's tables in the same new database at
+# the same moment (SQLite, then PostgreSQL wording): each checks, then both create.
+_CREATION_RACE = re.compile(r"already exists|UNIQUE constraint failed|duplicate key value")
+CREATION_ATTEMPTS = 4
+
+
+def _create_tables_once(
+    url: str, engine_kwargs: dict[str, Any], kwargs: dict[str, Any]
+) -> ResilientRDBStorage:
+    """The storage, whose first opening creates Optuna's tables. A `run` creating a new
+    database while `status` (or another `run`) opens it may lose that race; by the retry
+    the winner's tables exist and are only checked."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    for attempt in range(1, CREATION_ATTEMPTS + 1):
+        try:
+            return ResilientRDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+        except SQLAlchemyError as exc:
+            if attempt == CREATION_ATTEMPTS or not _CREATION_RACE.search(str(exc)):
+                raise
+            time.sleep(0.2 * attempt)
+    raise AssertionError("unreachable")
 
 
 def _reconnect_seconds() -> float:
@@ -342,9 +366,12 @@ def _check_sqlite_file(path: Path, *, create: bool, write: bool) -> None:
             page_size = connection.execute("PRAGMA page_size").fetchone()[0]
             pages = connection.execute("PRAGMA page_count").fetchone()[0]
         size = path.stat().st_size
+        wal = companions[0]
         # With no WAL, every page is in the file: one cut short (a copy interrupted, a full
-        # disk) has fewer bytes than its header counts.
-        if unused and size < pages * page_size:
+        # disk) has fewer bytes than its header counts. A WAL with frames, even one another
+        # process began while this one looked, holds pages the file does not yet.
+        no_frames = unused and (not wal.exists() or wal.stat().st_size == 0)
+        if no_frames and size < pages * page_size:
             raise StorageError(
                 f"{path} is damaged (truncated: {size:,} bytes, its header counts "
                 f"{pages * page_size:,}); it was left as it is"

@@ -310,3 +310,32 @@ def test_a_bad_reconnect_wait_is_one_line(
     monkeypatch.setenv("MNIST_STUDY_RECONNECT_S", value)
     with pytest.raises(StorageError, match=r"MNIST_STUDY_RECONNECT_S = .*: must be a number"):
         open_storage(db, create=True)
+
+
+def test_processes_opening_a_new_database_at_once_all_get_it(tmp_path: Path) -> None:
+    """`run` creating a database while `status` or another `run` opens it: both create
+    Optuna's tables, and one finds them 'already exists'. (Threads race just the same.)"""
+    import threading
+
+    errors: list[str] = []
+    for n in range(3):
+        path = tmp_path / f"new{n}.db"
+        open_storage(f"sqlite:///{path}", create=True, heartbeat=None).engine.dispose()
+        path.unlink()  # the same fresh start `run` makes: an empty WAL-mode file
+        path.with_name(path.name + "-wal").unlink(missing_ok=True)
+        path.with_name(path.name + "-shm").unlink(missing_ok=True)
+        with sqlite3.connect(path) as connection:
+            connection.execute("PRAGMA journal_mode=WAL")
+
+        def open_it(url: str = f"sqlite:///{path}") -> None:
+            try:
+                open_storage(url, heartbeat=None)
+            except StorageError as exc:
+                errors.append(str(exc))
+
+        threads = [threading.Thread(target=open_it) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert errors == []
