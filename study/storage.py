@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import re
 import sqlite3
@@ -140,7 +141,16 @@ def open_storage(
     # Only now: a wrong password or a database that is not there fails at once above,
     # whereas an outage after a good start is waited out.
     storage.reconnect_s = _reconnect_seconds()
+    logging.getLogger("optuna.storages._rdb.storage").addFilter(_drop_fallback_warning)
     return storage
+
+
+def _drop_fallback_warning(record: logging.LogRecord) -> bool:
+    """Optuna answers any error of its trial query by warning, with the whole SQL, that it
+    falls back to a slower query, taking a lost connection for too many query variables.
+    Either the fallback works or the retry above speaks, in one line; the warning only
+    alarms."""
+    return not record.getMessage().startswith("Caught an error from sqlalchemy")
 
 
 # What a process sees when another creates Optuna's tables in the same new database at
@@ -191,16 +201,23 @@ def _transient_cause(exc: BaseException) -> BaseException | None:
     serialization failure (all `OperationalError`s in SQLAlchemy's terms)."""
     from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
-    # Optuna wraps errors raised inside its sessions; the driver's error is the cause.
-    cause = exc.__cause__ if isinstance(exc, optuna.exceptions.StorageInternalError) else exc
-    sqlite_code = getattr(getattr(cause, "orig", None), "sqlite_errorcode", None)
-    if sqlite_code is not None:
-        # SQLite's own verdicts are final, except another process holding the lock.
-        return cause if sqlite_code & 0xFF in _SQLITE_BUSY_CODES else None
-    if isinstance(cause, OperationalError | InterfaceError):
-        return cause
-    if isinstance(cause, DBAPIError) and cause.connection_invalidated:
-        return cause
+    # Optuna wraps errors raised inside its sessions, and a connection lost mid-query can
+    # surface as a later error (SQLAlchemy refusing to reconnect inside the broken
+    # transaction, while Optuna tried a fallback query): the first database error down
+    # the chain of causes decides.
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        sqlite_code = getattr(getattr(current, "orig", None), "sqlite_errorcode", None)
+        if sqlite_code is not None:
+            # SQLite's own verdicts are final, except another process holding the lock.
+            return current if sqlite_code & 0xFF in _SQLITE_BUSY_CODES else None
+        if isinstance(current, OperationalError | InterfaceError):
+            return current
+        if isinstance(current, DBAPIError) and current.connection_invalidated:
+            return current
+        current = current.__cause__ or current.__context__
     return None
 
 

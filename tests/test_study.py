@@ -231,13 +231,30 @@ def _lost_connection() -> optuna.exceptions.StorageInternalError:
         return error
 
 
+def _lost_mid_query() -> optuna.exceptions.StorageInternalError:
+    """A connection lost mid-query, as it surfaced once under test: SQLAlchemy then
+    refuses the fallback query in the broken transaction, and Optuna wraps that."""
+    from sqlalchemy.exc import InvalidRequestError
+
+    try:
+        try:
+            raise _lost_connection().__cause__  # type: ignore[misc]
+        except Exception:
+            # Implicitly chained, as SQLAlchemy raises it.
+            raise InvalidRequestError("Can't reconnect until invalid transaction is rolled back")  # noqa: B904
+    except InvalidRequestError as refused:
+        error = optuna.exceptions.StorageInternalError("during the commit")
+        error.__cause__ = refused
+        return error
+
+
 def test_a_storage_call_rides_out_a_lost_connection_and_gives_up_in_one_line(
     db: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     storage = open_storage(db, create=True)
     create_or_resume(storage, "s", PRESETS["smoke"], budget=3)
     real_session = storage.scoped_session
-    failures = iter([_lost_connection(), _lost_connection()])
+    failures = iter([_lost_connection(), _lost_mid_query()])
     attempts = []
 
     def flaky_session() -> object:
@@ -339,3 +356,20 @@ def test_processes_opening_a_new_database_at_once_all_get_it(tmp_path: Path) -> 
         for thread in threads:
             thread.join()
     assert errors == []
+
+
+def test_optunas_fallback_warning_about_a_lost_connection_is_not_shown(db: str) -> None:
+    import logging
+
+    open_storage(db, create=True)
+    logger = logging.getLogger("optuna.storages._rdb.storage")
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    logger.addHandler(handler)
+    try:
+        logger.warning("Caught an error from sqlalchemy: server closed the connection. Falling")
+        logger.warning("something else")
+    finally:
+        logger.removeHandler(handler)
+    assert seen == ["something else"]
