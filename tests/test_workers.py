@@ -174,15 +174,21 @@ def finished_snapshot(db: str, study: str) -> dict[int, tuple]:
     }
 
 
+def run_workers_to_the_end(db: str, study: str, n: int, tmp_path: Path) -> list[Path]:
+    """`n` workers started at once, each asserted to exit 0; their logs."""
+    logs = [tmp_path / f"w{i}.log" for i in range(n)]
+    procs = [worker(db, study, log) for log in logs]
+    for proc, log in zip(procs, logs, strict=True):
+        assert proc.wait(timeout=WAIT_S) == 0, log.read_text()
+    return logs
+
+
 def test_three_workers_share_one_budget_without_repeats_or_lock_errors(
     db: str, tmp_path: Path
 ) -> None:
     """Fault test 1, on SQLite and on PostgreSQL."""
     new_study(db, "shared", budget=12, preset="tiny")
-    logs = [tmp_path / f"w{i}.log" for i in range(3)]
-    procs = [worker(db, "shared", log) for log in logs]
-    for proc, log in zip(procs, logs, strict=True):
-        assert proc.wait(timeout=WAIT_S) == 0, log.read_text()
+    logs = run_workers_to_the_end(db, "shared", 3, tmp_path)
     assert_shared_without_repeats(db, "shared", budget=12, workers=3)
     assert len({t.user_attrs["worker"] for t in trials(db, "shared")}) >= 2
     assert_clean_logs(*logs)
@@ -194,10 +200,7 @@ def test_eight_workers_on_sqlite_with_tiny_trials_never_see_a_lock_or_a_false_st
     """Fault test 4: eight workers on two cores, trials of a fraction of a second and a
     1-second heartbeat, so the database, not training, is what they queue for."""
     new_study(sqlite_db, "crowd", budget=24, preset="tiny")
-    logs = [tmp_path / f"w{i}.log" for i in range(8)]
-    procs = [worker(sqlite_db, "crowd", log) for log in logs]
-    for proc, log in zip(procs, logs, strict=True):
-        assert proc.wait(timeout=WAIT_S) == 0, log.read_text()
+    logs = run_workers_to_the_end(sqlite_db, "crowd", 8, tmp_path)
     # No trial failed, so the heartbeat never declared a live one dead.
     assert_shared_without_repeats(sqlite_db, "crowd", budget=24, workers=8)
     assert_clean_logs(*logs)
