@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from model.network import StackedFFNN
-from model.stacked_ops import LEAKY_SLOPE, keep_mask
+from model.stacked_ops import LEAKY_SLOPE, keep_mask, kept_probability
 
 
 class CpuStep:
@@ -34,20 +34,25 @@ class CpuStep:
         self.biases = [b.detach() for b in model.biases]
         k = self.k
         widths = [w.shape[2] for w in self.weights]
+        # The model's dtype: float32 in training; the tests also run it in float64, where
+        # an error of 1e-5 (a dropout scale slightly off) stands far above the rounding.
+        self.dtype = dtype = self.weights[0].dtype
         # out[i]: layer i's output after activation and dropout; pre[i]: before them
         # (kept only for hardswish, whose derivative needs it); grad_out[i]: its gradient.
-        self.out = [torch.empty(k, max_rows, n) for n in widths]
-        self.grad_out = [torch.empty(k, max_rows, n) for n in widths]
+        self.out = [torch.empty(k, max_rows, n, dtype=dtype) for n in widths]
+        self.grad_out = [torch.empty(k, max_rows, n, dtype=dtype) for n in widths]
         hidden = widths[:-1]
         self.pre = (
-            [torch.empty(k, max_rows, n) for n in hidden] if model.activation == "hardswish" else []
+            [torch.empty(k, max_rows, n, dtype=dtype) for n in hidden]
+            if model.activation == "hardswish"
+            else []
         )
         # Scratch for dropout masks and derivative flags, sized for the widest layer:
-        # float32 0/1, since multiplying by a bool tensor first converts it (7× slower).
+        # 0/1 floats, since multiplying by a bool tensor first converts it (7× slower).
         most = k * max_rows * max(hidden, default=1)
         self.words = torch.empty(-(-most // 4), dtype=torch.int64)
-        self.bits = torch.empty(4 * self.words.numel())
-        self.flags = torch.empty(most)
+        self.bits = torch.empty(4 * self.words.numel(), dtype=dtype)
+        self.flags = torch.empty(most, dtype=dtype)
         # The optimizer reads .grad; the step writes gradients straight into these.
         for param in model.parameters():
             param.grad = torch.empty_like(param)
@@ -102,7 +107,7 @@ class CpuStep:
         """1/keep for the keep probability `keep_mask` really draws with."""
         if self.model.dropout == 0.0:
             return 1.0
-        return 32768 / round((1.0 - self.model.dropout) * 32768)
+        return 1.0 / kept_probability(1.0 - self.model.dropout)
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,7 +115,9 @@ class CpuStep:
         without dropout, in buffers kept for the next call with the same n."""
         rows = x.shape[1]
         if not self.val_out or self.val_out[0].shape[1] != rows:
-            self.val_out = [torch.empty(self.k, rows, w.shape[2]) for w in self.weights]
+            self.val_out = [
+                torch.empty(self.k, rows, w.shape[2], dtype=self.dtype) for w in self.weights
+            ]
         a = x
         for i, out in enumerate(self.val_out):
             for j in range(self.k):
@@ -145,7 +152,10 @@ class CpuStep:
         if activation == "relu":
             grad.mul_(torch.gt(out, 0, out=flags))
         elif activation == "leaky_relu":
-            grad.mul_(torch.where(out > 0, 1.0, torch.where(out < 0, LEAKY_SLOPE, 0.0)))
+            # 0-d tensors in the output's dtype: a Python 0.01 would become float32's
+            # 0.0099999998 (2e-9 off), which the float64 tests would see.
+            one, slope, zero = (out.new_tensor(v) for v in (1.0, LEAKY_SLOPE, 0.0))
+            grad.mul_(torch.where(out > 0, one, torch.where(out < 0, slope, zero)))
         else:
             pre = self.pre[i][:, : out.shape[1]]
             derivative = torch.ops.aten.hardswish_backward(grad, pre)

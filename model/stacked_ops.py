@@ -92,7 +92,8 @@ def keep_mask(
     words: torch.Tensor | None = None,
     bits: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, float]:
-    """A bool mask with P(True) ≈ `keep`, and the probability actually used.
+    """A bool mask with P(True) ≈ `keep`, and the probability actually used (`keep`
+    rounded to a multiple of 2^-15 in [2^-15, 1 − 2^-15]).
 
     `random_()` fills int64 words uniformly in [0, 2^63): of each word's four 16-bit
     chunks the lower three are uniform over all of int16, the top one over [0, 2^15).
@@ -106,11 +107,22 @@ def keep_mask(
     n_words = -(-numel // 4)
     words = torch.empty(n_words, dtype=torch.int64) if words is None else words[:n_words]
     bits = torch.empty(4 * n_words, dtype=torch.bool) if bits is None else bits[: 4 * n_words]
-    threshold = round(keep * 32768)
+    threshold = _threshold(keep)
     thresholds = torch.tensor([2 * threshold - 32768] * 3 + [threshold], dtype=torch.int16)
     chunks = words.random_().view(torch.int16).view(-1, 4)
     torch.lt(chunks, thresholds, out=bits.view(-1, 4))
     return bits[:numel].view(shape), threshold / 32768
+
+
+def kept_probability(keep: float) -> float:
+    """The keep probability `keep_mask` really draws with for `keep`."""
+    return _threshold(keep) / 32768
+
+
+def _threshold(keep: float) -> int:
+    # At least one step of 2^-15 kept, and one dropped: a keep probability of 0 would
+    # make the scale 1/0 (dropout 0.99999 is accepted), and 2^15 overflows int16.
+    return min(max(round(keep * 32768), 1), 32767)
 
 
 class _InPlaceActivationDropout(torch.autograd.Function):

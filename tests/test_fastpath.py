@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from model.config import TrainConfig
+from model.config import ACTIVATIONS, TrainConfig
 from model.cpu_step import CpuStep
 from model.data import DeviceData, Mnist, to_device
 from model.kfold import (
@@ -22,6 +23,7 @@ from model.kfold import (
 )
 from model.stacked_ops import keep_mask
 from tests.conftest import synthetic_data
+from tests.reference import draw_step_masks, network_from, plain_optimizer, plain_step, set_masks
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -35,39 +37,73 @@ def batches(data: DeviceData, k: int, rows: list[int]) -> list[tuple[torch.Tenso
     return out
 
 
-@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "hardswish"])
+STEP_KINDS = {
+    # In float64 the rounding is ~1e-16, so a tolerance of 1e-10 still sees an error of
+    # 1e-5 (a dropout scale of 1/(1 − p) instead of 1/kept is 9e-6 off at p = 0.35).
+    "hand-written-float64": (True, torch.float64, 1e-10),
+    "hand-written-float32": (True, torch.float32, 1e-5),
+    "autograd-float32": (False, torch.float32, 1e-5),
+}
+
+
+@pytest.mark.parametrize("kind", STEP_KINDS)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("dropout", [0.0, 0.35])
-def test_hand_written_cpu_step_equals_the_autograd_step(activation: str, dropout: float) -> None:
+def test_training_step_matches_each_network_stepped_alone(
+    kind: str, activation: str, dropout: float
+) -> None:
+    hand_written, dtype, tolerance = STEP_KINDS[kind]
     config = TrainConfig(hidden=(40, 20), activation=activation, dropout=dropout, k=3, lr=1e-3)
     data = synthetic_data(600)
     # Full batches, then mini-batches with a short last one, as an epoch has.
-    steps = batches(data, config.k, [150, 150, 64, 64, 23])
-    results = {}
-    for hand_written in (True, False):
-        model = initial_model(config)
-        step = make_step(model, make_optimizer(model, config), 150, hand_written=hand_written)
-        assert isinstance(step, CpuStep if hand_written else AutogradStep)
-        torch.manual_seed(7)  # the same dropout masks for both
-        outputs = [step(x, y) for x, y in steps]
-        evaluation = step.evaluate(*steps[0])
-        results[hand_written] = (
-            outputs,
-            evaluation,
-            [p.detach().clone() for p in model.parameters()],
+    steps = [(x.to(dtype), y) for x, y in batches(data, config.k, [150, 150, 64, 64, 23])]
+    model = initial_model(config).to(dtype)
+    nets = [
+        network_from(
+            config,
+            [(w[j].T, b[j, 0]) for w, b in zip(model.weights, model.biases, strict=True)],
+            dtype,
         )
-    (ours, ours_eval, ours_params), (ref, ref_eval, ref_params) = results[True], results[False]
-    for (loss_a, correct_a), (loss_b, correct_b) in zip(ours, ref, strict=True):
-        torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-6)
-        assert torch.equal(correct_a, correct_b)
-    for a, b in zip(ours_eval, ref_eval, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    # Adam divides by the root of tiny second moments, which magnifies rounding where a
-    # gradient is near zero; a wrong gradient would move many weights by about the step
-    # size, 1e-3. So: every weight within a tenth of a step, and on average far closer.
-    for a, b in zip(ours_params, ref_params, strict=True):
-        difference = (a - b).abs()
-        assert difference.max() < 1e-4
-        assert difference.mean() < 1e-7
+        for j in range(config.k)
+    ]
+    step = make_step(model, make_optimizer(model, config), 150, hand_written=hand_written)
+    assert isinstance(step, CpuStep if hand_written else AutogradStep)
+    optimizers = [plain_optimizer(net, config) for net in nets]
+
+    torch.manual_seed(7)
+    ours = [step(x, y) for x, y in steps]
+    torch.manual_seed(7)  # the reference draws the same masks by the documented rule
+    for (x, y), (loss, correct) in zip(steps, ours, strict=True):
+        masks = draw_step_masks(config.k, x.shape[1], config)
+        for j, (net, optimizer) in enumerate(zip(nets, optimizers, strict=True)):
+            set_masks(net, None if masks is None else [m[j] for m in masks])
+            ref_loss, ref_correct = plain_step(net, optimizer, x[j], y[j])
+            assert loss[j].item() == pytest.approx(ref_loss, rel=tolerance)
+            assert correct[j].item() == ref_correct
+
+    x, y = steps[0]
+    losses, accuracies = step.evaluate(x, y)
+    for j, net in enumerate(nets):
+        with torch.no_grad():
+            logits = net.eval()(x[j])
+        assert losses[j].item() == pytest.approx(
+            F.cross_entropy(logits, y[j]).item(), rel=tolerance
+        )
+        right = (logits.argmax(dim=1) == y[j]).sum().item()
+        assert accuracies[j].item() == pytest.approx(right / y.shape[1], abs=1e-7)
+        # Adam divides by the root of tiny second moments, which magnifies rounding where
+        # a gradient is near zero; a wrong gradient would move many weights by about the
+        # step size, 1e-3. So: every weight within a tenth of a step, and on average far
+        # closer (in float64 everything is within rounding).
+        linears = [m for m in net if isinstance(m, torch.nn.Linear)]
+        for i, linear in enumerate(linears):
+            for ours_param, ref_param in (
+                (model.weights[i][j].T, linear.weight),
+                (model.biases[i][j, 0], linear.bias),
+            ):
+                difference = (ours_param - ref_param).abs()
+                assert difference.max() < (1e-4 if dtype == torch.float32 else tolerance)
+                assert difference.mean() < (1e-7 if dtype == torch.float32 else tolerance)
 
 
 def test_keep_masks_keep_the_asked_fraction_in_every_position_and_reuse_buffers() -> None:

@@ -1,16 +1,16 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from model.config import TrainConfig
+from model.config import ACTIVATIONS, TrainConfig
 from model.data import DeviceData
-from model.kfold import KFoldResult, initial_model, make_optimizer, split_folds, train_kfold
+from model.kfold import KFoldResult, split_folds, train_kfold
 from tests.conftest import synthetic_data
+from tests.reference import fold_indices, reference_kfold
 
 TINY = TrainConfig(
     hidden=(16, 8),
@@ -26,61 +26,37 @@ TINY = TrainConfig(
 )
 
 
-def reference_kfold(config: TrainConfig, data: DeviceData) -> dict[str, list]:
-    """Plain k-fold: one network at a time, from the trainer's initial weights, with the
-    same early-stopping rule (stop after `patience` epochs without a lower val loss)."""
-    train_idx, val_idx = split_folds(len(data), config)
-    start = initial_model(config)
-    out: dict[str, list] = {"acc": [], "loss": [], "best_epoch": [], "epochs": [], "val_loss": []}
-    for j in range(config.k):
-        net = start.extract(j)
-        optimizer = make_optimizer(net, config)
-        x_tr, y_tr = data.x[train_idx[j]], data.y[train_idx[j]]
-        x_val, y_val = data.x[val_idx[j]], data.y[val_idx[j]]
-        best_loss, best_acc, best_epoch, bad, curve = math.inf, 0.0, 0, 0, []
-        for epoch in range(1, config.max_epochs + 1):
-            net.train()
-            optimizer.zero_grad()
-            F.cross_entropy(net(x_tr), y_tr).backward()
-            optimizer.step()
-            net.eval()
-            with torch.no_grad():
-                logits = net(x_val)
-                loss = F.cross_entropy(logits, y_val).item()
-                acc = (logits.argmax(1) == y_val).float().mean().item()
-            curve.append(loss)
-            if loss < best_loss:
-                best_loss, best_acc, best_epoch, bad = loss, acc, epoch, 0
-            else:
-                bad += 1
-            if bad >= config.patience:
-                break
-        out["acc"].append(best_acc)
-        out["loss"].append(best_loss)
-        out["best_epoch"].append(best_epoch)
-        out["epochs"].append(epoch)
-        out["val_loss"].append(curve)
-    return out
-
-
 def fold_val_loss(result: KFoldResult, data: DeviceData, j: int) -> float:
-    _, val_idx = split_folds(len(data), result.config)
+    _, val_rows = fold_indices(len(data), result.config)[j]
     net = result.model.extract(j).eval()
     with torch.no_grad():
-        return F.cross_entropy(net(data.x[val_idx[j]]), data.y[val_idx[j]]).item()
+        return F.cross_entropy(net(data.x[val_rows]), data.y[val_rows]).item()
 
 
-@pytest.mark.parametrize("learnable", [True, False])
-def test_stacked_trainer_matches_one_network_at_a_time(learnable: bool) -> None:
+@pytest.mark.parametrize("learnable", [True, False], ids=["learnable", "random-labels"])
+@pytest.mark.parametrize("batch_size", [None, 40], ids=["full-batch", "mini-batch"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_stacked_trainer_matches_each_fold_trained_alone(
+    activation: str, batch_size: int | None, learnable: bool
+) -> None:
+    # 240 images, k = 3: 160 training rows per fold, so mini-batches of 40 are 4 steps.
+    config = dataclasses.replace(
+        TINY, activation=activation, dropout=0.3, batch_size=batch_size, max_epochs=25
+    )
     data = synthetic_data(240, learnable=learnable)
-    result = train_kfold(TINY, data)
-    ref = reference_kfold(TINY, data)
-    assert result.best_epochs == ref["best_epoch"]
-    assert result.epochs_run == ref["epochs"]
-    assert result.fold_accuracies == pytest.approx(ref["acc"], abs=1e-6)
-    assert result.fold_losses == pytest.approx(ref["loss"], rel=1e-4)
-    for j in range(TINY.k):
-        assert result.curves["val_loss"][j] == pytest.approx(ref["val_loss"][j], rel=1e-4)
+    result = train_kfold(config, data)
+    runs = reference_kfold(config, data.x, data.y)
+    assert result.best_epochs == [run.best_epoch for run in runs]
+    assert result.epochs_run == [run.epochs for run in runs]
+    assert result.fold_accuracies == pytest.approx([run.accuracy for run in runs], abs=1e-6)
+    assert result.fold_losses == pytest.approx([run.loss for run in runs], rel=1e-4)
+    for j, run in enumerate(runs):
+        for name, curve in run.curves.items():
+            assert result.curves[name][j] == pytest.approx(curve, rel=1e-4, abs=1e-6), name
+        # The weights handed back are fold j's at its best epoch.
+        ours = result.model.extract(j)
+        for a, b in zip(ours.parameters(), run.net.parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
 
 
 def test_early_stopping_stops_a_fold_and_restores_its_best_weights() -> None:
@@ -135,8 +111,10 @@ def test_minibatch_training_learns_and_records_one_curve_point_per_epoch() -> No
 
 
 def test_divergence_ends_the_run_with_a_result_saying_so() -> None:
+    # Pixels of 3e38: the first layer's products overflow float32.
     data = synthetic_data(120)
-    config = dataclasses.replace(TINY, lr=1e30, max_epochs=50)
+    data = DeviceData(x=data.x * 3e38, y=data.y)
+    config = dataclasses.replace(TINY, max_epochs=50)
     result = train_kfold(config, data)
     assert result.diverged is not None
     assert "non-finite" in result.diverged
