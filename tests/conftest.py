@@ -13,6 +13,11 @@ import torch
 from model.data import DeviceData, Mnist, default_root, load_mnist, present
 from tests.pgserver import PgServer, why_unavailable
 
+# One torch thread for the whole session: with torch's default (every core), test_viz
+# took over 300 s while another job used both cores, against 16 s on one thread. A test
+# about threads sets its own; worker processes get theirs from `--threads`.
+torch.set_num_threads(1)
+
 
 def synthetic_data(n: int = 240, seed: int = 0, *, learnable: bool = True) -> DeviceData:
     """n images in [0, 1] whose labels a small network can learn (or, if not `learnable`,
