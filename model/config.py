@@ -9,6 +9,7 @@ object from the CLI, a preset's defaults and an Optuna trial's params all read t
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import re
 from collections.abc import Mapping
@@ -23,6 +24,22 @@ N_TRAIN_IMAGES = 60_000
 MAX_UNITS = 8192
 # torch.manual_seed takes a signed 64-bit integer.
 MAX_SEED = 2**63 - 1
+# Adam's and Adamax's steps are about lr in size, so past 10 each step throws the weights
+# far past any useful value; and from about 1e38 their float32 arithmetic overflows
+# (Adamax raised an error at lr = 1e300). An L2 penalty past 10 likewise only zeroes them.
+MAX_LR = 10.0
+MAX_WEIGHT_DECAY = 10.0
+# The k fold networks of a trial live side by side in memory, so k is bounded as the
+# units are: 100 folds of the report's network hold 400 MB of weights and Adam state;
+# 60,000 (leave-one-out) would hold 240 GB.
+MAX_FOLDS = 100
+# And so is their product: k networks of this many weights and biases in all take 1 GB
+# in float32, 4 GB with gradients and Adam's two moments. The report's network on 5 folds
+# has 1 M; three layers of 8,192 units on 100 folds would have 13 G.
+MAX_STACK_PARAMETERS = 250_000_000
+# The trainer books every epoch's curves up front ((max_epochs, 4, k) floats): a typo
+# such as 1e12 must be refused, not sent to the allocator. The seed preset runs 2,000.
+MAX_EPOCHS = 100_000
 
 ACTIVATIONS = ("relu", "leaky_relu", "hardswish")
 OPTIMIZERS = ("adam", "adamax")
@@ -73,17 +90,30 @@ class TrainConfig:
                 f"optimizer = {self.optimizer!r}: must be one of {', '.join(OPTIMIZERS)}"
             )
         _check_float("dropout", self.dropout, low=0.0, high=1.0, high_open=True)
-        _check_float("lr", self.lr, low=0.0, low_open=True)
-        _check_float("weight_decay", self.weight_decay, low=0.0)
+        _check_float("lr", self.lr, low=0.0, high=MAX_LR, low_open=True)
+        _check_float("weight_decay", self.weight_decay, low=0.0, high=MAX_WEIGHT_DECAY)
         if self.batch_size is not None:
-            _check_int("batch_size", self.batch_size, low=1, null_ok=True)
-        _check_int("max_epochs", self.max_epochs, low=1)
+            _check_int("batch_size", self.batch_size, low=1, why="or 0 or null for full batch")
+        _check_int("max_epochs", self.max_epochs, low=1, high=MAX_EPOCHS)
         _check_int("patience", self.patience, low=1)
-        _check_int("k", self.k, low=2)
+        _check_int("k", self.k, low=2, high=MAX_FOLDS)
         _check_int("fold_seed", self.fold_seed, low=0, high=MAX_SEED)
         _check_int("seed", self.seed, low=0, high=MAX_SEED)
+        stacked = self.k * parameter_count(self.hidden)
+        if stacked > MAX_STACK_PARAMETERS:
+            raise ConfigError(
+                f"n_units_l0, n_units_l1, ... and k: the k = {self.k} networks of "
+                f"{'-'.join(map(str, self.hidden))} hidden units would hold {stacked:,} "
+                f"parameters, more than {MAX_STACK_PARAMETERS:,}; use fewer units or folds"
+            )
         if self.subset is not None:
-            _check_int("subset", self.subset, low=2 * self.k, high=N_TRAIN_IMAGES, null_ok=True)
+            _check_int(
+                "subset",
+                self.subset,
+                low=2 * self.k,
+                high=N_TRAIN_IMAGES,
+                why=f"at least 2 images for each of the k = {self.k} folds",
+            )
 
     @property
     def full_batch(self) -> bool:
@@ -146,6 +176,12 @@ class TrainConfig:
         return dataclasses.replace(self, hidden=hidden_ints, **changes)
 
 
+def parameter_count(hidden: tuple[int, ...]) -> int:
+    """Weights and biases of one network with these hidden layers."""
+    sizes = [N_INPUTS, *hidden, N_CLASSES]
+    return sum((fan_in + 1) * fan_out for fan_in, fan_out in itertools.pairwise(sizes))
+
+
 def _as_int(name: str, value: Any, *, null_ok: bool = False) -> Any:
     if value is None and null_ok:
         return None
@@ -161,13 +197,14 @@ def _as_float(name: str, value: Any) -> float:
     return float(value)
 
 
-def _check_int(
-    name: str, value: Any, *, low: int, high: int | None = None, null_ok: bool = False
-) -> None:
-    _as_int(name, value, null_ok=null_ok)
+def _check_int(name: str, value: Any, *, low: int, high: int | None = None, why: str = "") -> None:
+    """`why`, if given, follows the accepted range in the message: what it is for."""
+    _as_int(name, value)
     if value < low or (high is not None and value > high):
         bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
-        raise ConfigError(f"{name} = {value!r}: must be a whole number {bound}")
+        raise ConfigError(
+            f"{name} = {value!r}: must be a whole number {bound}" + (f", {why}" if why else "")
+        )
 
 
 def _check_float(

@@ -31,11 +31,24 @@ import torch
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-from model.config import ACTIVATIONS, OPTIMIZERS, TrainConfig
+from model.config import (
+    ACTIVATIONS,
+    MAX_EPOCHS,
+    MAX_FOLDS,
+    MAX_LR,
+    MAX_SEED,
+    MAX_UNITS,
+    MAX_WEIGHT_DECAY,
+    N_TRAIN_IMAGES,
+    OPTIMIZERS,
+    TrainConfig,
+)
 from model.data import IDX_FILES, TEST_LABELS, TRAIN_IMAGES, default_root, present, raw_dir
+from model.kfold import train_kfold
 from study.cli import build_parser, main
-from study.presets import DEFAULT_PRESET, PRESETS
+from study.presets import PRESETS
 from study.storage import create_or_resume, open_storage
+from tests.conftest import synthetic_data
 
 # Resolved now: each row runs in a folder of its own, where ./data would not be MNIST.
 REAL_DATA = default_root().resolve()
@@ -253,6 +266,31 @@ ROWS = [
         ("train", "--params", '{"dropout": 1.5}'),
         2,
         ("dropout = 1.5: must be a number in [0.0, 1.0)",),
+    ),
+    # The ends of the ranges (tests/test_config.py has every one).
+    Row(
+        "params-dropout-1",
+        ("train", "--params", '{"dropout": 1}'),
+        2,
+        ("dropout = 1.0: must be a number in [0.0, 1.0)",),
+    ),
+    Row(
+        "params-batch-size-minus-1",
+        ("train", "--params", '{"batch_size": -1}'),
+        2,
+        ("batch_size = -1: must be a whole number >= 1, or 0 or null for full batch",),
+    ),
+    Row(
+        "params-more-folds-than-images",
+        ("train", "--params", '{"k": 60001}'),
+        2,
+        ("k = 60001: must be a whole number in [2, 100]",),
+    ),
+    Row(
+        "params-subset-smaller-than-k",
+        ("train", "--params", '{"k": 5, "subset": 3}'),
+        2,
+        ("subset = 3: must be a whole number in [10, 60000], at least 2 images for each",),
     ),
     Row(
         "params-activation",
@@ -661,8 +699,28 @@ PLAUSIBLE = (
     | st.sampled_from(ACTIVATIONS + OPTIMIZERS + ("full", "all"))
     | st.sampled_from((math.nan, math.inf, -math.inf, 1e300, 2.5, True))
 )
+# Values inside each range and at its ends, so that many configurations get through and
+# must then train.
+IN_RANGE = {
+    "n_units_l0": st.integers(1, 300),
+    "n_units_l1": st.integers(1, 300),
+    "n_units_l2": st.integers(1, 300),
+    "activation": st.sampled_from(ACTIVATIONS),
+    "optimizer": st.sampled_from(OPTIMIZERS),
+    "dropout": st.floats(0.0, 1.0, exclude_max=True),
+    "lr": st.floats(0.0, MAX_LR, exclude_min=True) | st.sampled_from((5e-324, 1e300)),
+    "weight_decay": st.floats(0.0, MAX_WEIGHT_DECAY) | st.just(1e300),
+    "batch_size": st.none() | st.integers(0, 300),
+    "max_epochs": st.integers(1, 5) | st.just(MAX_EPOCHS),
+    "patience": st.integers(1, 3),
+    "k": st.integers(2, 12) | st.just(MAX_FOLDS),
+    "subset": st.none() | st.integers(2, 400) | st.just(N_TRAIN_IMAGES),
+    "seed": st.integers(0, MAX_SEED),
+    "fold_seed": st.integers(0, MAX_SEED),
+}
 PARAMS = (
-    st.dictionaries(st.sampled_from(PARAM_NAMES), PLAUSIBLE, max_size=3)
+    st.fixed_dictionaries({}, optional=IN_RANGE)
+    | st.dictionaries(st.sampled_from(PARAM_NAMES), PLAUSIBLE, max_size=3)
     | st.dictionaries(st.sampled_from(PARAM_NAMES) | st.text(max_size=14), JSON_VALUES, max_size=6)
     | JSON_VALUES
 )
@@ -674,23 +732,65 @@ QUICK = settings(
 )
 
 
+TINY_MNIST_IMAGES = 2 * MAX_FOLDS  # two images for each fold of the largest k
+
+
+@pytest.fixture
+def training_cli(
+    harmless_cli: Callable[[list[str]], tuple[int | str, str]], monkeypatch: pytest.MonkeyPatch
+) -> tuple[Callable[[list[str]], tuple[int | str, str]], list[TrainConfig]]:
+    """`harmless_cli`, but `train` really trains, one epoch of whatever configuration it
+    built, on a tiny synthetic MNIST; also returns the configurations it trained."""
+    import model.data
+    import model.kfold
+
+    synthetic = synthetic_data(TINY_MNIST_IMAGES)
+    tiny = model.data.Mnist(
+        train_images=(synthetic.x * 255).round().to(torch.uint8).view(-1, 28, 28),
+        train_labels=synthetic.y,
+        test_images=torch.zeros(0, 28, 28, dtype=torch.uint8),
+        test_labels=torch.zeros(0, dtype=torch.int64),
+    )
+    trained: list[TrainConfig] = []
+
+    def one_epoch(config: TrainConfig, data: Any, **options: Any) -> Any:
+        trained.append(config)
+        # The whole configuration as built (its max_epochs books curves up front), halted
+        # after the first epoch.
+        return train_kfold(config, data, **{**options, "on_progress": lambda _: True})
+
+    monkeypatch.setattr(model.data, "ensure_mnist", lambda root, **_: "present")
+    monkeypatch.setattr(model.data, "load_mnist", lambda root: tiny)
+    monkeypatch.setattr(model.kfold, "train_kfold", one_epoch)
+    return harmless_cli, trained
+
+
 @QUICK
 @given(params=PARAMS)
 # Found by a CI-like run: valid over the quick preset's k = 3, not over TrainConfig's k = 5.
 @example(params={"subset": 6})
-def test_random_params_are_accepted_or_refused_in_one_line(
-    harmless_cli: Callable[[list[str]], tuple[int | str, str]], params: Any
+# Accepted once, then a ZeroDivisionError (kept probability 0) or an int16 overflow.
+@example(params={"dropout": 0.99999})
+@example(params={"dropout": 1e-7})
+@example(params={"optimizer": "adamax", "lr": 1e300})  # Adamax's float32 step overflowed
+@example(params={"n_units_l0": MAX_UNITS, "n_units_l1": MAX_UNITS, "k": MAX_FOLDS})  # 13 G
+@example(params={"n_units_l0": MAX_UNITS, "k": 5, "max_epochs": MAX_EPOCHS})
+def test_random_params_train_or_are_refused_in_one_line(
+    training_cli: tuple[Callable[[list[str]], tuple[int | str, str]], list[TrainConfig]],
+    params: Any,
 ) -> None:
+    call, trained = training_cli
+    trained.clear()
     text = json.dumps(params)
-    result, stderr = harmless_cli(["train", "--params", text, "--device", "cpu"])
+    result, stderr = call(["train", "--params", text, "--device", "cpu", "--json"])
     event(f"exit {result}")
-    if result == "accepted":
-        # Whatever got past the CLI is a configuration the trainer accepts, over the
-        # defaults the CLI applies it to: the default preset's (its k bounds the subset).
+    if result == 0:
+        # Whatever got past the CLI trained without a traceback.
         assert isinstance(params, dict)
-        PRESETS[DEFAULT_PRESET].defaults.with_params(params)
+        assert len(trained) == 1
         return
     assert result == 2, stderr
+    assert trained == []
     _one_error_line(stderr, "train")
 
 
