@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from model.config import TrainConfig
+from model.config import TrainConfig, parameter_count
 from model.data import DeviceData, default_root, load_mnist, to_device
 from model.kfold import split_folds, train_kfold
 from model.network import layer_sizes
@@ -71,11 +71,6 @@ def machine() -> str:
     except OSError:
         pass
     return f"{model}, {torch.get_num_threads()} threads"
-
-
-def parameters(hidden: tuple[int, ...]) -> int:
-    sizes = layer_sizes(hidden)
-    return sum(a * b + b for a, b in itertools.pairwise(sizes))
 
 
 # --- the naive way --------------------------------------------------------------------
@@ -129,52 +124,121 @@ def naive_kfold(config: TrainConfig, data: DeviceData, epochs: int) -> float:
 # --- the GEMM floor -------------------------------------------------------------------
 
 
-def gemm_floor(config: TrainConfig, n_train: int, n_val: int, device: torch.device) -> float:
-    """Seconds for one epoch's matrix products of all k networks, alone: per step and
-    network each layer's forward product, weight gradient and (but for the first layer)
-    input gradient, then the validation forward. k distinct networks, as the trainer has,
-    and every product written into a preallocated output, as a best implementation would
-    (a fresh 48 MB output per product costs page faults that are not the GEMM's)."""
+FORWARD = "forward"
+WEIGHT_GRAD = "weight gradient"
+INPUT_GRAD = "input gradient"
+VALIDATION = "validation forward"
+
+
+@dataclasses.dataclass(frozen=True)
+class Product:
+    """One matrix product of the floor, (m × k) · (k × n), for network `net`'s layer
+    `layer` (0 is the first, from the pixels); weights are held fan_in × fan_out."""
+
+    kind: str
+    net: int
+    layer: int
+    m: int
+    k: int
+    n: int
+
+    @property
+    def multiply_adds(self) -> int:
+        return self.m * self.k * self.n
+
+
+def epoch_products(config: TrainConfig, n_train: int, n_val: int) -> list[Product]:
+    """The matrix products one epoch of the stacked trainer performs, in its order.
+
+    Steps of `batch_size` rows (the last one short when n_train is no multiple of it;
+    full batch: one step of all n_train rows); per step, network and layer the forward
+    product x·W (rows × fan_in by fan_in × fan_out), the weight gradient xᵀ·g
+    (fan_in × rows by rows × fan_out) and, but for the first layer (nothing needs the
+    pixels' gradient), the input gradient g·Wᵀ (rows × fan_out by fan_out × fan_in); then
+    each network's validation forward over n_val rows. k distinct networks, as the trainer
+    has."""
     sizes = layer_sizes(config.hidden)
+    layers = list(enumerate(itertools.pairwise(sizes)))
     batch = config.batch_size or n_train
     steps = [batch] * (n_train // batch) + ([n_train % batch] if n_train % batch else [])
+    products = []
+    for rows in steps:
+        for net in range(config.k):
+            for layer, (fan_in, fan_out) in layers:
+                products.append(Product(FORWARD, net, layer, rows, fan_in, fan_out))
+                products.append(Product(WEIGHT_GRAD, net, layer, fan_in, rows, fan_out))
+                if layer > 0:
+                    products.append(Product(INPUT_GRAD, net, layer, rows, fan_out, fan_in))
+    for net in range(config.k):
+        for layer, (fan_in, fan_out) in layers:
+            products.append(Product(VALIDATION, net, layer, n_val, fan_in, fan_out))
+    return products
+
+
+def gemm_floor(config: TrainConfig, n_train: int, n_val: int, device: torch.device) -> float:
+    """Seconds for one epoch's matrix products of all k networks, alone
+    (`epoch_products`, timed by `time_products`)."""
+    return time_products(epoch_products(config, n_train, n_val), device)
+
+
+def time_products(products: list[Product], device: torch.device) -> float:
+    """Seconds to run `products` in their order, nothing else timed. Each network's layer
+    has its own weights and inputs, and every product is written into a preallocated
+    output, as a best implementation would (a fresh 48 MB output per product costs page
+    faults that are not the GEMM's); the outputs are touched before the clock starts."""
     gen = torch.Generator(device="cpu").manual_seed(0)
 
     def rand(*shape: int) -> torch.Tensor:
         return torch.rand(*shape, generator=gen).to(device)
 
-    shapes = list(itertools.pairwise(sizes))
-    nets = []
-    for _ in range(config.k):
-        nets.append(
-            {
-                "w": [rand(a, b) for a, b in shapes],
-                "x": [rand(batch, a) for a, _ in shapes],
-                "g": [rand(batch, b) for _, b in shapes],
-                "out": [torch.empty(batch, b, device=device) for _, b in shapes],
-                "dw": [torch.empty(a, b, device=device) for a, b in shapes],
-                "dx": [torch.empty(batch, a, device=device) for a, _ in shapes],
-                "val_x": [rand(n_val, a) for a, _ in shapes],
-                "val_out": [torch.empty(n_val, b, device=device) for _, b in shapes],
-            }
-        )
-    for net in nets:  # touch every output once, so no page is first faulted in the timing
+    # Each (network, layer)'s fans and the most rows any of its products takes.
+    fans: dict[tuple[int, int], tuple[int, int]] = {}
+    train_rows: dict[tuple[int, int], int] = {}
+    val_rows: dict[tuple[int, int], int] = {}
+    for p in products:
+        if p.kind == WEIGHT_GRAD:
+            fan_in, rows, fan_out = p.m, p.k, p.n
+        elif p.kind == INPUT_GRAD:
+            rows, fan_out, fan_in = p.m, p.k, p.n
+        else:
+            rows, fan_in, fan_out = p.m, p.k, p.n
+        key = (p.net, p.layer)
+        fans[key] = (fan_in, fan_out)
+        most = val_rows if p.kind == VALIDATION else train_rows
+        most[key] = max(most.get(key, 0), rows)
+    buffers: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+    for key, (fan_in, fan_out) in fans.items():
+        rows, n_val = train_rows.get(key, 0), val_rows.get(key, 0)
+        buffers[key] = {
+            "w": rand(fan_in, fan_out),
+            "x": rand(rows, fan_in),
+            "g": rand(rows, fan_out),
+            "out": torch.empty(rows, fan_out, device=device),
+            "dw": torch.empty(fan_in, fan_out, device=device),
+            "dx": torch.empty(rows, fan_in, device=device),
+            "val_x": rand(n_val, fan_in),
+            "val_out": torch.empty(n_val, fan_out, device=device),
+        }
+    # Every product's operands and output, as views into those buffers.
+    operands = []
+    for p in products:
+        b = buffers[(p.net, p.layer)]
+        if p.kind == FORWARD:
+            operands.append((b["x"][: p.m], b["w"], b["out"][: p.m]))
+        elif p.kind == WEIGHT_GRAD:
+            operands.append((b["x"][: p.k].T, b["g"][: p.k], b["dw"]))
+        elif p.kind == INPUT_GRAD:
+            operands.append((b["g"][: p.m], b["w"].T, b["dx"][: p.m]))
+        else:
+            operands.append((b["val_x"][: p.m], b["w"], b["val_out"][: p.m]))
+    # Touch every output once, so no page is first faulted in during the timing.
+    for b in buffers.values():
         for name in ("out", "dw", "dx", "val_out"):
-            for buffer in net[name]:
-                buffer.zero_()
+            b[name].zero_()
     sync(device)
     started = time.perf_counter()
-    for rows in steps:
-        for net in nets:
-            for i, w in enumerate(net["w"]):
-                x, g = net["x"][i][:rows], net["g"][i][:rows]
-                torch.mm(x, w, out=net["out"][i][:rows])
-                torch.mm(x.T, g, out=net["dw"][i])
-                if i > 0:
-                    torch.mm(g, w.T, out=net["dx"][i][:rows])
-    for net in nets:
-        for i, w in enumerate(net["w"]):
-            torch.mm(net["val_x"][i], w, out=net["val_out"][i])
+    for a, w, out in operands:
+        torch.mm(a, w, out=out)
     sync(device)
     return time.perf_counter() - started
 
@@ -209,7 +273,7 @@ def run_cases(
             ways, rounds, warmup=dataclasses.replace(config, max_epochs=1), data=data
         )
         model_epochs = config.k * e
-        flops = 6 * n_train * parameters(config.hidden)
+        flops = 6 * n_train * parameter_count(config.hidden)
         row: dict[str, Any] = {
             "case": name,
             "device": str(device),

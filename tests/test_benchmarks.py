@@ -4,12 +4,26 @@ timings are recorded in benchmarks/README.md, never tested."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
+from collections import Counter
 
+import pytest
 import torch
 
-from benchmarks.speed import DRAWS_FILE, REPORT_BEST, gemm_floor, naive_kfold, parameters
-from model.config import TrainConfig
+from benchmarks.speed import (
+    DRAWS_FILE,
+    FORWARD,
+    INPUT_GRAD,
+    REPORT_BEST,
+    VALIDATION,
+    WEIGHT_GRAD,
+    Product,
+    epoch_products,
+    gemm_floor,
+    naive_kfold,
+)
+from model.config import TrainConfig, parameter_count
 from study.presets import PRESETS
 from study.sampler import draw_params
 from tests.conftest import synthetic_data
@@ -28,7 +42,93 @@ def test_naive_reference_trains_every_fold() -> None:
     assert 0.5 < accuracy <= 1.0  # 10 classes: chance is 0.1
 
 
-def test_gemm_floor_runs_the_products_of_an_epoch() -> None:
+def expected_shapes(
+    config: TrainConfig, steps: list[int], n_val: int
+) -> dict[str, Counter[tuple[int, int, int]]]:
+    """Per kind, the (m, k, n) of each product an epoch needs, worked out from the
+    network's layers: x (rows × fan_in) times W (fan_in × fan_out) forward; xᵀ times the
+    output's gradient g (rows × fan_out) for W's gradient; g times Wᵀ for the input's
+    gradient, which the first layer (the pixels) does not need; the validation forward."""
+    sizes = [28 * 28, *config.hidden, 10]
+    fans = list(itertools.pairwise(sizes))
+    shapes: dict[str, Counter[tuple[int, int, int]]] = {
+        kind: Counter() for kind in (FORWARD, WEIGHT_GRAD, INPUT_GRAD, VALIDATION)
+    }
+    for _ in range(config.k):  # k networks, each doing all of it
+        for rows in steps:
+            shapes[FORWARD].update((rows, a, b) for a, b in fans)
+            shapes[WEIGHT_GRAD].update((a, rows, b) for a, b in fans)
+            shapes[INPUT_GRAD].update((rows, b, a) for a, b in fans[1:])
+        shapes[VALIDATION].update((n_val, a, b) for a, b in fans)
+    return shapes
+
+
+def shapes_by_kind(products: list[Product]) -> dict[str, Counter[tuple[int, int, int]]]:
+    shapes: dict[str, Counter[tuple[int, int, int]]] = {
+        kind: Counter() for kind in (FORWARD, WEIGHT_GRAD, INPUT_GRAD, VALIDATION)
+    }
+    for p in products:
+        shapes[p.kind][(p.m, p.k, p.n)] += 1
+    return shapes
+
+
+def test_gemm_floor_lists_the_products_of_an_epoch() -> None:
     config = dataclasses.replace(REPORT_BEST, hidden=(8, 4), batch_size=10, k=2)
-    assert gemm_floor(config, n_train=35, n_val=9, device=torch.device("cpu")) > 0
-    assert parameters((249, 36)) == 784 * 249 + 249 + 249 * 36 + 36 + 36 * 10 + 10
+    n_train, n_val = 35, 9  # 3 batches of 10 and a short one of 5
+    products = epoch_products(config, n_train, n_val)
+    # Per kind: one product per network, layer and step (4 steps; 3 layers, the first
+    # without an input gradient), and one validation forward per network and layer.
+    kinds = Counter(p.kind for p in products)
+    assert kinds == {FORWARD: 2 * 4 * 3, WEIGHT_GRAD: 2 * 4 * 3, INPUT_GRAD: 2 * 4 * 2,
+                     VALIDATION: 2 * 3}  # fmt: skip
+    # Multiply-adds: every training row goes through each layer's fan_in × fan_out
+    # forward and weight gradient, and all but the first layer's input gradient; every
+    # validation row through the forward; all of it for k = 2 networks.
+    per_row = 784 * 8 + 8 * 4 + 4 * 10
+    input_grad_per_row = 8 * 4 + 4 * 10
+    total = 2 * (n_train * (2 * per_row + input_grad_per_row) + n_val * per_row)
+    assert sum(p.multiply_adds for p in products) == total
+    # Each network has its own layers, each used once a step.
+    assert Counter((p.net, p.layer) for p in products if p.kind == FORWARD) == {
+        (net, layer): 4 for net in range(2) for layer in range(3)
+    }
+    # And the shapes themselves, the short last batch included.
+    assert shapes_by_kind(products) == expected_shapes(config, [10, 10, 10, 5], n_val)
+
+    # Full batch: one step of all the training rows; a multiple of the batch size: no
+    # empty last step.
+    full = epoch_products(dataclasses.replace(config, batch_size=None), n_train, n_val)
+    assert shapes_by_kind(full) == expected_shapes(config, [n_train], n_val)
+    even = epoch_products(config, 30, n_val)
+    assert shapes_by_kind(even) == expected_shapes(config, [10, 10, 10], n_val)
+
+
+def test_gemm_floor_times_exactly_the_listed_products(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = dataclasses.replace(REPORT_BEST, hidden=(8, 4), batch_size=10, k=2)
+    products = epoch_products(config, 35, 9)
+    shapes: list[tuple[tuple[int, ...], ...]] = []
+    right_operands: list[int] = []
+    mm = torch.mm
+
+    def recording_mm(a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor) -> torch.Tensor:
+        shapes.append((tuple(a.shape), tuple(b.shape), tuple(out.shape)))
+        right_operands.append(b.data_ptr())
+        return mm(a, b, out=out)
+
+    monkeypatch.setattr(torch, "mm", recording_mm)
+    seconds = gemm_floor(config, n_train=35, n_val=9, device=torch.device("cpu"))
+    assert isinstance(seconds, float)
+    # The timed loop multiplies what the list says, in its order, and nothing else.
+    assert shapes == [((p.m, p.k), (p.k, p.n), (p.m, p.n)) for p in products]
+    # k distinct networks: a forward product's weights are its own network's layer's,
+    # the same at every step, and no other layer's.
+    weights: dict[tuple[int, int], set[int]] = {}
+    for p, pointer in zip(products, right_operands, strict=True):
+        if p.kind == FORWARD:
+            weights.setdefault((p.net, p.layer), set()).add(pointer)
+    assert all(len(pointers) == 1 for pointers in weights.values())
+    assert len(set.union(*weights.values())) == 2 * 3
+
+
+def test_parameters_counts_weights_and_biases() -> None:
+    assert parameter_count((249, 36)) == 784 * 249 + 249 + 249 * 36 + 36 + 36 * 10 + 10

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from model import data as mnist_data
-from study.cli import main
+from study.cli import build_parser, main
 
 
 def run_cli(
@@ -55,10 +56,57 @@ def test_unfetchable_data_is_one_line_saying_where_to_put_the_files(
     assert list(tmp_path.iterdir()) == []
 
 
+# The commands README.md's "Commands" section documents, in its order.
+DOCUMENTED_COMMANDS = [
+    "data", "train", "space", "run", "worker", "status", "retrain", "report", "dashboard",
+]  # fmt: skip
+
+
+def parser_commands() -> dict[str, str]:
+    """Each subcommand `build_parser` really has, in order, with its one-line help."""
+    parser = build_parser()
+    (subparsers,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    helps = {action.dest: action.help or "" for action in subparsers._choices_actions}
+    return {name: helps.get(name, "") for name in subparsers.choices}
+
+
+def listed_commands(help_text: str) -> dict[str, str]:
+    """The commands `--help` lists under COMMAND, with their help joined onto one line.
+
+    argparse indents a command's name by 4 spaces and the wrapped rest of its help by
+    more; the block ends at the first line indented less (the next section)."""
+    lines = help_text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip() == "COMMAND") + 1
+    listed: dict[str, str] = {}
+    name = ""
+    for line in lines[start:]:
+        indent = len(line) - len(line.lstrip())
+        if indent < 4:
+            break
+        if indent == 4:
+            name, _, rest = line.strip().partition(" ")
+            listed[name] = rest.strip()
+        else:
+            listed[name] = f"{listed[name]} {line.strip()}".strip()
+    return listed
+
+
 def test_help_lists_the_commands() -> None:
+    commands = parser_commands()
+    assert list(commands) == DOCUMENTED_COMMANDS
+    # A command without help, or with argparse.SUPPRESS, is left out of --help (or, on
+    # Python 3.11, listed as "==SUPPRESS==").
+    assert all(text and text != argparse.SUPPRESS for text in commands.values()), commands
     proc = run_cli("--help")
-    assert proc.returncode == 0
-    assert "data" in proc.stdout and "train" in proc.stdout
+    assert proc.returncode == 0, proc.stderr
+    # Every command the parser has, in its order, each with its own help text: a command
+    # missing from the listing (or listed with another's help) fails.
+    assert listed_commands(proc.stdout) == commands
+    # README's synopsis documents the same commands in the same order.
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    synopsis = readme.split("## Commands", 1)[1].split("```")[1]
+    documented = [line.split()[1] for line in synopsis.splitlines() if line.startswith("mnist-")]
+    assert documented == DOCUMENTED_COMMANDS
 
 
 # The errors a user makes on the command line are tests/test_bad_input.py's table.

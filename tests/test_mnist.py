@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import statistics
 
+import pytest
 import torch
 
 from model.data import Mnist, default_root, to_device
 from model.kfold import train_kfold
-from study.presets import PRESETS
+from study.presets import DEFAULT_PRESET, PRESETS
 from tests.test_cli import run_cli
 
 
@@ -61,6 +64,7 @@ def test_full_batch_training_on_real_images_improves_every_fold(mnist: Mnist) ->
 
 
 def test_train_json_prints_the_documented_fields(mnist: Mnist) -> None:
+    passed = {"subset": 1200, "max_epochs": 2, "n_units_l0": 32, "n_units_l1": 16}
     proc = run_cli(
         "train",
         "--device",
@@ -69,12 +73,48 @@ def test_train_json_prints_the_documented_fields(mnist: Mnist) -> None:
         "--root",
         str(default_root().resolve()),
         "--params",
-        '{"subset": 1200, "max_epochs": 2, "n_units_l0": 32, "n_units_l1": 16}',
+        json.dumps(passed),
     )
     assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout)
-    assert len(out["fold_accuracies"]) == 3
-    assert out["epochs_run"] == [2, 2, 2]
-    assert 0.0 < out["mean_accuracy"] <= 1.0
-    assert set(out) >= {"fold_accuracies", "mean_accuracy", "best_epochs", "epochs_run", "seconds"}
-    assert out["params"]["n_units_l0"] == 32
+    (line,) = proc.stdout.splitlines()  # one JSON object and nothing else on stdout
+    out = json.loads(line)
+    # Exactly the fields README.md's "Parameters" section lists for `--json`.
+    assert set(out) == {
+        "fold_accuracies", "mean_accuracy", "std_accuracy", "fold_losses", "best_epochs",
+        "epochs_run", "seconds", "device", "diverged", "halted", "params",
+    }  # fmt: skip
+
+    # params: the default preset's defaults (train's, without --preset) with what was
+    # passed laid over them, in the study's names.
+    expected_params = PRESETS[DEFAULT_PRESET].defaults.params() | passed
+    assert out["params"] == expected_params
+    k = expected_params["k"]
+    assert expected_params["patience"] > passed["max_epochs"]  # so no fold may stop early
+    fold_size = passed["subset"] // k  # every fold validates on as many images
+
+    accuracies = out["fold_accuracies"]
+    assert len(accuracies) == k
+    for accuracy in accuracies:
+        assert 0.0 <= accuracy <= 1.0
+        # A share of the fold's images: a whole number of them were right.
+        assert accuracy * fold_size == pytest.approx(round(accuracy * fold_size), abs=1e-3)
+    assert out["mean_accuracy"] == pytest.approx(statistics.fmean(accuracies))
+    assert out["std_accuracy"] == pytest.approx(statistics.pstdev(accuracies), abs=1e-12)
+    # Two epochs of mini-batches on 800 real digits already beat chance (0.1) clearly; the
+    # margin leaves room for other seeds and kernels, and still catches no learning at all.
+    assert out["mean_accuracy"] > 0.2
+
+    losses = out["fold_losses"]
+    assert len(losses) == k
+    assert all(isinstance(x, float) and math.isfinite(x) and x > 0 for x in losses)
+
+    # Every fold runs all its epochs, and its best epoch is one it ran (1-based).
+    assert out["epochs_run"] == [passed["max_epochs"]] * k
+    assert len(out["best_epochs"]) == k
+    for best, ran in zip(out["best_epochs"], out["epochs_run"], strict=True):
+        assert isinstance(best, int) and 1 <= best <= ran
+
+    assert isinstance(out["seconds"], float) and out["seconds"] > 0
+    assert out["device"] == "cpu"
+    assert out["diverged"] is None
+    assert out["halted"] is False

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import io
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from model.config import TrainConfig
 from model.network import FFNN
@@ -85,8 +89,19 @@ def test_gradient_ascent_is_reproducible_from_its_seed() -> None:
     torch.manual_seed(1)
     net = FFNN((16,), "hardswish", 0.0)
     a = gradient_ascent(net, AscentSettings(steps=20))
+    torch.manual_seed(2)  # the global stream must not matter, only the settings' seed
     b = gradient_ascent(net, AscentSettings(steps=20))
     assert torch.equal(a.images, b.images)
+    # Another seed must start elsewhere and so end elsewhere: a seed that is ignored (or
+    # a fixed start) would give the same images for both.
+    other = gradient_ascent(net, AscentSettings(steps=20, seed=1))
+    assert not torch.equal(other.images, a.images)
+    assert not torch.equal(other.start_outputs, a.start_outputs)
+    # With no steps the images are the start itself: uniform pixels drawn from the seed.
+    for seed in (0, 1):
+        start = gradient_ascent(net, AscentSettings(steps=0, seed=seed)).images
+        expected = torch.rand(10, 784, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(start, expected)
 
 
 def test_learning_curves_show_every_fold_and_mark_its_best_epoch() -> None:
@@ -117,5 +132,54 @@ def test_confusion_figure_and_misclassified_grid_come_from_the_predictions() -> 
     assert wrong == 2 and picture.startswith(PNG_MAGIC)
 
 
-def test_image_grid_is_a_png_with_one_panel_per_image() -> None:
-    assert image_grid_png(torch.rand(3, 784), ["a", "b", "c"], columns=2).startswith(PNG_MAGIC)
+def _runs(flags: np.ndarray, min_length: int) -> list[tuple[int, int]]:
+    """[start, stop) of each run of True at least `min_length` long."""
+    padded = np.concatenate([[False], flags, [False]]).astype(np.int8)
+    edges = np.flatnonzero(np.diff(padded))
+    return [
+        (int(a), int(b))
+        for a, b in zip(edges[::2], edges[1::2], strict=True)
+        if b - a >= min_length
+    ]
+
+
+def grid_panels(png: bytes) -> list[list[tuple[int, int, float]]]:
+    """The image panels the picture shows, row by row, left to right: (height, width,
+    median grey level 0-255) each. A panel is a block of flat mid-grey pixels; the white
+    background, the black frames and the (small, antialiased) titles are not."""
+    rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    grey = (abs(r - g) <= 1) & (abs(g - b) <= 1) & (r >= 30) & (r <= 225)
+    # A panel is about 100 px at the grid's 1.3 inches a column and 100 dpi; a line of
+    # text is far thinner than 30 px, so this floor keeps titles out of the count.
+    min_side = 30
+    rows = []
+    for top, bottom in _runs(grey.sum(axis=1) >= min_side, min_side):
+        band = grey[top:bottom]
+        columns = _runs(band.sum(axis=0) >= (bottom - top) / 2, min_side)
+        rows.append(
+            [
+                (bottom - top, right - left, float(np.median(r[top:bottom, left:right])))
+                for left, right in columns
+            ]
+        )
+    return rows
+
+
+@pytest.mark.parametrize(("n", "columns"), [(3, 2), (7, 3)])
+def test_image_grid_is_a_png_with_one_panel_per_image(n: int, columns: int) -> None:
+    # Each image one flat grey level, distinct and away from white and black, so every
+    # panel can be found in the picture and told apart from the others.
+    levels = torch.linspace(0.2, 0.8, n)
+    images = levels[:, None].expand(n, 784).contiguous()
+    png = image_grid_png(images, [f"image {i}" for i in range(n)], columns=columns)
+    assert png.startswith(PNG_MAGIC)
+    panels = grid_panels(png)
+    # Rows of `columns` panels, the last one holding what is left: a grid that draws a
+    # fixed number of panels, or one too few or too many, fails for one of the two sizes.
+    expected_rows = [min(columns, n - start) for start in range(0, n, columns)]
+    assert [len(row) for row in panels] == expected_rows
+    flat = [panel for row in panels for panel in row]
+    for (height, width, level), value in zip(flat, levels.tolist(), strict=True):
+        assert abs(height - width) <= 2  # 28 × 28 pixels shown square
+        assert abs(level - 255 * value) <= 2  # image i in panel i, in reading order
