@@ -97,8 +97,9 @@ def split_folds(n_images: int, config: TrainConfig) -> tuple[torch.Tensor, torch
     """The folds, as indices into the training images: (train (k, m·(k-1)), val (k, m)).
 
     One permutation from `fold_seed` picks the subset (its first `subset` images) and
-    cuts it into k folds of m images each; the `n mod k` images left over are not used,
-    so every fold has the same shape and the stack needs no padding.
+    cuts it into k consecutive folds of m images each; the `n mod k` images left over are
+    not used, so every fold has the same shape and the stack needs no padding. Fold j
+    validates on part j and trains on the other parts, concatenated in order.
     """
     subset = training_subset(n_images, config)
     k = config.k
@@ -169,6 +170,14 @@ def train_kfold(
     which is then marked `halted`. `precision` is fp32, tf32 or bf16 (default: tf32 on
     a GPU, fp32 on the CPU); `compile` hands the step to torch.compile (see
     `AutogradStep`). Same config, data and seed on the CPU → same numbers.
+
+    The random stream: torch's generator on the data's device, seeded with `config.seed`
+    as training starts (and restored afterwards). At mini-batch, each epoch first draws
+    `rand(k, n_train)`, whose row j's argsort orders fold j's training rows; then every
+    step draws, for each hidden layer in turn, one keep mask over (k, B, width) — on the
+    CPU in float32 with `stacked_ops.keep_mask`, elsewhere with `F.dropout`. Initial
+    weights come from their own generator (`initial_model`). tests/reference.py rebuilds
+    each fold from these rules alone.
     """
     device = data.device
     precision = resolve_precision(precision, device)
