@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
-import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -14,6 +14,7 @@ from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
 from model.data import DeviceData
+from study import storage as storage_module
 from study.objective import Objective
 from study.presets import PRESETS
 from study.storage import (
@@ -248,40 +249,84 @@ def _lost_mid_query() -> optuna.exceptions.StorageInternalError:
         return error
 
 
+class FakeClock:
+    """Stands in for the `time` module the retry loop reads: `sleep` only moves `monotonic`
+    on, so the loop's backoff and deadline are exact and cost no wall-clock time however
+    loaded the machine is."""
+
+    def __init__(self) -> None:
+        # From 0, the loop's sums of its delays land exactly on its deadline.
+        self.now = 0.0
+        self.sleeps: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
 def test_a_storage_call_rides_out_a_lost_connection_and_gives_up_in_one_line(
-    db: str, monkeypatch: pytest.MonkeyPatch
+    db: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     storage = open_storage(db, create=True)
     create_or_resume(storage, "s", PRESETS["smoke"], budget=3)
+    clock = FakeClock()
+    monkeypatch.setattr(storage_module, "time", clock)
     real_session = storage.scoped_session
-    failures = iter([_lost_connection(), _lost_mid_query()])
-    attempts = []
+    failures: Iterator[Exception] = iter([_lost_connection(), _lost_mid_query()])
+    attempts: list[float] = []  # the fake time of each attempt
+    # Only a hang guard, should the loop stop reading the fake clock and so never reach
+    # its deadline: the most attempts any step below is allowed.
+    most_attempts = 20
 
     def flaky_session() -> object:
         # Where Optuna opens every storage call's transaction.
-        attempts.append(time.monotonic())
+        attempts.append(clock.now)
+        if len(attempts) > most_attempts:
+            raise AssertionError(f"the retry loop never gave up: {len(attempts)} attempts")
         error = next(failures, None)
         if error is not None:
             raise error
         return real_session()
 
     monkeypatch.setattr(storage, "scoped_session", flaky_session)
+    storage.reconnect_s = 120  # the default wait, whatever $MNIST_STUDY_RECONNECT_S says
     assert [s.study_name for s in storage.get_all_studies()] == ["s"]
-    assert len(attempts) == 3
+    # Two transient failures, each waited out with the backoff's first two delays, then the
+    # third attempt succeeds; under QUIET_RETRY_S of outage nothing is said.
+    assert attempts == pytest.approx([0.0, 0.05, 0.15])
+    assert clock.sleeps == pytest.approx([0.05, 0.1])
+    assert capsys.readouterr().err == ""
 
+    # An outage that outlasts the wait: more failures than the loop may attempt.
     failures = iter([_lost_connection()] * 1000)
-    storage.reconnect_s = 0.3
-    started = time.monotonic()
-    with pytest.raises(StorageError, match=r"failed for 0 s: .*server closed the connection"):
+    storage.reconnect_s = 10
+    attempts.clear()
+    clock.sleeps.clear()
+    began = clock.now
+    gave_up = r"failed for 10 s: .*server closed the connection"
+    with pytest.raises(StorageError, match=gave_up) as info:
         storage.get_all_studies()
-    assert 0.3 <= time.monotonic() - started < 2
+    assert "\n" not in str(info.value)
+    # It kept retrying, with delays doubling up to 2 s and the last one cut to the deadline,
+    # and gave up at the deadline, on the first attempt there: not before, not after.
+    assert clock.sleeps == pytest.approx([0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0, 2.0, 0.85])
+    assert len(attempts) == len(clock.sleeps) + 1 == 11
+    assert attempts[-1] - began == pytest.approx(10) and attempts[-2] - began < 10
+    # Past QUIET_RETRY_S of it, one line said so, once.
+    said = capsys.readouterr().err.splitlines()
+    assert len(said) == 1, said
+    assert "server closed the connection; retrying for up to 10 s" in said[0]
 
     # Not every error is worth a retry: a bad request fails at once.
     failures = iter([ValueError("no such thing")])
     attempts.clear()
+    clock.sleeps.clear()
     with pytest.raises(ValueError, match="no such thing"):
         storage.get_all_studies()
-    assert len(attempts) == 1
+    assert len(attempts) == 1 and clock.sleeps == []
 
 
 def test_ending_a_trial_whose_first_commit_went_unacknowledged_is_not_an_error(
@@ -334,7 +379,12 @@ def test_processes_opening_a_new_database_at_once_all_get_it(tmp_path: Path) -> 
     Optuna's tables, and one finds them 'already exists'. (Threads race just the same.)"""
     import threading
 
-    errors: list[str] = []
+    # Every exception of every thread, of any kind: one left to escape a thread would only
+    # be printed by threading's excepthook, and the test would pass.
+    raised: list[tuple[str, BaseException]] = []
+    # What each thread's storage found: a usable storage of a database with no study.
+    opened: list[tuple[str, list[str]]] = []
+    lock = threading.Lock()
     for n in range(3):
         path = tmp_path / f"new{n}.db"
         open_storage(f"sqlite:///{path}", create=True, heartbeat=None).engine.dispose()
@@ -346,16 +396,30 @@ def test_processes_opening_a_new_database_at_once_all_get_it(tmp_path: Path) -> 
 
         def open_it(url: str = f"sqlite:///{path}") -> None:
             try:
-                open_storage(url, heartbeat=None)
-            except StorageError as exc:
-                errors.append(str(exc))
+                storage = open_storage(url, heartbeat=None)
+                names = [s.study_name for s in storage.get_all_studies()]
+                storage.engine.dispose()
+                with lock:
+                    opened.append((url, names))
+            except BaseException as exc:
+                with lock:
+                    raised.append((url, exc))
 
         threads = [threading.Thread(target=open_it) for _ in range(6)]
         for thread in threads:
             thread.start()
         for thread in threads:
-            thread.join()
-    assert errors == []
+            # Only a hang guard: a thread waits for SQLite's lock for at most 120 s.
+            thread.join(timeout=300)
+        assert not any(thread.is_alive() for thread in threads), "a thread never returned"
+    assert [(url, repr(exc)) for url, exc in raised] == []
+    assert sorted(opened) == sorted(
+        (f"sqlite:///{tmp_path / f'new{n}.db'}", []) for n in range(3) for _ in range(6)
+    )
+    for n in range(3):
+        with sqlite3.connect(tmp_path / f"new{n}.db") as connection:
+            tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master")}
+        assert {"studies", "trials", "version_info"} <= tables
 
 
 def test_optunas_fallback_warning_about_a_lost_connection_is_not_shown(db: str) -> None:
