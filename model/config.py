@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from model.activations import TABLE as ACTIVATION_TABLE
+
 N_INPUTS = 28 * 28
 N_CLASSES = 10
 N_TRAIN_IMAGES = 60_000
@@ -41,7 +43,7 @@ MAX_STACK_PARAMETERS = 250_000_000
 # such as 1e12 must be refused, not sent to the allocator. The seed preset runs 2,000.
 MAX_EPOCHS = 100_000
 
-ACTIVATIONS = ("relu", "leaky_relu", "hardswish")
+ACTIVATIONS = tuple(ACTIVATION_TABLE)
 OPTIMIZERS = ("adam", "adamax")
 
 _UNITS_KEY = re.compile(r"n_units_l(\d+)")

@@ -5,11 +5,16 @@ Why: on the project's 2-core CPU the products are most of the work, and what is 
 over was bookkeeping — autograd's graph, a fresh tensor for every intermediate, and, in
 full batch, 48 MB activations that the allocator maps and the kernel faults in again
 every epoch (bigger than malloc's mmap threshold). Writing every result into a buffer
-made once per trial removes all of it; the products are the same `addmm`/`mm` calls on
-per-network slices that `model.stacked_ops` uses.
+made once per trial removes all of it.
 
-The step draws its dropout masks with `stacked_ops.keep_mask` in the same order as the
-autograd path, so from the same random state both give the same numbers (a test holds
+The products are one `addmm` per network, each written straight into its slice of a
+buffer. For the report's network on 48,000 images × 5 folds the first layer's product
+took 1.32 s as one `torch.bmm` and 1.10 s as five plain `mm` calls (weight gradient:
+0.80 s against 0.66 s); stacking five `mm` results with `torch.stack` copied more than
+it saved (benchmarks/README.md). On a GPU one `baddbmm` for all networks stays.
+
+The step draws its dropout masks with `model.dropout.keep_mask` in the same order as the
+autograd step, so from the same random state both give the same numbers (a test holds
 them to it). `make_step` in `model.kfold` chooses this step on the CPU in float32.
 """
 
@@ -18,8 +23,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from model import activations
+from model.dropout import keep_mask, kept_probability
 from model.network import StackedFFNN
-from model.stacked_ops import LEAKY_SLOPE, keep_mask, kept_probability
 
 
 class CpuStep:
@@ -30,6 +36,7 @@ class CpuStep:
         self.model = model
         self.optimizer = optimizer
         self.k = model.k
+        self.activation = activations.get(model.activation)
         self.weights = [w.detach() for w in model.weights]
         self.biases = [b.detach() for b in model.biases]
         k = self.k
@@ -38,13 +45,13 @@ class CpuStep:
         # an error of 1e-5 (a dropout scale slightly off) stands far above the rounding.
         self.dtype = dtype = self.weights[0].dtype
         # out[i]: layer i's output after activation and dropout; pre[i]: before them
-        # (kept only for hardswish, whose derivative needs it); grad_out[i]: its gradient.
+        # (kept only where the derivative needs it); grad_out[i]: its gradient.
         self.out = [torch.empty(k, max_rows, n, dtype=dtype) for n in widths]
         self.grad_out = [torch.empty(k, max_rows, n, dtype=dtype) for n in widths]
         hidden = widths[:-1]
         self.pre = (
             [torch.empty(k, max_rows, n, dtype=dtype) for n in hidden]
-            if model.activation == "hardswish"
+            if self.activation.keeps_input
             else []
         )
         # Scratch for dropout masks and derivative flags, sized for the widest layer:
@@ -123,7 +130,7 @@ class CpuStep:
             for j in range(self.k):
                 torch.addmm(self.biases[i][j], a[j], self.weights[i][j], out=out[j])
             if i < len(self.val_out) - 1:
-                _ACTIVATIONS_IN_PLACE[self.model.activation](out)
+                self.activation.forward_in_place(out)
             a = out
         losses = F.cross_entropy(a.flatten(0, 1), y.flatten(), reduction="none")
         accuracy = (a.argmax(dim=-1) == y).float().mean(dim=1)
@@ -131,10 +138,10 @@ class CpuStep:
 
     def _activate(self, i: int, z: torch.Tensor) -> None:
         """activation, dropout mask and scale, in place on layer i's output."""
-        activation, p = self.model.activation, self.model.dropout
-        if activation == "hardswish":
+        p = self.model.dropout
+        if self.activation.keeps_input:
             self.pre[i][:, : z.shape[1]].copy_(z)
-        _ACTIVATIONS_IN_PLACE[activation](z)
+        self.activation.forward_in_place(z)
         if p > 0.0:
             mask, _ = keep_mask(z.shape, 1.0 - p, words=self.words, bits=self.bits)
             z.mul_(mask)
@@ -144,29 +151,17 @@ class CpuStep:
         i's stored output (activation · mask; the scale is already in `grad`).
 
         Where the output is 0 the value was dropped (or its activation is flat there), so
-        the derivative is 0; elsewhere relu's is 1, leaky_relu's 1 or the slope by the
-        sign, hardswish's its own derivative.
+        the derivative is 0; elsewhere the activation's own, read off the output or
+        computed from the kept pre-activation (`model.activations`).
         """
         flags = self.flags[: out.numel()].view(out.shape)
-        activation = self.model.activation
-        if activation == "relu":
-            grad.mul_(torch.gt(out, 0, out=flags))
-        elif activation == "leaky_relu":
-            # 0-d tensors in the output's dtype: a Python 0.01 would become float32's
-            # 0.0099999998 (2e-9 off), which the float64 tests would see.
-            one, slope, zero = (out.new_tensor(v) for v in (1.0, LEAKY_SLOPE, 0.0))
-            grad.mul_(torch.where(out > 0, one, torch.where(out < 0, slope, zero)))
+        derivative_from_output = self.activation.derivative_from_output
+        if derivative_from_output is not None:
+            grad.mul_(derivative_from_output(out, flags))
         else:
             pre = self.pre[i][:, : out.shape[1]]
-            derivative = torch.ops.aten.hardswish_backward(grad, pre)
+            derivative = self.activation.backward_from_input(grad, pre)
             grad.copy_(derivative).mul_(torch.ne(out, 0, out=flags))
-
-
-_ACTIVATIONS_IN_PLACE = {
-    "relu": lambda z: z.clamp_min_(0.0),
-    "leaky_relu": lambda z: F.leaky_relu_(z, LEAKY_SLOPE),
-    "hardswish": lambda z: F.hardswish(z, inplace=True),
-}
 
 
 def _cross_entropy_and_grad(

@@ -175,7 +175,7 @@ def train_kfold(
     as training starts (and restored afterwards). At mini-batch, each epoch first draws
     `rand(k, n_train)`, whose row j's argsort orders fold j's training rows; then every
     step draws, for each hidden layer in turn, one keep mask over (k, B, width) — on the
-    CPU in float32 with `stacked_ops.keep_mask`, elsewhere with `F.dropout`. Initial
+    CPU in float32 with `model.dropout.keep_mask`, elsewhere with `F.dropout`. Initial
     weights come from their own generator (`initial_model`). tests/reference.py rebuilds
     each fold from these rules alone.
     """

@@ -5,33 +5,27 @@ every hidden layer, logits out (cross-entropy applies the softmax). Retraining,
 checkpoints and pictures use it.
 
 `StackedFFNN` holds k such networks in one set of tensors — each weight `(k, fan_in,
-fan_out)`, each bias `(k, 1, fan_out)` — and advances all of them together: one batched
-matmul per layer on a GPU, one plain matmul per network on the CPU (`model.stacked_ops`).
-The k networks share nothing: each product stays within its network, the summed loss
-gives each its own gradient, and Adam/Adamax act element-wise, so training the stack is
-training k networks side by side. `extract(j)` gives fold j back as an
-`FFNN` with the same outputs.
+fan_out)`, each bias `(k, 1, fan_out)` — and advances all of them together through
+autograd, one batched matmul per layer. (On the CPU in float32, training runs through
+`model.cpu_step` instead, which reads the same tensors but not `forward`.) The k networks
+share nothing: each product stays within its network, the summed loss gives each its own
+gradient, and Adam/Adamax act element-wise, so training the stack is training k networks
+side by side. `extract(j)` gives fold j back as an `FFNN` with the same outputs.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.config import ACTIVATIONS, N_CLASSES, N_INPUTS
-from model.stacked_ops import activation_dropout, stacked_linear
-
-_ACTIVATION_FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "relu": F.relu,
-    "leaky_relu": F.leaky_relu,
-    "hardswish": F.hardswish,
-}
-assert set(_ACTIVATION_FUNCTIONS) == set(ACTIVATIONS)
+from model import activations
+from model.config import N_CLASSES, N_INPUTS
+from model.dropout import dropout
 
 
 def layer_sizes(hidden: Sequence[int]) -> list[int]:
@@ -46,6 +40,7 @@ class FFNN(nn.Module):
         super().__init__()
         self.hidden = tuple(int(h) for h in hidden)
         self.activation = activation
+        self._act = activations.get(activation).forward
         self.dropout = float(dropout)
         sizes = layer_sizes(self.hidden)
         self.layers = nn.ModuleList(
@@ -53,10 +48,9 @@ class FFNN(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        act = _ACTIVATION_FUNCTIONS[self.activation]
         x = x.reshape(x.shape[0], N_INPUTS)
         for layer in self.layers[:-1]:
-            x = F.dropout(act(layer(x)), self.dropout, self.training)
+            x = F.dropout(self._act(layer(x)), self.dropout, self.training)
         return self.layers[-1](x)
 
 
@@ -72,6 +66,8 @@ class StackedFFNN(nn.Module):
         self.k = int(k)
         self.hidden = tuple(int(h) for h in hidden)
         self.activation = activation
+        # Looked up once here, not in `forward`, which torch.compile may trace.
+        self._act = activations.get(activation).forward
         self.dropout = float(dropout)
         sizes = layer_sizes(self.hidden)
         self.weights = nn.ParameterList(
@@ -102,10 +98,10 @@ class StackedFFNN(nn.Module):
                 # One batch for all networks: broadcasting matmul avoids k copies of it.
                 x = torch.matmul(x, weight) + bias
             else:
-                x = stacked_linear(x, weight, bias)
+                x = torch.baddbmm(bias, x, weight)
             if i < last:
                 # Dropout draws an independent mask per element, hence per network.
-                x = activation_dropout(x, self.activation, self.dropout, self.training)
+                x = dropout(self._act(x), self.dropout, self.training)
         return x
 
     def extract(self, j: int) -> FFNN:

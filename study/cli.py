@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from model.config import ConfigError
+from model.config import ACTIVATIONS, ConfigError
 from study.presets import DEFAULT_PRESET, PRESETS, get_preset
 from study.storage import DEFAULT_HEARTBEAT, DEFAULT_STORAGE, StorageError, StudyError
 
@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="{}",
         help="parameters over the preset's defaults, as a JSON object or a file holding one, "
         'e.g. \'{"n_units_l0": 300, "activation": "hardswish"}\'. Names: n_units_l0, '
-        "n_units_l1, ... (one per hidden layer), activation (relu, leaky_relu, hardswish), "
+        f"n_units_l1, ... (one per hidden layer), activation ({', '.join(ACTIVATIONS)}), "
         "optimizer (adam, adamax), dropout, lr, weight_decay, batch_size (null: full batch), "
         "max_epochs, patience, k, subset, fold_seed, seed",
     )

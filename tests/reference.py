@@ -44,6 +44,7 @@ ACTIVATION_MODULES = {
     "relu": nn.ReLU,
     "leaky_relu": nn.LeakyReLU,
     "hardswish": nn.Hardswish,
+    "silu": nn.SiLU,
 }
 
 

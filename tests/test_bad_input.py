@@ -296,7 +296,7 @@ ROWS = [
         "params-activation",
         ("train", "--params", '{"activation": "tanh"}'),
         2,
-        ("activation = 'tanh': must be one of relu, leaky_relu, hardswish",),
+        ("activation = 'tanh': must be one of relu, leaky_relu, hardswish, silu",),
     ),
     Row(
         "params-seed-overflow",

@@ -46,7 +46,7 @@ def test_null_or_zero_batch_size_means_full_batch() -> None:
         ({"dropout": "high"}, r"dropout = 'high': must be a number"),
         (
             {"activation": "tanh"},
-            r"activation = 'tanh': must be one of relu, leaky_relu, hardswish",
+            r"activation = 'tanh': must be one of relu, leaky_relu, hardswish, silu",
         ),
         ({"optimizer": "sgd"}, r"optimizer = 'sgd': must be one of adam, adamax"),
         ({"lr": 0}, r"lr = 0.0: must be a number in \(0.0, 10.0\]"),

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from model.config import ACTIVATIONS, TrainConfig
 from model.cpu_step import CpuStep
 from model.data import DeviceData, Mnist, to_device
+from model.dropout import keep_mask
 from model.kfold import (
     AutogradStep,
     initial_model,
@@ -21,7 +22,6 @@ from model.kfold import (
     resolve_precision,
     train_kfold,
 )
-from model.stacked_ops import keep_mask
 from tests.conftest import synthetic_data
 from tests.reference import draw_step_masks, network_from, plain_optimizer, plain_step, set_masks
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from model.config import ACTIVATIONS
 from model.network import FFNN, StackedFFNN, layer_sizes
 
 
@@ -11,7 +12,7 @@ def random_networks(k: int, hidden: tuple[int, ...], activation: str = "relu") -
     return [FFNN(hidden, activation, dropout=0.3) for _ in range(k)]
 
 
-@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "hardswish"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_stacked_model_gives_each_network_its_own_logits(activation: str) -> None:
     networks = random_networks(4, (32, 16), activation)
     stacked = StackedFFNN.from_networks(networks).eval()
