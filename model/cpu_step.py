@@ -15,7 +15,7 @@ it saved (benchmarks/README.md). On a GPU one `baddbmm` for all networks stays.
 
 The step draws its dropout masks with `model.dropout.keep_mask` in the same order as the
 autograd step, so from the same random state both give the same numbers (a test holds
-them to it). `make_step` in `model.kfold` chooses this step on the CPU in float32.
+them to it). `make_step` in `model.steps` chooses this step on the CPU in float32.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from model.network import StackedFFNN
 
 
 class CpuStep:
-    """Callable like `model.kfold.make_step`'s step: (x (k, B, 784), y (k, B)) →
+    """Callable like `model.steps.make_step`'s step: (x (k, B, 784), y (k, B)) →
     (mean loss (k,), correct count (k,)); `max_rows` is the largest B it will see."""
 
     def __init__(self, model: StackedFFNN, optimizer: torch.optim.Optimizer, max_rows: int):

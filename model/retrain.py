@@ -14,16 +14,16 @@ import torch
 
 from model.config import N_CLASSES, TrainConfig
 from model.data import DeviceData
-from model.kfold import (
+from model.kfold import training_subset
+from model.network import FFNN, StackedFFNN
+from model.steps import (
     make_optimizer,
     make_step,
     matmul_precision,
     resolve_precision,
     seeded,
     train_epoch,
-    training_subset,
 )
-from model.network import FFNN, StackedFFNN
 
 
 @dataclass(frozen=True)

@@ -293,7 +293,7 @@ def _add_speed(parser: argparse.ArgumentParser, *, compile_flag: bool = True) ->
 
 
 def _check_precision(precision: str | None, device: Any) -> None:
-    from model.kfold import resolve_precision
+    from model.steps import resolve_precision
 
     try:
         resolve_precision(precision, device)

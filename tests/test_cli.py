@@ -126,7 +126,7 @@ def test_a_mistyped_flag_is_answered_without_importing_torch() -> None:
 
 
 def test_the_clis_copies_of_constants_match_their_modules() -> None:
-    from model.kfold import PRECISIONS
+    from model.steps import PRECISIONS
     from study import cli
     from study.launcher import STORAGE_ENV
 

@@ -14,14 +14,8 @@ from model.config import ACTIVATIONS, TrainConfig
 from model.cpu_step import CpuStep
 from model.data import DeviceData, Mnist, to_device
 from model.dropout import keep_mask
-from model.kfold import (
-    AutogradStep,
-    initial_model,
-    make_optimizer,
-    make_step,
-    resolve_precision,
-    train_kfold,
-)
+from model.kfold import initial_model, train_kfold
+from model.steps import AutogradStep, make_optimizer, make_step, resolve_precision
 from tests.conftest import synthetic_data
 from tests.reference import draw_step_masks, network_from, plain_optimizer, plain_step, set_masks
 
