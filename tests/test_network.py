@@ -80,3 +80,9 @@ def test_network_has_one_layer_per_hidden_size_plus_the_output(hidden: tuple[int
 def test_networks_of_different_shapes_do_not_stack() -> None:
     with pytest.raises(ValueError, match="one shape"):
         StackedFFNN.from_networks([FFNN((4,), "relu", 0.0), FFNN((5,), "relu", 0.0)])
+
+
+def test_an_activation_the_table_lacks_is_refused_not_replaced_by_another() -> None:
+    for network in (lambda: FFNN((4,), "tanh", 0.0), lambda: StackedFFNN(2, (4,), "tanh", 0.0)):
+        with pytest.raises(KeyError, match="tanh"):
+            network()
