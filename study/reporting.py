@@ -25,6 +25,7 @@ from model.retrain import predict
 from study.artifacts import open_artifact_store, read_curves
 from study.presets import get_preset
 from study.storage import count_trials, redact
+from study.stored_paths import resolve_path
 from viz.curves import learning_curves_figure
 from viz.gradient_ascent import PLAIN, REGULARISED, gradient_ascent
 from viz.grid import image_grid_png
@@ -280,7 +281,7 @@ def retrained_network(study: optuna.Study) -> RetrainedNetwork:
             None, "not retrained yet: run `mnist-study retrain` for the test accuracy and pictures"
         )
     try:
-        model, _, _ = load_checkpoint(Path(checkpoint))
+        model, _, _ = load_checkpoint(resolve_path(study, checkpoint))
     except CheckpointMissing as exc:
         return RetrainedNetwork(None, f"{exc}; run `mnist-study retrain` to write it again")
     return RetrainedNetwork(model)
@@ -298,6 +299,6 @@ def _read_metrics(study: optuna.Study) -> dict[str, Any] | None:
     if not path:
         return None
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(resolve_path(study, path).read_text())
     except (OSError, ValueError):
         return None

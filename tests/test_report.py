@@ -33,9 +33,10 @@ from study.artifacts import (
 )
 from study.objective import Objective
 from study.presets import PRESETS
-from study.reporting import build_report
+from study.reporting import build_report, retrained_network
 from study.retrain import best_finished_trial, retrain_best
 from study.storage import StudyError, create_or_resume, load_study, open_storage
+from study.stored_paths import resolve_path
 from tests.conftest import synthetic_data
 from viz.curves import pruner_means
 
@@ -90,7 +91,57 @@ def test_retrain_writes_a_checkpoint_and_metrics_that_agree_with_its_predictions
     assert config.hidden == (best.params["n_units_l0"], best.params["n_units_l1"])
     attrs = load_study(storage, "s").user_attrs
     assert attrs["test_accuracy"] == metrics["test_accuracy"]
-    assert attrs["checkpoint"] == str(outcome.checkpoint.resolve())
+    # Relative to the folder of the study's SQLite file (see study/stored_paths.py).
+    assert (attrs["checkpoint"], attrs["metrics"]) == ("runs/best.pt", "runs/metrics.json")
+
+
+def test_a_moved_study_folder_still_finds_its_checkpoint_from_any_folder(
+    tmp_path: Path, mnist: Mnist, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Run as the CLI does: a relative storage URL and --out, in the project's folder.
+    root = default_root().resolve()
+    project = tmp_path / "project"
+    project.mkdir()
+    monkeypatch.chdir(project)
+    storage, study = study_with_trials("sqlite:///optuna.db", "s", 2)
+    outcome = retrain_best(study, out_dir=Path("runs/s"), device="cpu", data_root=root)
+    assert study.user_attrs["checkpoint"] == "runs/s/best.pt"
+    expected = outcome.metrics["test_accuracy"]
+    storage.engine.dispose()
+
+    moved = tmp_path / "elsewhere" / "moved"
+    moved.parent.mkdir()
+    project.rename(moved)
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    db = f"sqlite:///{moved / 'optuna.db'}"
+    study = load_study(open_storage(db, heartbeat=None, write=False), "s")
+    retrained = retrained_network(study)
+    assert retrained.network is not None, retrained.missing
+    test = to_device(mnist.test_images, mnist.test_labels, "cpu")
+    accuracy = (retrained.network(test.x).argmax(dim=1) == test.y).double().mean().item()
+    assert accuracy == pytest.approx(expected)
+    assert resolve_path(study, study.user_attrs["metrics"]) == moved / "runs/s/metrics.json"
+
+
+def test_an_old_absolute_checkpoint_path_is_still_read_and_one_outside_is_kept_absolute(
+    tmp_path: Path, mnist: Mnist
+) -> None:
+    (tmp_path / "db").mkdir()
+    _, study = study_with_trials(f"sqlite:///{tmp_path / 'db' / 'optuna.db'}", "s", 1)
+    outside = tmp_path / "scratch"
+    outcome = retrain_best(study, out_dir=outside, device="cpu", data_root=default_root())
+    assert study.user_attrs["checkpoint"] == str(outside.resolve() / "best.pt")
+    assert retrained_network(study).network is not None
+    # A study retrained before paths were stored relative holds an absolute one.
+    (tmp_path / "db/runs").mkdir()
+    inside = outcome.checkpoint.rename(tmp_path / "db" / "runs" / "best.pt")
+    study.set_user_attr("checkpoint", str(inside.resolve()))
+    assert retrained_network(study).network is not None
+    study.set_user_attr("checkpoint", "runs/best.pt")
+    assert retrained_network(study).network is not None
+    inside.unlink()
+    assert "run `mnist-study retrain`" in retrained_network(study).missing
 
 
 def test_retraining_a_study_without_a_finished_trial_says_so(tmp_path: Path) -> None:
