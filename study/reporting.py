@@ -76,10 +76,11 @@ def build_report(
                 "where early stopping stopped it. Training figures are running means over "
                 "the epoch with dropout on."
                 + (" Black on the left: the retrain on all training images." if final_loss else "")
-                + " Right: the folds' mean validation accuracy, per epoch (solid: the mean "
-                "over the folds, until the first fold stops) and as the pruner and "
-                "optuna-dashboard's intermediate values see it (dashed: each fold's accuracy "
-                "at its best epoch so far, averaged; it seldom falls and flattens out).",
+                + " Right: the folds' mean validation accuracy, per epoch (solid black: the "
+                "mean over the folds, until the first fold stops) and as the pruner and "
+                "optuna-dashboard's intermediate values see it (dashed red: each fold's "
+                "accuracy at its best epoch so far, averaged; it seldom falls and flattens "
+                "out).",
                 figure=learning_curves_figure(curves["curves"], curves["best_epochs"], final_loss),
             )
         )

@@ -96,10 +96,10 @@ def learning_curves_figure(
             x=list(range(1, len(final_loss) + 1)), y=list(final_loss), mode="lines",
             line={"color": "black", "width": 2}, name="retrain (all images) train", row=1, col=1,
         )  # fmt: skip
-    for name, values, dash in _means(curves):
+    for name, values, dash, colour in _means(curves):
         fig.add_scatter(
             x=list(range(1, len(values) + 1)), y=values, mode="lines", name=f"mean {name}",
-            line={"color": "black", "dash": dash, "width": 2}, row=1, col=3,
+            line={"color": colour, "dash": dash, "width": 2}, row=1, col=3,
         )  # fmt: skip
     fig.update_xaxes(title_text="epoch")
     fig.update_layout(
@@ -124,21 +124,24 @@ def learning_curves_png(
             val = curves[f"val_{metric}"][j]
             if 1 <= best <= len(val):
                 ax.plot([best], [val[best - 1]], "*", color=colour, ms=12)
-    for name, values, dash in _means(curves):
+    for name, values, dash, colour in _means(curves):
         axes[2].plot(range(1, len(values) + 1), values, "--" if dash == "dash" else "-",
-                     color="black", lw=2, label=name)  # fmt: skip
+                     color=colour, lw=2, label=name)  # fmt: skip
     for ax, metric in zip(axes, ("loss", "accuracy", MEAN_PANEL), strict=True):
         ax.set_xlabel("epoch", fontsize=12)
         ax.set_title(metric, fontsize=13)
         ax.tick_params(labelsize=11)
     axes[0].legend(fontsize=11)
-    axes[2].legend(fontsize=11, loc="lower right")
+    axes[2].legend(fontsize=11, loc="best")
     fig.suptitle(title, fontsize=14)
     return figure_png(fig, dpi=PNG_DPI)
 
 
-def _means(curves: dict[str, list[list[float]]]) -> list[tuple[str, list[float], str]]:
+def _means(curves: dict[str, list[list[float]]]) -> list[tuple[str, list[float], str, str]]:
+    """(name, values, dash, colour) of the two means; the pruner's is drawn last, dashed
+    and red, so that where the two coincide (no fold has yet had a worse epoch) both
+    show."""
     return [
-        (EPOCH_MEAN, epoch_means(curves["val_accuracy"]), "solid"),
-        (PRUNER_MEAN, pruner_means(curves["val_loss"], curves["val_accuracy"]), "dash"),
+        (EPOCH_MEAN, epoch_means(curves["val_accuracy"]), "solid", "black"),
+        (PRUNER_MEAN, pruner_means(curves["val_loss"], curves["val_accuracy"]), "dash", "#d62728"),
     ]
