@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 PAGE_WIDTH_PX = 1060
-"""The widest picture the report's 1100 px column shows unscaled (its padding taken off)."""
+"""The widest a grid is drawn: within the report's 1100 px column, so shown unscaled."""
 DPI = 100
 TITLE_PT = 13
 TICK_PT = 10

@@ -1,9 +1,9 @@
 """Pictures of the search itself: Optuna's own plots, and each neuron-count parameter's
 sampled values against its prior (does the study sample the report's priors?).
 
-Every figure is drawn to the report's column: no fixed width wider than `COLUMN_PX`
-(Optuna's slice plot is 300 px a parameter side by side, 2100 px for seven; here it is
-a grid of `SLICE_COLUMNS`).
+Every figure is drawn to the width of the report's column, with no fixed width of its own
+(Optuna's slice plot is 300 px a parameter side by side, 2100 px for seven, which scrolled
+the page sideways; here it is a grid of `SLICE_COLUMNS`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ if TYPE_CHECKING:
     import optuna
     import plotly.graph_objects as go
 
-COLUMN_PX = 1060
 SLICE_COLUMNS = 3
 SLICE_ROW_PX = 300
 
