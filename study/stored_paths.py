@@ -8,11 +8,11 @@ the attribute has the storage open, so knows the folder, whatever folder they ru
 (Relative to `retrain --out` would not do: the reader — `report`, `status` — is not told
 that folder, and the report's own `--out` is another one.)
 
-A path outside that folder is stored as it is, absolute: it is as portable as the place
-the user chose. A study on a database server has no folder; there a path is stored
-relative to the folder `retrain` ran in when it lies inside it, and read relative to the
-reader's (hosts that share a PostgreSQL study each run from their own copy of the project
-folder). Old studies stored absolute paths: those are read as they are.
+A path outside that folder is stored absolute: it is as portable as the place the user
+chose. So is every path of a study on a database server, which has no folder: there the
+folders that hosts share are mounted at one path, and `report` may run from any folder
+(the README's multi-host steps do). Old studies stored absolute paths: those are read as
+they are.
 """
 
 from __future__ import annotations
@@ -42,14 +42,13 @@ def storage_folder(study: optuna.Study) -> Path | None:
 
 
 def store_path(study: optuna.Study, path: Path) -> str:
-    """`path` as the study should store it: relative to `storage_folder(study)` (or, for a
-    server, the current folder) when inside it, else absolute."""
-    base = storage_folder(study) or Path(".")
+    """`path` as the study should store it: relative to `storage_folder(study)` when
+    inside it, else absolute."""
     absolute = path.resolve()
-    try:
-        return absolute.relative_to(base.resolve()).as_posix()
-    except ValueError:
+    base = storage_folder(study)
+    if base is None or not absolute.is_relative_to(base.resolve()):
         return str(absolute)
+    return absolute.relative_to(base.resolve()).as_posix()
 
 
 def resolve_path(study: optuna.Study, stored: str) -> Path:
