@@ -173,13 +173,18 @@ def test_gradient_ascent_is_reproducible_from_its_seed() -> None:
         assert torch.equal(start, expected)
 
 
+# Two folds: fold 1 is best (lowest validation loss) at epoch 2 and worse at 3; fold 2
+# stops after epoch 2.
+CURVES = {
+    "train_loss": [[1.0, 0.5, 0.4], [1.1, 0.6]],
+    "train_accuracy": [[0.5, 0.7, 0.8], [0.4, 0.6]],
+    "val_loss": [[0.9, 0.6, 0.7], [1.0, 0.7]],
+    "val_accuracy": [[0.6, 0.8, 0.7], [0.5, 0.7]],
+}
+
+
 def test_learning_curves_show_every_fold_and_mark_its_best_epoch() -> None:
-    curves = {
-        "train_loss": [[1.0, 0.5, 0.4], [1.1, 0.6]],
-        "train_accuracy": [[0.5, 0.7, 0.8], [0.4, 0.6]],
-        "val_loss": [[0.9, 0.6, 0.7], [1.0, 0.7]],
-        "val_accuracy": [[0.6, 0.8, 0.7], [0.5, 0.7]],
-    }
+    curves = CURVES
     fig = learning_curves_figure(curves, [2, 2], final_loss=[1.0, 0.5])
     names = [trace.name for trace in fig.data]
     for fold in (1, 2):
@@ -196,13 +201,7 @@ def test_learning_curves_show_every_fold_and_mark_its_best_epoch() -> None:
 
 
 def test_mean_validation_accuracy_per_epoch_and_as_the_pruner_sees_it() -> None:
-    # Fold 1 is best (lowest loss) at epoch 2 and worse at 3; fold 2 stops after epoch 2.
-    curves = {
-        "train_loss": [[1.0, 0.5, 0.4], [1.1, 0.6]],
-        "train_accuracy": [[0.5, 0.7, 0.8], [0.4, 0.6]],
-        "val_loss": [[0.9, 0.6, 0.7], [1.0, 0.7]],
-        "val_accuracy": [[0.6, 0.8, 0.7], [0.5, 0.7]],
-    }
+    curves = CURVES
     raw = epoch_means(curves["val_accuracy"])
     pruner = pruner_means(curves["val_loss"], curves["val_accuracy"])
     assert raw == pytest.approx([0.55, 0.75])  # until fold 2 stops
