@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +20,12 @@ from optuna.storages import BaseStorage
 
 from model.checkpoint import CheckpointMissing, load_checkpoint
 from model.data import DataError, load_mnist, to_device
+from model.network import FFNN
 from model.retrain import predict
 from study.artifacts import open_artifact_store, read_curves
 from study.presets import get_preset
 from study.storage import count_trials, redact
+from study.stored_paths import resolve_path
 from viz.curves import learning_curves_figure
 from viz.gradient_ascent import PLAIN, REGULARISED, gradient_ascent
 from viz.grid import image_grid_png
@@ -44,7 +47,7 @@ def build_report(
     out_dir: Path,
     artifact_dir: Path,
     data_root: Path,
-    network: Any = None,
+    network: RetrainedNetwork | None = None,
 ) -> Path:
     """Write the study's page into `out_dir`; return the path of `index.html`.
 
@@ -55,7 +58,7 @@ def build_report(
     counts = count_trials(study)
     trials = study.get_trials(deepcopy=False)
     best = counts.best
-    metrics = _read_metrics(attrs.get("metrics"))
+    metrics = _read_metrics(study)
     images: dict[str, bytes] = {}
     sections: list[Section] = []
 
@@ -72,7 +75,12 @@ def build_report(
                 "epoch; a star marks the epoch whose weights the fold kept, and a curve ends "
                 "where early stopping stopped it. Training figures are running means over "
                 "the epoch with dropout on."
-                + (" Black: the retrain on all training images." if final_loss else ""),
+                + (" Black on the left: the retrain on all training images." if final_loss else "")
+                + " Right: the folds' mean validation accuracy, per epoch (solid black: the "
+                "mean over the folds, until the first fold stops) and as the pruner and "
+                "optuna-dashboard's intermediate values see it (dashed red: each fold's "
+                "accuracy at its best epoch so far, averaged; it seldom falls and flattens "
+                "out).",
                 figure=learning_curves_figure(curves["curves"], curves["best_epochs"], final_loss),
             )
         )
@@ -85,33 +93,38 @@ def build_report(
             )
         )
 
-    model = retrained_network(study) if network is None else network
-    if isinstance(model, str):
-        sections.append(Section("The retrained network", message=model))
+    retrained = retrained_network(study) if network is None else network
+    if retrained.network is None:
+        sections.append(Section("The retrained network", message=retrained.missing))
     else:
-        sections += _network_sections(model, metrics, data_root, images)
+        sections += _network_sections(retrained.network, metrics, data_root, images)
 
     # Optuna logs a warning for each plot it cannot draw yet; the page says so already.
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
-        figures = search_figures(study)
+        plots = search_figures(study)
     finally:
         optuna.logging.set_verbosity(verbosity)
-    for title, figure in figures:
-        if isinstance(figure, str):
-            sections.append(Section(f"Search: {title}", message=figure))
-        else:
-            sections.append(Section(f"Search: {title}", figure=figure))
+    for plot in plots:
+        sections.append(Section(f"Search: {plot.title}", figure=plot.figure, message=plot.reason))
     for name, prior in preset.space.priors().items():
         values = [t.params[name] for t in trials if name in t.params]
         distribution = preset.space.distributions()[name]
+        low, high = distribution.low, distribution.high
+        mass = {n: prior.bin_mass(n) for n in range(low, high + 1)}
+        total = sum(mass.values())
         sections.append(
             Section(
                 f"Sampled {name} against its prior",
                 "Every trial's value of this neuron count beside the report's Gaussian "
                 "prior, rounded and truncated to the parameter's range as the sampler draws.",
-                figure=prior_figure(name, values, prior, distribution),
+                figure=prior_figure(
+                    name,
+                    values,
+                    {n: m / total for n, m in mass.items()},
+                    f"prior N({prior.mu:.2f}, {prior.sigma:.2f}) in [{low}, {high}]",
+                ),
             )
         )
 
@@ -180,16 +193,19 @@ def _summary(
 
 
 def _network_sections(
-    model: Any, metrics: dict[str, Any] | None, data_root: Path, images: dict[str, bytes]
+    model: FFNN, metrics: dict[str, Any] | None, data_root: Path, images: dict[str, bytes]
 ) -> list[Section]:
     sections = []
-    images["receptive_fields.png"] = image_grid_png(receptive_fields(model), DIGITS, diverging=True)
+    images["receptive_fields.png"] = image_grid_png(
+        receptive_fields(model), [f"digit {d}" for d in DIGITS], columns=5, diverging=True
+    )
     sections.append(
         Section(
             "Receptive fields of the output neurons",
             "The product of the weight matrices without biases, W_out · … · W_1, one row per "
-            "digit shown as 28 × 28 (red positive, blue negative, each on its own scale), as "
-            "the seed report defines them. Biases and activations are left out.",
+            "digit shown as 28 × 28 (red positive, blue negative, each on its own scale, "
+            "given by the bar beside it), as the seed report defines them. Biases and "
+            "activations are left out.",
             png="receptive_fields.png",
         )
     )
@@ -207,9 +223,13 @@ def _network_sections(
             f"Each output neuron's own image, grown from uniform noise by gradient ascent on "
             f"its output (title: digit and final output). Top, the report's way: "
             f"{PLAIN.steps} steps at learning rate {PLAIN.lr}, pixels kept in [0, 1]. "
-            f"Bottom, regularised: an L2 ({REGULARISED.l2}) and a total-variation "
-            f"({REGULARISED.tv}) penalty, a Gaussian blur every {REGULARISED.blur_every} "
-            f"steps, learning rate {REGULARISED.lr}.",
+            f"Bottom, regularised: the output plus its margin over the other nine "
+            f"ascended, an L2 ({REGULARISED.l2}) and a total-variation ({REGULARISED.tv}) "
+            f"penalty, a Gaussian blur every {REGULARISED.blur_every} steps, the "
+            f"{REGULARISED.border}-pixel border (never inked in MNIST) kept black, learning "
+            f"rate {REGULARISED.lr}; every {REGULARISED.relax_every} steps a digit not "
+            f"ahead of every other output by {REGULARISED.margin_goal:g} has its penalties "
+            f"halved. " + _relaxed_note(regularised.penalty_scale),
             png="gradient_ascent.png",
         )
     )
@@ -241,26 +261,45 @@ def _network_sections(
     return sections
 
 
-def retrained_network(study: optuna.Study) -> Any:
-    """The study's retrained network, or a sentence saying why there is none.
+@dataclass(frozen=True)
+class RetrainedNetwork:
+    """The study's retrained network, or (`network` None) a sentence saying why there is
+    none."""
+
+    network: FFNN | None
+    missing: str = ""
+
+
+def retrained_network(study: optuna.Study) -> RetrainedNetwork:
+    """The study's retrained network, loaded from the checkpoint its attributes name.
 
     A checkpoint that is there but refused (altered, damaged) raises `CheckpointError`:
     a page that quietly left out its pictures would hide that someone changed the file.
     """
     checkpoint = study.user_attrs.get("checkpoint")
     if not checkpoint:
-        return "not retrained yet: run `mnist-study retrain` for the test accuracy and pictures"
+        return RetrainedNetwork(
+            None, "not retrained yet: run `mnist-study retrain` for the test accuracy and pictures"
+        )
     try:
-        model, _, _ = load_checkpoint(Path(checkpoint))
+        model, _, _ = load_checkpoint(resolve_path(study, checkpoint))
     except CheckpointMissing as exc:
-        return f"{exc}; run `mnist-study retrain` to write it again"
-    return model
+        return RetrainedNetwork(None, f"{exc}; run `mnist-study retrain` to write it again")
+    return RetrainedNetwork(model)
 
 
-def _read_metrics(path: str | None) -> dict[str, Any] | None:
+def _relaxed_note(penalty_scale: torch.Tensor) -> str:
+    relaxed = [str(d) for d in range(len(penalty_scale)) if penalty_scale[d] < 1]
+    if not relaxed:
+        return "No digit needed that here."
+    return f"Relaxed here for {', '.join(relaxed)}."
+
+
+def _read_metrics(study: optuna.Study) -> dict[str, Any] | None:
+    path = study.user_attrs.get("metrics")
     if not path:
         return None
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(resolve_path(study, path).read_text())
     except (OSError, ValueError):
         return None

@@ -23,6 +23,7 @@ from model.data import load_mnist, to_device
 from model.retrain import classification_metrics, predict, train_final
 from study.presets import get_preset
 from study.storage import StudyError
+from study.stored_paths import store_path
 
 CHECKPOINT = "best.pt"
 METRICS = "metrics.json"
@@ -100,6 +101,8 @@ def retrain_best(
     partial.write_text(json.dumps(metrics, indent=1))
     partial.replace(metrics_path)
     study.set_user_attr("test_accuracy", metrics["test_accuracy"])
-    study.set_user_attr("checkpoint", str(checkpoint.resolve()))
-    study.set_user_attr("metrics", str(metrics_path.resolve()))
+    # Relative to the storage's folder, so that the study still finds them when the folder
+    # moves or another host reads it (see study/stored_paths.py).
+    study.set_user_attr("checkpoint", store_path(study, checkpoint))
+    study.set_user_attr("metrics", store_path(study, metrics_path))
     return RetrainOutcome(trial, metrics, checkpoint, metrics_path)

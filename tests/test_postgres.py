@@ -94,6 +94,8 @@ def test_the_readme_multi_host_steps_work_on_postgresql(
     assert report.returncode == 0, report.stderr
     page = (anywhere / "reports" / "mnist-smoke" / "index.html").read_text()
     assert "learning curves" in page.lower()
+    # The checkpoint host 1 wrote is found from this folder: its pictures are on the page.
+    assert "<h2>Receptive fields of the output neurons" in page
     metrics = (host1 / "runs" / "mnist-smoke" / "metrics.json").read_text()
 
     no_password_in(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -16,21 +17,32 @@ from wsgiref.util import setup_testing_defaults
 import optuna
 import pytest
 import torch
+from optuna.artifacts import get_all_artifact_meta
 from optuna.trial import TrialState
+from PIL import Image
 
 from model.checkpoint import CheckpointError, load_checkpoint
 from model.data import Mnist, default_root, to_device
 from model.network import FFNN
-from study.artifacts import CURVES_JSON, CURVES_PNG, artifact_dir, open_artifact_store
+from study.artifacts import (
+    CURVES_JSON,
+    CURVES_PNG,
+    artifact_dir,
+    open_artifact_store,
+    read_curves,
+)
 from study.objective import Objective
 from study.presets import PRESETS
-from study.reporting import build_report
+from study.reporting import build_report, retrained_network
 from study.retrain import best_finished_trial, retrain_best
 from study.storage import StudyError, create_or_resume, load_study, open_storage
+from study.stored_paths import resolve_path
 from tests.conftest import synthetic_data
+from viz.curves import pruner_means
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 SMOKE = PRESETS["smoke"]
+COLUMN_PX = 1100  # the report's column: the page body's max-width, 1100 px of content
 
 
 def study_with_trials(db: str, name: str, n: int, *, artifacts: Path | None = None) -> Any:
@@ -79,7 +91,57 @@ def test_retrain_writes_a_checkpoint_and_metrics_that_agree_with_its_predictions
     assert config.hidden == (best.params["n_units_l0"], best.params["n_units_l1"])
     attrs = load_study(storage, "s").user_attrs
     assert attrs["test_accuracy"] == metrics["test_accuracy"]
-    assert attrs["checkpoint"] == str(outcome.checkpoint.resolve())
+    # Relative to the folder of the study's SQLite file (see study/stored_paths.py).
+    assert (attrs["checkpoint"], attrs["metrics"]) == ("runs/best.pt", "runs/metrics.json")
+
+
+def test_a_moved_study_folder_still_finds_its_checkpoint_from_any_folder(
+    tmp_path: Path, mnist: Mnist, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Run as the CLI does: a relative storage URL and --out, in the project's folder.
+    root = default_root().resolve()
+    project = tmp_path / "project"
+    project.mkdir()
+    monkeypatch.chdir(project)
+    storage, study = study_with_trials("sqlite:///optuna.db", "s", 2)
+    outcome = retrain_best(study, out_dir=Path("runs/s"), device="cpu", data_root=root)
+    assert study.user_attrs["checkpoint"] == "runs/s/best.pt"
+    expected = outcome.metrics["test_accuracy"]
+    storage.engine.dispose()
+
+    moved = tmp_path / "elsewhere" / "moved"
+    moved.parent.mkdir()
+    project.rename(moved)
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    db = f"sqlite:///{moved / 'optuna.db'}"
+    study = load_study(open_storage(db, heartbeat=None, write=False), "s")
+    retrained = retrained_network(study)
+    assert retrained.network is not None, retrained.missing
+    test = to_device(mnist.test_images, mnist.test_labels, "cpu")
+    accuracy = (retrained.network(test.x).argmax(dim=1) == test.y).double().mean().item()
+    assert accuracy == pytest.approx(expected)
+    assert resolve_path(study, study.user_attrs["metrics"]) == moved / "runs/s/metrics.json"
+
+
+def test_an_old_absolute_checkpoint_path_is_still_read_and_one_outside_is_kept_absolute(
+    tmp_path: Path, mnist: Mnist
+) -> None:
+    (tmp_path / "db").mkdir()
+    _, study = study_with_trials(f"sqlite:///{tmp_path / 'db' / 'optuna.db'}", "s", 1)
+    outside = tmp_path / "scratch"
+    outcome = retrain_best(study, out_dir=outside, device="cpu", data_root=default_root())
+    assert study.user_attrs["checkpoint"] == str(outside.resolve() / "best.pt")
+    assert retrained_network(study).network is not None
+    # A study retrained before paths were stored relative holds an absolute one.
+    (tmp_path / "db/runs").mkdir()
+    inside = outcome.checkpoint.rename(tmp_path / "db" / "runs" / "best.pt")
+    study.set_user_attr("checkpoint", str(inside.resolve()))
+    assert retrained_network(study).network is not None
+    study.set_user_attr("checkpoint", "runs/best.pt")
+    assert retrained_network(study).network is not None
+    inside.unlink()
+    assert "run `mnist-study retrain`" in retrained_network(study).missing
 
 
 def test_retraining_a_study_without_a_finished_trial_says_so(tmp_path: Path) -> None:
@@ -153,6 +215,59 @@ def test_report_page_holds_every_figure_loads_nothing_and_escapes_the_study_name
     assert "the seed report: 0.9798" in text
     for png in ("receptive_fields.png", "gradient_ascent.png", "misclassified.png"):
         assert (page.parent / png).read_bytes().startswith(b"\x89PNG")
+        # No wider than the column, so shown at its own size, titles readable.
+        assert Image.open(page.parent / png).width <= COLUMN_PX
+    # Every picture links its file beside the page.
+    links = re.findall(r'<a href="([^"]+)">', text)
+    assert sorted(links) == ["gradient_ascent.png", "misclassified.png", "receptive_fields.png"]
+    assert all((page.parent / link).is_file() for link in links)
+    # Every interactive figure fits the column: no fixed width wider than it.
+    layouts = plotly_layouts(text)
+    assert len(layouts) == 8
+    for layout in layouts:
+        assert layout.get("width") is None or layout["width"] <= COLUMN_PX, layout.get("width")
+    # Counts of trials are ticked in whole numbers.
+    priors = [
+        lay for lay in layouts if lay.get("yaxis", {}).get("title", {}).get("text") == "trials"
+    ]
+    assert len(priors) == 2
+    assert all(isinstance(lay["yaxis"]["dtick"], int) for lay in priors)
+
+
+def plotly_layouts(page: str) -> list[dict[str, Any]]:
+    """The layout of every `Plotly.newPlot(id, data, layout, config)` on the page."""
+    decoder = json.JSONDecoder()
+    layouts = []
+    for match in re.finditer(r"Plotly\.newPlot\(\s*", page):
+        at = match.end()
+        for _ in range(2):  # the element's id, then the data
+            _, at = decoder.raw_decode(page, at)
+            at = page.index(",", at) + 1
+            while page[at].isspace():
+                at += 1
+        layout, _ = decoder.raw_decode(page, at)
+        layouts.append(layout)
+    return layouts
+
+
+def test_the_dashboard_curves_show_the_intermediate_values_and_read_at_their_size(
+    tmp_path: Path,
+) -> None:
+    db = f"sqlite:///{tmp_path / 'optuna.db'}"
+    store_dir = artifact_dir(db)
+    storage, study = study_with_trials(db, "s", 3, artifacts=store_dir)
+    store = open_artifact_store(store_dir, create=False)
+    for trial in study.get_trials():
+        curves = read_curves(store, storage, trial)["curves"]
+        # The dashed line of the curves' third panel is what the trial reported.
+        reported = [trial.intermediate_values[e] for e in sorted(trial.intermediate_values)]
+        assert pruner_means(curves["val_loss"], curves["val_accuracy"]) == pytest.approx(reported)
+        (picture,) = [
+            m for m in get_all_artifact_meta(trial, storage=storage) if m.filename == CURVES_PNG
+        ]
+        with store.open_reader(picture.artifact_id) as reader:
+            width, height = Image.open(io.BytesIO(reader.read())).size
+        assert width >= 1500 and height >= 500
 
 
 def wsgi_get(app: Any, path: str) -> Any:

@@ -2,8 +2,8 @@
 
 Plotly's JavaScript is written into the page once, before the first interactive figure
 (no CDN, no network); image grids are embedded as data URIs and also written as PNG files
-beside the page. Every string that comes from the study — its name, parameter values,
-notes — is HTML-escaped.
+beside the page, each linked under its picture. Every string that comes from the study —
+its name, parameter values, notes — is HTML-escaped.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import quote
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -89,7 +90,8 @@ def write_report(
             parts.append(
                 f'<p><img alt="{html.escape(section.title)}" '
                 f'src="data:image/png;base64,{encoded}"><br>'
-                f"<small>also {html.escape(section.png)} beside this page</small></p>"
+                f'<small>also <a href="{html.escape(quote(section.png))}">'
+                f"{html.escape(section.png)}</a> beside this page</small></p>"
             )
     parts.append("</body></html>")
     page = out_dir / "index.html"

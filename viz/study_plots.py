@@ -1,73 +1,136 @@
 """Pictures of the search itself: Optuna's own plots, and each neuron-count parameter's
-sampled values against its Gaussian prior (does the study sample the report's priors?)."""
+sampled values against its prior (does the study sample the report's priors?).
+
+Every figure is drawn to the width of the report's column, with no fixed width of its own
+(Optuna's slice plot is 300 px a parameter side by side, 2100 px for seven, which scrolled
+the page sideways; here it is a grid of `SLICE_COLUMNS`).
+"""
 
 from __future__ import annotations
 
+import math
 import warnings
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import optuna
     import plotly.graph_objects as go
-    from optuna.distributions import IntDistribution
 
-    from study.space import GaussianPrior
+SLICE_COLUMNS = 3
+SLICE_ROW_PX = 300
 
 
-def search_figures(study: optuna.Study) -> list[tuple[str, go.Figure | str]]:
-    """(title, figure) for each of Optuna's plots; a plot that cannot be drawn yet (too
-    few finished trials, say) comes as (title, reason)."""
+@dataclass(frozen=True)
+class SearchPlot:
+    """One of Optuna's plots of the study: its figure, or why it could not be drawn
+    (too few finished trials, say)."""
+
+    title: str
+    figure: go.Figure | None = None
+    reason: str | None = None
+
+
+def search_figures(study: optuna.Study) -> list[SearchPlot]:
+    """Optuna's history, importances, parallel-coordinates and slice plots of `study`."""
     import optuna.visualization as vis
 
     plots = (
         ("Optimization history", vis.plot_optimization_history),
         ("Parameter importances", vis.plot_param_importances),
         ("Parallel coordinates", vis.plot_parallel_coordinate),
-        ("Slices per parameter", vis.plot_slice),
+        ("Slices per parameter", lambda s: slice_grid(vis.plot_slice(s))),
     )
-    out: list[tuple[str, go.Figure | str]] = []
+    out: list[SearchPlot] = []
     for title, plot in plots:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                out.append((title, plot(study)))
+                figure = plot(study)
         except (ValueError, RuntimeError, ZeroDivisionError) as exc:
-            out.append((title, f"not drawn: {exc}"))
+            out.append(SearchPlot(title, reason=f"not drawn: {exc}"))
+            continue
+        figure.update_layout(width=None, autosize=True)
+        out.append(SearchPlot(title, figure=figure))
     return out
 
 
+def slice_grid(slices: go.Figure, columns: int = SLICE_COLUMNS) -> go.Figure:
+    """Optuna's slice plot (one panel per parameter in a row) as a grid of `columns`,
+    every panel keeping its x axis (title, log scale, categories) and sharing the y axis."""
+    from plotly.subplots import make_subplots
+
+    panels: dict[str, list[go.BaseTraceType]] = {}
+    for trace in slices.data:
+        panels.setdefault(trace.xaxis or "x", []).append(trace)
+    n = len(panels)
+    if n == 0:
+        return slices
+    rows = -(-n // columns)
+    fig = make_subplots(
+        rows=rows, cols=columns, shared_yaxes="all", horizontal_spacing=0.06,
+        vertical_spacing=0.5 / (rows * 2.2) if rows > 1 else 0.0,
+    )  # fmt: skip
+    for i, (axis, traces) in enumerate(panels.items()):
+        row, col = i // columns + 1, i % columns + 1
+        for trace in traces:
+            fig.add_trace(trace.update(xaxis=None, yaxis=None), row=row, col=col)
+        source = slices.layout[axis.replace("x", "xaxis", 1)].to_plotly_json()
+        kept = {k: v for k, v in source.items() if k not in ("anchor", "domain", "matches")}
+        fig.update_xaxes(kept, row=row, col=col)
+    for i in range(n, rows * columns):  # the last row's empty cells
+        fig.update_xaxes(visible=False, row=rows, col=i % columns + 1)
+        fig.update_yaxes(visible=False, row=rows, col=i % columns + 1)
+    fig.update_yaxes(title_text=slices.layout.yaxis.title.text, col=1)
+    fig.update_layout(
+        title=slices.layout.title, showlegend=False, height=SLICE_ROW_PX * rows + 60,
+        margin={"t": 50, "b": 40, "l": 60, "r": 20},
+    )  # fmt: skip
+    return fig
+
+
 def prior_figure(
-    name: str, values: list[int], prior: GaussianPrior, distribution: IntDistribution
+    name: str, values: Sequence[int], prior: Mapping[int, float], prior_label: str
 ) -> go.Figure:
-    """Histogram of a neuron count's sampled values over the prior's expected counts.
+    """Histogram of a whole-number parameter's sampled values over the counts a prior
+    expects.
 
-    The prior curve is the rounded Gaussian truncated to [low, high], as the sampler
-    draws it, scaled to the number of values and the histogram's bin width.
+    `prior` gives each whole number in the parameter's range its probability (summing
+    to 1); the curve is that times the number of values and the bin width. The axis spans
+    the prior's mean ± 4 sd and every sampled value; counts are ticked in whole numbers.
     """
-    import math
-
     import plotly.graph_objects as go
 
-    low, high = distribution.low, distribution.high
-    mean, sd = prior.truncated_moments(low, high)
-    span_low = max(low, math.floor(mean - 4 * sd))
-    span_high = min(high, math.ceil(mean + 4 * sd))
+    mean = sum(n * p for n, p in prior.items())
+    sd = math.sqrt(sum((n - mean) ** 2 * p for n, p in prior.items()))
+    low, high = min(prior), max(prior)
+    span_low = min([max(low, math.floor(mean - 4 * sd)), *values])
+    span_high = max([min(high, math.ceil(mean + 4 * sd)), *values])
     width = max(1, round((span_high - span_low) / 40))
     grid = list(range(span_low, span_high + 1))
-    mass = [prior.bin_mass(n) for n in range(low, high + 1)]
-    total = sum(mass)
-    pmf = [prior.bin_mass(n) / total for n in grid]
+    expected = [prior.get(n, 0.0) * len(values) * width for n in grid]
     fig = go.Figure()
     fig.add_histogram(
-        x=values, xbins={"start": span_low - 0.5, "end": span_high + 0.5, "size": width},
+        x=list(values), xbins={"start": span_low - 0.5, "end": span_high + 0.5, "size": width},
         name=f"sampled ({len(values)} trials)", marker_color="#1f77b4", opacity=0.7,
     )  # fmt: skip
-    fig.add_scatter(
-        x=grid, y=[p * len(values) * width for p in pmf], mode="lines",
-        name=f"prior N({prior.mu:.2f}, {prior.sigma:.2f}) in [{low}, {high}]",
-        line={"color": "#d62728"},
-    )  # fmt: skip
+    fig.add_scatter(x=grid, y=expected, mode="lines", name=prior_label, line={"color": "#d62728"})
+    counts = Counter((v - span_low) // width for v in values)
+    top = max([*counts.values(), *expected, 1.0])
     fig.update_layout(
-        xaxis_title=name, yaxis_title="trials", height=340, margin={"t": 30}, bargap=0.05
-    )
+        xaxis_title=name, height=340, margin={"t": 30}, bargap=0.05,
+        yaxis={"title": "trials", "tick0": 0, "dtick": whole_step(top), "rangemode": "tozero"},
+    )  # fmt: skip
     return fig
+
+
+def whole_step(top: float, ticks: int = 6) -> int:
+    """The tick step, 1, 2 or 5 times a power of ten, that gives at most `ticks` steps
+    from 0 to `top`: counts are whole numbers, and so must their ticks be."""
+    step = 1
+    while top / step > ticks:
+        lead, power = int(str(step)[0]), 10 ** (len(str(step)) - 1)
+        step = {1: 2, 2: 5, 5: 10}[lead] * power
+    return step
