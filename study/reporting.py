@@ -21,8 +21,9 @@ from model.checkpoint import CheckpointMissing, load_checkpoint
 from model.data import DataError, load_mnist, to_device
 from model.retrain import predict
 from study.artifacts import open_artifact_store, read_curves
+from study.budget import count_trials
+from study.errors import redact
 from study.presets import get_preset
-from study.storage import count_trials, redact
 from viz.curves import learning_curves_figure
 from viz.gradient_ascent import PLAIN, REGULARISED, gradient_ascent
 from viz.grid import image_grid_png

@@ -22,17 +22,11 @@ from pathlib import Path
 from model.data import ensure_mnist, load_mnist, to_device
 from model.device import resolve_device
 from study.artifacts import artifact_dir, open_artifact_store
+from study.budget import count_trials
+from study.database import DEFAULT_HEARTBEAT, open_storage
+from study.errors import StorageError, causes
 from study.objective import Objective
-from study.storage import (
-    DEFAULT_HEARTBEAT,
-    StorageError,
-    count_trials,
-    fail_stale_trials,
-    load_study,
-    open_storage,
-    requeue,
-    study_preset,
-)
+from study.studies import fail_stale_trials, load_study, requeue, study_preset
 
 POLL_S = 1.0
 
@@ -119,14 +113,7 @@ def run_worker(options: WorkerOptions, log: Callable[[str], None] = print) -> in
 
 
 def _storage_error_behind(exc: BaseException) -> StorageError | None:
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        if isinstance(current, StorageError):
-            return current
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return None
+    return next((cause for cause in causes(exc) if isinstance(cause, StorageError)), None)
 
 
 class _StopSignals:

@@ -22,11 +22,13 @@ from model.checkpoint import CheckpointError, load_checkpoint
 from model.data import Mnist, default_root, to_device
 from model.network import FFNN
 from study.artifacts import CURVES_JSON, CURVES_PNG, artifact_dir, open_artifact_store
+from study.database import open_storage
+from study.errors import StudyError
 from study.objective import Objective
 from study.presets import PRESETS
 from study.reporting import build_report
 from study.retrain import best_finished_trial, retrain_best
-from study.storage import StudyError, create_or_resume, load_study, open_storage
+from study.studies import create_or_resume, load_study
 from tests.conftest import synthetic_data
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

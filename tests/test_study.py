@@ -14,20 +14,13 @@ from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
 from model.data import DeviceData
-from study import storage as storage_module
+from study import resilient_storage
+from study.budget import count_trials
+from study.database import open_storage
+from study.errors import StorageError, StudyError, redact
 from study.objective import Objective
 from study.presets import PRESETS
-from study.storage import (
-    StorageError,
-    StudyError,
-    count_trials,
-    create_or_resume,
-    fail_stale_trials,
-    load_study,
-    open_storage,
-    redact,
-    requeue,
-)
+from study.studies import create_or_resume, fail_stale_trials, load_study, requeue
 from tests.conftest import synthetic_data
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -273,7 +266,7 @@ def test_a_storage_call_rides_out_a_lost_connection_and_gives_up_in_one_line(
     storage = open_storage(db, create=True)
     create_or_resume(storage, "s", PRESETS["smoke"], budget=3)
     clock = FakeClock()
-    monkeypatch.setattr(storage_module, "time", clock)
+    monkeypatch.setattr(resilient_storage, "time", clock)
     real_session = storage.scoped_session
     failures: Iterator[Exception] = iter([_lost_connection(), _lost_mid_query()])
     attempts: list[float] = []  # the fake time of each attempt
