@@ -156,11 +156,14 @@ RETRIED_CALLS = (
     "create_new_trial", "_create_new_trial", "set_trial_param", "_set_trial_param",
     "get_trial_param", "set_trial_state_values", "set_trial_intermediate_value",
     "set_trial_user_attr", "set_trial_system_attr", "get_trial_id_from_study_id_trial_number",
+    "get_trial_user_attrs", "get_trial_system_attrs",
     "get_trial", "get_all_trials", "_get_trials", "get_best_trial", "_get_best_trial_id",
     "_get_stale_trial_ids",
 )  # fmt: skip
+# A name this Optuna lacks is left out here, and named by the test that checks the list.
 for _name in RETRIED_CALLS:
-    setattr(ResilientRDBStorage, _name, _retrying(getattr(ResilientRDBStorage, _name)))
+    if callable(getattr(RDBStorage, _name, None)):
+        setattr(ResilientRDBStorage, _name, _retrying(getattr(ResilientRDBStorage, _name)))
 
 
 # SQLITE_BUSY and SQLITE_LOCKED (the primary codes; extended codes add high bits).

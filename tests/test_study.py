@@ -20,6 +20,7 @@ from study.database import open_storage
 from study.errors import StorageError, StudyError, redact
 from study.objective import Objective
 from study.presets import PRESETS
+from study.resilient_storage import RETRIED_CALLS, ResilientRDBStorage
 from study.studies import create_or_resume, fail_stale_trials, load_study, requeue
 from tests.conftest import synthetic_data
 
@@ -124,10 +125,26 @@ def test_a_bad_storage_url_is_one_clear_error(url: str, says: str) -> None:
     assert "\n" not in str(info.value)
 
 
-def test_passwords_are_masked_in_storage_urls() -> None:
-    assert redact("postgresql+psycopg://ann:s3cret@db.example/studies") == (
-        "postgresql+psycopg://ann:***@db.example/studies"
-    )
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        (
+            "postgresql+psycopg://ann:s3cret@db.example/studies",
+            "postgresql+psycopg://ann:***@db.example/studies",
+        ),
+        # A password as SQLAlchemy reads it: anything up to the '@'.
+        ("postgresql://ann:a/b:c?d@db:5432/s", "postgresql://ann:***@db:5432/s"),
+        # Every URL in a message; none without a password, nor a port, taken for one.
+        (
+            "storage postgresql://u:pw@h/db: failed; see mysql://v:x@h2 or sqlite:///a.db",
+            "storage postgresql://u:***@h/db: failed; see mysql://v:***@h2 or sqlite:///a.db",
+        ),
+        ("postgresql://ann@db:5432/s from ann@home", "postgresql://ann@db:5432/s from ann@home"),
+        ("postgresql://db:5432/s by ann@home", "postgresql://db:5432/s by ann@home"),
+    ],
+)
+def test_passwords_are_masked_in_storage_urls(text: str, shown: str) -> None:
+    assert redact(text) == shown
 
 
 def test_budget_counts_ended_trials_but_not_failures_that_were_retried(db: str) -> None:
@@ -212,6 +229,38 @@ def test_a_running_trial_that_never_beat_is_failed_and_retried_after_the_grace_p
     assert retry.state == TrialState.WAITING
     assert retry.system_attrs["failed_trial"] == orphan.number
     assert retry.params == {"x": after[orphan.number].params["x"]}
+
+
+def test_every_storage_method_the_retry_wraps_is_still_optunas() -> None:
+    """The retry wraps `RDBStorage`'s methods by name, private ones too: an Optuna that
+    renamed or dropped one would leave that call unretried without a word."""
+    missing = [name for name in RETRIED_CALLS if not callable(getattr(RDBStorage, name, None))]
+    assert not missing, (
+        f"optuna {optuna.__version__}'s RDBStorage has no {', '.join(missing)}: "
+        "study/resilient_storage.py retries these calls by name; find what replaced them "
+        "there and update RETRIED_CALLS (and the bound on optuna in pyproject.toml)"
+    )
+    unwrapped = [
+        n for n in RETRIED_CALLS if not hasattr(getattr(ResilientRDBStorage, n), "__wrapped__")
+    ]
+    assert unwrapped == []
+
+
+def test_every_database_call_of_optunas_storage_is_retried() -> None:
+    """A database call Optuna adds to `RDBStorage` must join the retry (get_trial_user_attrs
+    and get_trial_system_attrs, which Optuna's artifacts and constraints call, once had not)."""
+    not_database_calls = {
+        "get_heartbeat_interval", "get_heartbeat_stale_trial_callback", "remove_session",
+        # Schema migration, run by hand (`optuna storage upgrade`), never by mnist-study.
+        "upgrade", "get_current_version", "get_head_version", "get_all_versions",
+        "record_heartbeat",  # retried inside, where a failure may not raise
+    }  # fmt: skip
+    public = {name for name, value in vars(RDBStorage).items() if callable(value)}
+    public = {name for name in public if not name.startswith("_")}
+    assert sorted(public - set(RETRIED_CALLS) - not_database_calls) == [], (
+        f"optuna {optuna.__version__}'s RDBStorage has calls ResilientRDBStorage does not "
+        "retry: add them to RETRIED_CALLS in study/resilient_storage.py"
+    )
 
 
 def _lost_connection() -> optuna.exceptions.StorageInternalError:
