@@ -1,9 +1,9 @@
 """`ResilientRDBStorage`: Optuna's `RDBStorage`, whose calls ride out a lost connection,
-and which also fails running trials that never sent a heartbeat.
+and whose workers' trials are watched by the heartbeat from the moment they are claimed.
 
 It wraps Optuna's storage methods by name, some of them private (`_create_new_trial`,
 `_set_trial_param`, `_get_trials`, `_get_best_trial_id`, `_get_stale_trial_ids`), and
-queries Optuna's table models: `pyproject.toml` keeps Optuna below
+writes a first heartbeat with Optuna's table models: `pyproject.toml` keeps Optuna below
 its next major version, and `tests/test_study.py` fails, naming the method, when one of
 them is gone.
 """
@@ -16,8 +16,8 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Callable
-from datetime import datetime, timedelta
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import optuna
@@ -38,6 +38,9 @@ class ResilientRDBStorage(RDBStorage):
     heartbeat hands its running trial to another worker. Re-running a call is safe because
     each runs in its own transaction; the one call whose first attempt may have committed
     unseen, ending a trial, is recognised on its retry (see `set_trial_state_values`).
+
+    Trials claimed inside `beating_from_claim()` (the workers') hold a heartbeat from the
+    claim on; any other trial is judged by the heartbeat exactly as `RDBStorage` judges it.
     """
 
     # None while opening, so that no error is waited out; then RECONNECT_S or the env's.
@@ -46,16 +49,38 @@ class ResilientRDBStorage(RDBStorage):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # Per thread, since the heartbeat thread calls in while the trial runs.
         self._retry_state = threading.local()
+        self._claim_state = threading.local()
         super().__init__(*args, **kwargs)
+        _beat_on_claims(self)
 
     def __getstate__(self) -> dict[Any, Any]:
         state = super().__getstate__()
         state.pop("_retry_state", None)
+        state.pop("_claim_state", None)
         return state
 
     def __setstate__(self, state: dict[Any, Any]) -> None:
         super().__setstate__(state)
         self._retry_state = threading.local()
+        self._claim_state = threading.local()
+        _beat_on_claims(self)
+
+    @contextmanager
+    def beating_from_claim(self) -> Iterator[None]:
+        """Trials that this thread claims inside the block (a new trial, or one taken from
+        the queue) get their first heartbeat in the claim's own transaction.
+
+        Optuna's heartbeat thread beats only once `optimize` has claimed the trial, so a
+        worker killed in between would leave a RUNNING trial that no heartbeat ever judges.
+        Only the workers claim this way: a trial from `study.ask()` outside the block has
+        no heartbeat until someone records one, and is never failed as stale, as on
+        `RDBStorage` (an ask-and-tell user may hold it as long as they like)."""
+        outer = getattr(self._claim_state, "beating", False)
+        self._claim_state.beating = True
+        try:
+            yield
+        finally:
+            self._claim_state.beating = outer
 
     def set_trial_state_values(self, trial_id: int, state: TrialState, values: Any = None) -> bool:
         try:
@@ -77,33 +102,48 @@ class ResilientRDBStorage(RDBStorage):
         except StorageError as exc:
             print(f"mnist-study: heartbeat of trial id {trial_id} missed: {exc}", file=sys.stderr)
 
-    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
-        """Optuna's stale trials, plus running trials that never beat at all: a worker
-        killed between claiming a trial and its first heartbeat leaves one, which would
-        otherwise stay RUNNING and hold its share of the budget forever."""
-        stale = super()._get_stale_trial_ids(study_id)
-        grace = timedelta(seconds=self.grace_period or 2 * (self.heartbeat_interval or 0))
-        # Optuna's own models and session helper: the query must see what its tables hold.
-        from optuna.storages._rdb import models
-        from optuna.storages._rdb.storage import _create_scoped_session
 
-        with _create_scoped_session(self.scoped_session) as session:
-            never_beat = [
-                (trial.trial_id, trial.datetime_start)
-                for trial in session.query(models.TrialModel)
-                .filter(models.TrialModel.state == TrialState.RUNNING)
-                .filter(models.TrialModel.study_id == study_id)
-                .filter(~models.TrialModel.heartbeats.any())
-            ]
-        # The start time comes from the claiming host's clock (Optuna 5 hands it back
-        # time-zone aware, older versions naive and local), so this host's clock judges it.
-        return stale + [
-            trial_id
-            for trial_id, started in never_beat
-            if started is not None
-            and datetime.now(started.tzinfo) - started > grace
-            and trial_id not in stale
-        ]
+# The trials a transaction set RUNNING, kept in the session's info until it ends.
+_CLAIMED = "mnist_study_claimed_trials"
+
+
+def _beat_on_claims(storage: ResilientRDBStorage) -> None:
+    """Listens to the storage's sessions: a transaction that sets a trial RUNNING inside
+    `beating_from_claim` also inserts its heartbeat row, stamped by the database's clock
+    (as every later beat is), so no host's clock judges another's."""
+    from optuna.storages._rdb import models
+    from sqlalchemy import event, inspect
+    from sqlalchemy.orm import Session, SessionTransaction
+
+    sessions = storage.scoped_session.session_factory
+
+    def note_claims(session: Session, *flushing: object) -> None:
+        if not getattr(storage._claim_state, "beating", False):
+            return
+        claimed = session.info.setdefault(_CLAIMED, [])
+        for trial in (*session.new, *session.dirty):
+            if not isinstance(trial, models.TrialModel) or trial.state != TrialState.RUNNING:
+                continue
+            # A new RUNNING trial, or a waiting one just taken (Optuna creates a queued or a
+            # finished trial RUNNING first, then sets its state: checked at the commit).
+            if trial in session.new or inspect(trial).attrs.state.history.has_changes():
+                claimed.append(trial)
+
+    def beat_claims(session: Session) -> None:
+        note_claims(session)  # what the commit's own flush is about to write
+        with session.no_autoflush:
+            for trial in session.info.pop(_CLAIMED, []):
+                if trial.state == TrialState.RUNNING and not trial.heartbeats:
+                    session.add(models.TrialHeartbeatModel(trial=trial))
+
+    def forget_claims(session: Session, transaction: SessionTransaction) -> None:
+        # The outermost transaction only: a flush inside it ends a transaction of its own.
+        if transaction.parent is None:
+            session.info.pop(_CLAIMED, None)
+
+    event.listen(sessions, "before_flush", note_claims)
+    event.listen(sessions, "before_commit", beat_claims)
+    event.listen(sessions, "after_transaction_end", forget_claims)
 
 
 def _retrying(method: Callable[..., Any]) -> Callable[..., Any]:

@@ -94,7 +94,10 @@ def run_worker(options: WorkerOptions, log: Callable[[str], None] = print) -> in
             objective.current_trial = None
             # A trial that raises (a GPU out of memory, say) fails alone; Optuna logs why.
             try:
-                study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False)
+                # The claim itself writes the trial's first heartbeat, so a worker killed
+                # before Optuna's heartbeat thread beats still leaves a trial that goes stale.
+                with storage.beating_from_claim():
+                    study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False)
             except Exception as exc:
                 # A storage out of reach for good can surface from Optuna's own clean-up
                 # as another error (an UnboundLocalError in Optuna 5's _run_trial); the

@@ -207,19 +207,22 @@ def test_a_diverging_configuration_is_pruned_with_its_reason_and_the_worker_goes
 def test_a_running_trial_that_never_beat_is_failed_and_retried_after_the_grace_period(
     db: str,
 ) -> None:
-    """A worker killed between claiming a trial and its first heartbeat leaves no heartbeat
-    row; Optuna alone would leave that trial RUNNING for ever."""
+    """A worker killed between claiming a trial and its heartbeat thread's first beat: Optuna
+    alone would leave that trial RUNNING for ever, with no heartbeat to judge it by. The
+    worker's claim writes the first beat itself, so the trial goes stale like any other."""
     storage = open_storage(db, create=True, heartbeat=1)
     study, _ = create_or_resume(storage, "s", PRESETS["smoke"], budget=3)
-    orphan = study.ask()
-    orphan.suggest_float("x", 0, 1)
-    fresh = study.ask()  # claimed just now: inside the grace period, left alone
-    # Four grace periods ago, as its claiming worker's clock (the same as ours) wrote it.
-    long_ago = datetime.now(UTC) - timedelta(seconds=16)
+    with storage.beating_from_claim():  # as the worker claims its trials
+        orphan = study.ask()  # and is killed now: no heartbeat thread ever starts
+        orphan.suggest_float("x", 0, 1)
+        fresh = study.ask()  # claimed just now: inside the grace period, left alone
+    assert {row[0] for row in _heartbeats(db)} == {orphan._trial_id, fresh._trial_id}
+    # Its claim's beat made four grace periods ago, by the database's clock.
     with sqlite3.connect(db.removeprefix("sqlite:///")) as connection:
         connection.execute(
-            "UPDATE trials SET datetime_start = ? WHERE trial_id = ?",
-            (long_ago.replace(tzinfo=None).isoformat(sep=" "), orphan._trial_id),
+            "UPDATE trial_heartbeats SET heartbeat = datetime(heartbeat, '-16 seconds') "
+            "WHERE trial_id = ?",
+            (orphan._trial_id,),
         )
     fail_stale_trials(study)
     after = study.get_trials()
@@ -229,6 +232,39 @@ def test_a_running_trial_that_never_beat_is_failed_and_retried_after_the_grace_p
     assert retry.state == TrialState.WAITING
     assert retry.system_attrs["failed_trial"] == orphan.number
     assert retry.params == {"x": after[orphan.number].params["x"]}
+    # The worker takes the retry from the queue: that claim beats too.
+    with storage.beating_from_claim():
+        taken = study.ask()
+    assert taken.number == retry.number
+    assert taken._trial_id in {row[0] for row in _heartbeats(db)}
+
+
+def test_an_asked_trial_held_past_the_grace_period_can_still_be_told(db: str) -> None:
+    """Ask-and-tell as on Optuna's `RDBStorage`: a trial from `study.ask()` has no
+    heartbeat, so a worker's look for stale trials leaves it alone however long it is held
+    (before, it was failed and queued again, and `tell` raised "Cannot tell a FAIL trial")."""
+    storage = open_storage(db, create=True, heartbeat=1)
+    study, _ = create_or_resume(storage, "s", PRESETS["smoke"], budget=3)
+    held = study.ask()
+    held.suggest_float("x", 0, 1)
+    assert _heartbeats(db) == []
+    # Claimed four grace periods ago, by any clock.
+    long_ago = datetime.now(UTC) - timedelta(seconds=16)
+    with sqlite3.connect(db.removeprefix("sqlite:///")) as connection:
+        connection.execute(
+            "UPDATE trials SET datetime_start = ? WHERE trial_id = ?",
+            (long_ago.replace(tzinfo=None).isoformat(sep=" "), held._trial_id),
+        )
+    fail_stale_trials(study)  # what every worker does before each trial
+    assert study.get_trials()[held.number].state == TrialState.RUNNING
+    study.tell(held, 0.5)
+    told = study.get_trials()
+    assert [(t.number, t.state, t.value) for t in told] == [(held.number, TrialState.COMPLETE, 0.5)]
+
+
+def _heartbeats(db: str) -> list[tuple[int, str]]:
+    with sqlite3.connect(db.removeprefix("sqlite:///")) as connection:
+        return connection.execute("SELECT trial_id, heartbeat FROM trial_heartbeats").fetchall()
 
 
 def test_every_storage_method_the_retry_wraps_is_still_optunas() -> None:
