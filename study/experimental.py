@@ -1,5 +1,5 @@
 """Optuna features still marked experimental that mnist-study uses on purpose (heartbeats
-and their retry, artifacts): each use would otherwise warn on every call."""
+and their retry, artifacts, metric names): each use would otherwise warn on every call."""
 
 from __future__ import annotations
 

@@ -20,6 +20,9 @@ from study.experimental import experimental_optuna
 from study.presets import Preset, get_preset
 from study.sampler import GaussianPriorSampler
 
+# What the objective returns, as plots and optuna-dashboard name it.
+METRIC_NAME = "mean CV accuracy"
+
 
 def create_or_resume(
     storage: RDBStorage,
@@ -50,6 +53,8 @@ def create_or_resume(
         study = load_study(storage, name)
         if budget is not None and budget != attrs.get("budget"):
             study.set_user_attr("budget", budget)
+        if study.metric_names is None:  # made before studies were given it
+            _name_the_metric(study)
         return study, False
 
     import secrets
@@ -64,6 +69,7 @@ def create_or_resume(
         pruner=make_pruner(preset.pruner),
         load_if_exists=True,
     )
+    _name_the_metric(study)
     settings = {
         "preset": preset.name,
         "budget": preset.n_trials if budget is None else budget,
@@ -81,6 +87,11 @@ def create_or_resume(
     for key, value in settings.items():
         study.set_user_attr(key, value)
     return study, True
+
+
+def _name_the_metric(study: optuna.Study) -> None:
+    with experimental_optuna():
+        study.set_metric_names([METRIC_NAME])
 
 
 def load_study(storage: RDBStorage, name: str) -> optuna.Study:

@@ -57,6 +57,23 @@ def test_resuming_keeps_the_study_and_a_new_budget_replaces_the_old(db: str) -> 
     assert study.sampler.seed == 1
 
 
+def test_a_new_study_names_its_metric(db: str) -> None:
+    storage = open_storage(db, create=True)
+    create_or_resume(storage, "s", PRESETS["smoke"], seed=1)
+    assert load_study(storage, "s").metric_names == ["mean CV accuracy"]
+
+
+def test_resuming_a_study_made_before_metric_names_gives_it_the_name(db: str) -> None:
+    storage = open_storage(db, create=True)
+    create_or_resume(storage, "s", PRESETS["smoke"], seed=1)
+    with sqlite3.connect(db.removeprefix("sqlite:///")) as connection:  # as older ones were
+        connection.execute("DELETE FROM study_system_attributes WHERE key LIKE '%metric_names'")
+    assert load_study(storage, "s").metric_names is None
+    study, created = create_or_resume(storage, "s", PRESETS["smoke"])
+    assert not created
+    assert study.metric_names == load_study(storage, "s").metric_names == ["mean CV accuracy"]
+
+
 def test_resuming_with_another_preset_is_refused(db: str) -> None:
     storage = open_storage(db, create=True)
     create_or_resume(storage, "s", PRESETS["smoke"])
