@@ -57,6 +57,14 @@ def test_resuming_keeps_the_study_and_a_new_budget_replaces_the_old(db: str) -> 
     assert study.sampler.seed == 1
 
 
+def test_a_study_created_without_a_seed_stores_the_one_its_sampler_drew(db: str) -> None:
+    storage = open_storage(db, create=True)
+    study, _ = create_or_resume(storage, "s", PRESETS["smoke"])
+    seed = study.user_attrs["seed"]
+    assert isinstance(seed, int) and 0 <= seed < 2**31
+    assert study.sampler.seed == load_study(storage, "s").sampler.seed == seed
+
+
 def test_a_new_study_names_its_metric(db: str) -> None:
     storage = open_storage(db, create=True)
     create_or_resume(storage, "s", PRESETS["smoke"], seed=1)
