@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import tempfile
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.artifacts import FileSystemArtifactStore, get_all_artifact_meta, upload_artifact
-from optuna.exceptions import ExperimentalWarning
+
+from study.experimental import experimental_optuna
 
 if TYPE_CHECKING:
     from optuna.storages import BaseStorage
@@ -62,8 +62,7 @@ def attach_curves(
         picture = Path(tmp) / CURVES_PNG
         title = f"trial {trial.number}: fold learning curves (★ best epoch)"
         picture.write_bytes(learning_curves_png(curves, best_epochs, title))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ExperimentalWarning)
+        with experimental_optuna():
             for path, mimetype in ((data, "application/json"), (picture, "image/png")):
                 upload_artifact(
                     artifact_store=store, file_path=str(path), study_or_trial=trial,
@@ -77,8 +76,7 @@ def read_curves(
     """The trial's `curves.json`, or None if it has none in this store."""
     if store is None:
         return None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ExperimentalWarning)
+    with experimental_optuna():
         metas = get_all_artifact_meta(trial, storage=storage)
     for meta in metas:
         if meta.filename == CURVES_JSON:

@@ -15,15 +15,15 @@ import argparse
 import json
 import math
 import os
-import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from model.config import ACTIVATIONS, ConfigError
+from study.database import DEFAULT_HEARTBEAT, DEFAULT_STORAGE
+from study.errors import StorageError, StudyError, redact
 from study.presets import DEFAULT_PRESET, PRESETS, get_preset
-from study.storage import DEFAULT_HEARTBEAT, DEFAULT_STORAGE, StorageError, StudyError
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -60,13 +60,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-# user:password@ in any URL, for masking wherever a message echoes what the user typed.
-_URL_PASSWORD = re.compile(r"(://[^/:@\s]*:)[^/@\s]*@")
-
-
 def _printable(text: str) -> str:
     """`text` with URL passwords masked and control characters (newlines too) escaped."""
-    text = _URL_PASSWORD.sub(r"\1***@", text)
+    text = redact(text)
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
@@ -670,7 +666,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     outcome = run_study(options, log=lambda line: print(line, file=sys.stderr))
     print(_format_status(outcome.study.study_name, outcome.study, outcome.counts))
     if outcome.counts.done and not args.no_retrain:
-        from study.storage import open_storage
+        from study.database import open_storage
 
         device = resolve_device(plan_workers(args.devices, 1)[0][0])
         _retrain_and_print(
@@ -727,7 +723,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from study.storage import count_trials, list_studies, load_study, open_storage
+    from study.budget import count_trials
+    from study.database import open_storage
+    from study.studies import list_studies, load_study
 
     _quiet_optuna()
     storage = open_storage(_storage_url(args), heartbeat=None, write=False)
@@ -782,7 +780,8 @@ def _format_status(name: str, study: Any, counts: Any) -> str:
 
 def _open_study(args: argparse.Namespace, *, write: bool) -> tuple[Any, Any, str]:
     """(storage, study, url) for --study, or the storage's only study when none is named."""
-    from study.storage import list_studies, load_study, open_storage
+    from study.database import open_storage
+    from study.studies import list_studies, load_study
 
     _quiet_optuna()
     url = _storage_url(args)
@@ -892,7 +891,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     from optuna_dashboard import run_server
 
     from study.artifacts import artifact_dir, open_artifact_store
-    from study.storage import open_storage
+    from study.database import open_storage
 
     url = _storage_url(args)
     storage = open_storage(url, heartbeat=None, write=False)
@@ -903,8 +902,6 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
             "no authentication, so anyone who reaches this port can read and change the studies",
             file=sys.stderr,
         )
-    from study.storage import redact
-
     print(
         f"optuna-dashboard on {redact(url)}: http://{args.host}:{args.port}/ (Ctrl-C stops it)",
         file=sys.stderr,

@@ -26,15 +26,11 @@ import optuna
 
 from model.data import ensure_mnist
 from model.device import resolve_device
+from study.budget import StudyCounts, count_trials
+from study.database import DEFAULT_HEARTBEAT, open_storage
+from study.errors import redact
 from study.presets import Preset
-from study.storage import (
-    DEFAULT_HEARTBEAT,
-    StudyCounts,
-    count_trials,
-    create_or_resume,
-    open_storage,
-    redact,
-)
+from study.studies import create_or_resume
 
 STORAGE_ENV = "MNIST_STUDY_STORAGE"
 POLL_S = 1.0

@@ -23,8 +23,9 @@ from model.data import DataError, load_mnist, to_device
 from model.network import FFNN
 from model.retrain import predict
 from study.artifacts import open_artifact_store, read_curves
+from study.budget import count_trials
+from study.errors import redact
 from study.presets import get_preset
-from study.storage import count_trials, redact
 from study.stored_paths import resolve_path
 from viz.curves import learning_curves_figure
 from viz.gradient_ascent import PLAIN, REGULARISED, gradient_ascent

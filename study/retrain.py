@@ -21,8 +21,8 @@ from optuna.trial import FrozenTrial, TrialState
 from model.checkpoint import save_checkpoint
 from model.data import load_mnist, to_device
 from model.retrain import classification_metrics, predict, train_final
+from study.errors import StudyError
 from study.presets import get_preset
-from study.storage import StudyError
 from study.stored_paths import store_path
 
 CHECKPOINT = "best.pt"

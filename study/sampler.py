@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import secrets
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -33,16 +34,31 @@ class GaussianPriorSampler(BaseSampler):
     Each draw comes from its own random stream, derived from (seed, trial number, parameter
     name): workers sharing a study never draw the same trial, and a retried trial (Optuna's
     heartbeat retry copies the number of the trial it retries) draws the same values again.
-    The sampler holds no other state, so it pickles and needs no reseeding.
+    The sampler holds no other state, so it pickles, and `reseed_rng` keeps the seed.
+
+    Without a `seed`, as Optuna's samplers, it draws one from fresh entropy: two such
+    samplers sample differently. (mnist-study's studies always pass the seed they store.)
     """
 
-    def __init__(self, priors: Mapping[str, GaussianPrior], seed: int = 0) -> None:
+    def __init__(self, priors: Mapping[str, GaussianPrior], seed: int | None = None) -> None:
         self._priors = dict(priors)
-        self._seed = int(seed)
+        self._seed = secrets.randbits(63) if seed is None else int(seed)
 
     @property
     def seed(self) -> int:
+        """The seed every stream derives from: the one given, or the one drawn."""
         return self._seed
+
+    def reseed_rng(self) -> None:
+        """Keeps the seed, on purpose; Optuna's own `RandomSampler` would draw a new one.
+
+        Optuna calls this as each thread of `optimize(n_jobs > 1)` starts, so that copies
+        of one random state do not repeat each other's draws. Here no state is shared to
+        repeat: each value's stream is keyed by its trial's number, which no two trials
+        share. A new seed would only break what the seed promises: the study's stored seed
+        would no longer say what it drew, and a retried trial would draw other values than
+        the trial it retries (as `QMCSampler` keeps its seed for the same reason).
+        """
 
     def infer_relative_search_space(
         self, study: Study, trial: FrozenTrial

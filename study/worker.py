@@ -22,17 +22,11 @@ from pathlib import Path
 from model.data import ensure_mnist, load_mnist, to_device
 from model.device import resolve_device
 from study.artifacts import artifact_dir, open_artifact_store
+from study.budget import count_trials
+from study.database import DEFAULT_HEARTBEAT, open_storage
+from study.errors import StorageError, causes
 from study.objective import Objective
-from study.storage import (
-    DEFAULT_HEARTBEAT,
-    StorageError,
-    count_trials,
-    fail_stale_trials,
-    load_study,
-    open_storage,
-    requeue,
-    study_preset,
-)
+from study.studies import fail_stale_trials, load_study, requeue, study_preset
 
 POLL_S = 1.0
 
@@ -100,7 +94,10 @@ def run_worker(options: WorkerOptions, log: Callable[[str], None] = print) -> in
             objective.current_trial = None
             # A trial that raises (a GPU out of memory, say) fails alone; Optuna logs why.
             try:
-                study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False)
+                # The claim itself writes the trial's first heartbeat, so a worker killed
+                # before Optuna's heartbeat thread beats still leaves a trial that goes stale.
+                with storage.beating_from_claim():
+                    study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False)
             except Exception as exc:
                 # A storage out of reach for good can surface from Optuna's own clean-up
                 # as another error (an UnboundLocalError in Optuna 5's _run_trial); the
@@ -119,14 +116,7 @@ def run_worker(options: WorkerOptions, log: Callable[[str], None] = print) -> in
 
 
 def _storage_error_behind(exc: BaseException) -> StorageError | None:
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        if isinstance(current, StorageError):
-            return current
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return None
+    return next((cause for cause in causes(exc) if isinstance(cause, StorageError)), None)
 
 
 class _StopSignals:

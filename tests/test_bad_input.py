@@ -46,8 +46,9 @@ from model.config import (
 from model.data import IDX_FILES, TEST_LABELS, TRAIN_IMAGES, default_root, present, raw_dir
 from model.kfold import train_kfold
 from study.cli import build_parser, main
+from study.database import open_storage
 from study.presets import PRESETS
-from study.storage import create_or_resume, open_storage
+from study.studies import create_or_resume
 from tests.conftest import synthetic_data
 
 # Resolved now: each row runs in a folder of its own, where ./data would not be MNIST.

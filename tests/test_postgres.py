@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from model.data import Mnist, default_root
-from study.storage import load_study, open_storage
+from study.database import open_storage
+from study.studies import load_study
 from tests.pgserver import PASSWORD, PgServer, free_port
 
 WAIT_S = 240

@@ -31,12 +31,14 @@ from study.artifacts import (
     open_artifact_store,
     read_curves,
 )
+from study.database import open_storage
+from study.errors import StudyError
 from study.objective import Objective
 from study.presets import PRESETS
 from study.reporting import build_report, retrained_network
 from study.retrain import best_finished_trial, retrain_best
-from study.storage import StudyError, create_or_resume, load_study, open_storage
 from study.stored_paths import resolve_path
+from study.studies import create_or_resume, load_study
 from tests.conftest import synthetic_data
 from viz.curves import pruner_means
 

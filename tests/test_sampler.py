@@ -291,6 +291,43 @@ def test_a_pickled_sampler_draws_the_same_values() -> None:
     assert ours == draw_params(SPACE, DEFAULTS, 30, 11)
 
 
+def test_a_sampler_given_no_seed_draws_one_from_fresh_entropy() -> None:
+    """As Optuna's samplers do: two studies built without a seed sample differently."""
+    a, b = GaussianPriorSampler(SPACE.priors()), GaussianPriorSampler(SPACE.priors())
+    assert a.seed != b.seed
+    first = draw_params(SPACE, DEFAULTS, 5, 0, sampler=a)
+    assert first != draw_params(SPACE, DEFAULTS, 5, 0, sampler=b)
+    # The seed it drew is its seed: a sampler given it draws the same.
+    assert first == draw_params(SPACE, DEFAULTS, 5, a.seed)
+
+
+def test_reseeding_keeps_the_seed_and_what_it_draws() -> None:
+    sampler = GaussianPriorSampler(SPACE.priors(), seed=5)
+    before = draw_params(SPACE, DEFAULTS, 10, 5, sampler=sampler)
+    sampler.reseed_rng()
+    assert sampler.seed == 5
+    assert draw_params(SPACE, DEFAULTS, 10, 5, sampler=sampler) == before
+
+
+def test_threads_of_one_optimize_draw_each_trial_as_one_thread_would() -> None:
+    """`optimize(n_jobs=2)` reseeds the sampler as each thread starts; the trials still
+    draw what their numbers and the seed say, none twice."""
+
+    def objective(trial: optuna.Trial) -> float:
+        SPACE.suggest(trial, DEFAULTS)
+        return 0.0
+
+    study = optuna.create_study(sampler=GaussianPriorSampler(SPACE.priors(), seed=5))
+    study.optimize(objective, n_trials=12, n_jobs=2)
+    by_number = sorted((t.number, t.params) for t in study.trials)
+    alone = draw_params(SPACE, DEFAULTS, 12, 5)
+    assert [params for _, params in by_number] == [
+        {name: drawn[name] for name in params}
+        for (_, params), drawn in zip(by_number, alone, strict=True)
+    ]
+    assert len({tuple(sorted(p.items())) for _, p in by_number}) == 12
+
+
 def test_a_parameter_without_a_prior_is_drawn_uniformly() -> None:
     sampler = GaussianPriorSampler(SPACE.priors(), seed=SEED)
     distribution = IntDistribution(0, 9)

@@ -14,20 +14,14 @@ from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
 from model.data import DeviceData
-from study import storage as storage_module
+from study import resilient_storage
+from study.budget import count_trials
+from study.database import open_storage
+from study.errors import StorageError, StudyError, redact
 from study.objective import Objective
 from study.presets import PRESETS
-from study.storage import (
-    StorageError,
-    StudyError,
-    count_trials,
-    create_or_resume,
-    fail_stale_trials,
-    load_study,
-    open_storage,
-    redact,
-    requeue,
-)
+from study.resilient_storage import RETRIED_CALLS, ResilientRDBStorage
+from study.studies import create_or_resume, fail_stale_trials, load_study, requeue
 from tests.conftest import synthetic_data
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -61,6 +55,31 @@ def test_resuming_keeps_the_study_and_a_new_budget_replaces_the_old(db: str) -> 
     assert study.user_attrs["seed"] == 1
     assert isinstance(study.sampler, type(load_study(storage, "s").sampler))
     assert study.sampler.seed == 1
+
+
+def test_a_study_created_without_a_seed_stores_the_one_its_sampler_drew(db: str) -> None:
+    storage = open_storage(db, create=True)
+    study, _ = create_or_resume(storage, "s", PRESETS["smoke"])
+    seed = study.user_attrs["seed"]
+    assert isinstance(seed, int) and 0 <= seed < 2**31
+    assert study.sampler.seed == load_study(storage, "s").sampler.seed == seed
+
+
+def test_a_new_study_names_its_metric(db: str) -> None:
+    storage = open_storage(db, create=True)
+    create_or_resume(storage, "s", PRESETS["smoke"], seed=1)
+    assert load_study(storage, "s").metric_names == ["mean CV accuracy"]
+
+
+def test_resuming_a_study_made_before_metric_names_gives_it_the_name(db: str) -> None:
+    storage = open_storage(db, create=True)
+    create_or_resume(storage, "s", PRESETS["smoke"], seed=1)
+    with sqlite3.connect(db.removeprefix("sqlite:///")) as connection:  # as older ones were
+        connection.execute("DELETE FROM study_system_attributes WHERE key LIKE '%metric_names'")
+    assert load_study(storage, "s").metric_names is None
+    study, created = create_or_resume(storage, "s", PRESETS["smoke"])
+    assert not created
+    assert study.metric_names == load_study(storage, "s").metric_names == ["mean CV accuracy"]
 
 
 def test_resuming_with_another_preset_is_refused(db: str) -> None:
@@ -131,10 +150,26 @@ def test_a_bad_storage_url_is_one_clear_error(url: str, says: str) -> None:
     assert "\n" not in str(info.value)
 
 
-def test_passwords_are_masked_in_storage_urls() -> None:
-    assert redact("postgresql+psycopg://ann:s3cret@db.example/studies") == (
-        "postgresql+psycopg://ann:***@db.example/studies"
-    )
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        (
+            "postgresql+psycopg://ann:s3cret@db.example/studies",
+            "postgresql+psycopg://ann:***@db.example/studies",
+        ),
+        # A password as SQLAlchemy reads it: anything up to the '@'.
+        ("postgresql://ann:a/b:c?d@db:5432/s", "postgresql://ann:***@db:5432/s"),
+        # Every URL in a message; none without a password, nor a port, taken for one.
+        (
+            "storage postgresql://u:pw@h/db: failed; see mysql://v:x@h2 or sqlite:///a.db",
+            "storage postgresql://u:***@h/db: failed; see mysql://v:***@h2 or sqlite:///a.db",
+        ),
+        ("postgresql://ann@db:5432/s from ann@home", "postgresql://ann@db:5432/s from ann@home"),
+        ("postgresql://db:5432/s by ann@home", "postgresql://db:5432/s by ann@home"),
+    ],
+)
+def test_passwords_are_masked_in_storage_urls(text: str, shown: str) -> None:
+    assert redact(text) == shown
 
 
 def test_budget_counts_ended_trials_but_not_failures_that_were_retried(db: str) -> None:
@@ -197,19 +232,22 @@ def test_a_diverging_configuration_is_pruned_with_its_reason_and_the_worker_goes
 def test_a_running_trial_that_never_beat_is_failed_and_retried_after_the_grace_period(
     db: str,
 ) -> None:
-    """A worker killed between claiming a trial and its first heartbeat leaves no heartbeat
-    row; Optuna alone would leave that trial RUNNING for ever."""
+    """A worker killed between claiming a trial and its heartbeat thread's first beat: Optuna
+    alone would leave that trial RUNNING for ever, with no heartbeat to judge it by. The
+    worker's claim writes the first beat itself, so the trial goes stale like any other."""
     storage = open_storage(db, create=True, heartbeat=1)
     study, _ = create_or_resume(storage, "s", PRESETS["smoke"], budget=3)
-    orphan = study.ask()
-    orphan.suggest_float("x", 0, 1)
-    fresh = study.ask()  # claimed just now: inside the grace period, left alone
-    # Four grace periods ago, as its claiming worker's clock (the same as ours) wrote it.
-    long_ago = datetime.now(UTC) - timedelta(seconds=16)
+    with storage.beating_from_claim():  # as the worker claims its trials
+        orphan = study.ask()  # and is killed now: no heartbeat thread ever starts
+        orphan.suggest_float("x", 0, 1)
+        fresh = study.ask()  # claimed just now: inside the grace period, left alone
+    assert {row[0] for row in _heartbeats(db)} == {orphan._trial_id, fresh._trial_id}
+    # Its claim's beat made four grace periods ago, by the database's clock.
     with sqlite3.connect(db.removeprefix("sqlite:///")) as connection:
         connection.execute(
-            "UPDATE trials SET datetime_start = ? WHERE trial_id = ?",
-            (long_ago.replace(tzinfo=None).isoformat(sep=" "), orphan._trial_id),
+            "UPDATE trial_heartbeats SET heartbeat = datetime(heartbeat, '-16 seconds') "
+            "WHERE trial_id = ?",
+            (orphan._trial_id,),
         )
     fail_stale_trials(study)
     after = study.get_trials()
@@ -219,6 +257,71 @@ def test_a_running_trial_that_never_beat_is_failed_and_retried_after_the_grace_p
     assert retry.state == TrialState.WAITING
     assert retry.system_attrs["failed_trial"] == orphan.number
     assert retry.params == {"x": after[orphan.number].params["x"]}
+    # The worker takes the retry from the queue: that claim beats too.
+    with storage.beating_from_claim():
+        taken = study.ask()
+    assert taken.number == retry.number
+    assert taken._trial_id in {row[0] for row in _heartbeats(db)}
+
+
+def test_an_asked_trial_held_past_the_grace_period_can_still_be_told(db: str) -> None:
+    """Ask-and-tell as on Optuna's `RDBStorage`: a trial from `study.ask()` has no
+    heartbeat, so a worker's look for stale trials leaves it alone however long it is held
+    (before, it was failed and queued again, and `tell` raised "Cannot tell a FAIL trial")."""
+    storage = open_storage(db, create=True, heartbeat=1)
+    study, _ = create_or_resume(storage, "s", PRESETS["smoke"], budget=3)
+    held = study.ask()
+    held.suggest_float("x", 0, 1)
+    assert _heartbeats(db) == []
+    # Claimed four grace periods ago, by any clock.
+    long_ago = datetime.now(UTC) - timedelta(seconds=16)
+    with sqlite3.connect(db.removeprefix("sqlite:///")) as connection:
+        connection.execute(
+            "UPDATE trials SET datetime_start = ? WHERE trial_id = ?",
+            (long_ago.replace(tzinfo=None).isoformat(sep=" "), held._trial_id),
+        )
+    fail_stale_trials(study)  # what every worker does before each trial
+    assert study.get_trials()[held.number].state == TrialState.RUNNING
+    study.tell(held, 0.5)
+    told = study.get_trials()
+    assert [(t.number, t.state, t.value) for t in told] == [(held.number, TrialState.COMPLETE, 0.5)]
+
+
+def _heartbeats(db: str) -> list[tuple[int, str]]:
+    with sqlite3.connect(db.removeprefix("sqlite:///")) as connection:
+        return connection.execute("SELECT trial_id, heartbeat FROM trial_heartbeats").fetchall()
+
+
+def test_every_storage_method_the_retry_wraps_is_still_optunas() -> None:
+    """The retry wraps `RDBStorage`'s methods by name, private ones too: an Optuna that
+    renamed or dropped one would leave that call unretried without a word."""
+    missing = [name for name in RETRIED_CALLS if not callable(getattr(RDBStorage, name, None))]
+    assert not missing, (
+        f"optuna {optuna.__version__}'s RDBStorage has no {', '.join(missing)}: "
+        "study/resilient_storage.py retries these calls by name; find what replaced them "
+        "there and update RETRIED_CALLS (and the bound on optuna in pyproject.toml)"
+    )
+    unwrapped = [
+        n for n in RETRIED_CALLS if not hasattr(getattr(ResilientRDBStorage, n), "__wrapped__")
+    ]
+    assert unwrapped == []
+
+
+def test_every_database_call_of_optunas_storage_is_retried() -> None:
+    """A database call Optuna adds to `RDBStorage` must join the retry (get_trial_user_attrs
+    and get_trial_system_attrs, which Optuna's artifacts and constraints call, once had not)."""
+    not_database_calls = {
+        "get_heartbeat_interval", "get_heartbeat_stale_trial_callback", "remove_session",
+        # Schema migration, run by hand (`optuna storage upgrade`), never by mnist-study.
+        "upgrade", "get_current_version", "get_head_version", "get_all_versions",
+        "record_heartbeat",  # retried inside, where a failure may not raise
+    }  # fmt: skip
+    public = {name for name, value in vars(RDBStorage).items() if callable(value)}
+    public = {name for name in public if not name.startswith("_")}
+    assert sorted(public - set(RETRIED_CALLS) - not_database_calls) == [], (
+        f"optuna {optuna.__version__}'s RDBStorage has calls ResilientRDBStorage does not "
+        "retry: add them to RETRIED_CALLS in study/resilient_storage.py"
+    )
 
 
 def _lost_connection() -> optuna.exceptions.StorageInternalError:
@@ -273,7 +376,7 @@ def test_a_storage_call_rides_out_a_lost_connection_and_gives_up_in_one_line(
     storage = open_storage(db, create=True)
     create_or_resume(storage, "s", PRESETS["smoke"], budget=3)
     clock = FakeClock()
-    monkeypatch.setattr(storage_module, "time", clock)
+    monkeypatch.setattr(resilient_storage, "time", clock)
     real_session = storage.scoped_session
     failures: Iterator[Exception] = iter([_lost_connection(), _lost_mid_query()])
     attempts: list[float] = []  # the fake time of each attempt

@@ -23,15 +23,11 @@ import pytest
 from optuna.trial import FrozenTrial, TrialState
 
 from model.data import Mnist, default_root
+from study.budget import count_trials
+from study.database import open_storage
+from study.errors import StorageError, StudyError
 from study.presets import PRESETS
-from study.storage import (
-    StorageError,
-    StudyError,
-    count_trials,
-    create_or_resume,
-    load_study,
-    open_storage,
-)
+from study.studies import create_or_resume, load_study
 from tests.pgserver import PASSWORD, PgServer
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -1,0 +1,46 @@
+"""The errors several modules raise, and how an error is told to a user: on one line,
+without a password. Imports nothing of ours, so any module may import it."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+
+class StorageError(RuntimeError):
+    """The storage URL or database cannot be used; the message says why in one line."""
+
+
+class StudyError(RuntimeError):
+    """The study is missing or does not match what was asked for."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of the exception's message that is not blank, else its type's name:
+    libraries put what went wrong first and the detail (the SQL, a traceback) below."""
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(exc).__name__
+
+
+def causes(exc: BaseException) -> Iterator[BaseException]:
+    """`exc`, then what led to it, explicit cause (`raise ... from`) before implicit
+    context, each once even where the chain loops."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+# The user:password@ of a URL, as SQLAlchemy reads one (user up to ':', password up to
+# '@'), but never across a blank: in a message a URL ends there.
+_URL_PASSWORD = re.compile(r"(://[^/:@\s]*:)[^@\s]*@")
+
+
+def redact(text: str) -> str:
+    """`text` with the password of every URL in it shown as `***`, for every message a user
+    sees: a storage URL, or an error that echoes one."""
+    return _URL_PASSWORD.sub(r"\1***@", text)

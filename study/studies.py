@@ -1,0 +1,152 @@
+"""A study in its storage: created with a preset's settings or resumed, with the sampler
+and pruner those settings name, and its trials queued again when their worker dies.
+
+A study's settings — preset, budget, sampler seed, pruner, the priors — are its user
+attributes, so every worker, on any host, reads the same ones, and optuna-dashboard shows
+them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import TrialState
+
+from study.database import MAX_RETRY
+from study.errors import StudyError, redact
+from study.experimental import experimental_optuna
+from study.presets import Preset, get_preset
+from study.sampler import GaussianPriorSampler
+
+# What the objective returns, as plots and optuna-dashboard name it.
+METRIC_NAME = "mean CV accuracy"
+
+
+def create_or_resume(
+    storage: RDBStorage,
+    name: str,
+    preset: Preset,
+    *,
+    budget: int | None = None,
+    seed: int | None = None,
+) -> tuple[optuna.Study, bool]:
+    """The study `name`, created with `preset`'s settings if new. Returns (study, created).
+
+    Resuming checks the preset and seed; a new `budget` replaces the stored one.
+    """
+    existing = _study_names(storage)
+    if name in existing:
+        attrs = _study_attrs(storage, name)
+        if attrs.get("preset") != preset.name:
+            raise StudyError(
+                f"study {name!r} was made with preset {attrs.get('preset')!r}, not "
+                f"{preset.name!r}: resume it with --preset {attrs.get('preset')}, or give "
+                "another --study name"
+            )
+        if seed is not None and seed != attrs.get("seed"):
+            raise StudyError(
+                f"study {name!r} samples with seed {attrs.get('seed')}, not {seed}: "
+                "a study keeps its seed; leave --seed out to resume it"
+            )
+        study = load_study(storage, name)
+        if budget is not None and budget != attrs.get("budget"):
+            study.set_user_attr("budget", budget)
+        if study.metric_names is None:  # made before studies were given it
+            _name_the_metric(study)
+        return study, False
+
+    import secrets
+
+    seed = secrets.randbelow(2**31) if seed is None else seed
+    sampler = GaussianPriorSampler(preset.space.priors(), seed=seed)
+    study = optuna.create_study(
+        study_name=name,
+        storage=storage,
+        direction="maximize",
+        sampler=sampler,
+        pruner=make_pruner(preset.pruner),
+        load_if_exists=True,
+    )
+    _name_the_metric(study)
+    settings = {
+        "preset": preset.name,
+        "budget": preset.n_trials if budget is None else budget,
+        "seed": seed,
+        "pruner": preset.pruner,
+        "priors": {
+            key: {"mu": round(p.mu, 4), "sigma": round(p.sigma, 4)}
+            for key, p in preset.space.priors().items()
+        },
+        "space": preset.space.describe(),
+        "training": {
+            k: v for k, v in preset.defaults.params().items() if not k.startswith("n_units")
+        },
+    }
+    for key, value in settings.items():
+        study.set_user_attr(key, value)
+    return study, True
+
+
+def _name_the_metric(study: optuna.Study) -> None:
+    with experimental_optuna():
+        study.set_metric_names([METRIC_NAME])
+
+
+def load_study(storage: RDBStorage, name: str) -> optuna.Study:
+    """An existing mnist-study study, with the sampler and pruner its attributes name."""
+    names = _study_names(storage)
+    if name not in names:
+        there = f"studies there: {', '.join(sorted(names))}" if names else "it holds no studies"
+        raise StudyError(f"no study named {name!r} in {redact(storage.url)}; {there}")
+    attrs = _study_attrs(storage, name)
+    if "preset" not in attrs or "seed" not in attrs:
+        raise StudyError(
+            f"study {name!r} was not made by mnist-study (no preset in its attributes)"
+        )
+    preset = get_preset(attrs["preset"])
+    sampler = GaussianPriorSampler(preset.space.priors(), seed=attrs["seed"])
+    return optuna.load_study(
+        study_name=name,
+        storage=storage,
+        sampler=sampler,
+        pruner=make_pruner(attrs.get("pruner", "none")),
+    )
+
+
+def study_preset(study: optuna.Study) -> Preset:
+    return get_preset(study.user_attrs["preset"])
+
+
+def make_pruner(name: str) -> optuna.pruners.BasePruner:
+    if name == "median":
+        # Judge a trial only after a few whole trials and a few epochs of its own.
+        return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=4)
+    return optuna.pruners.NopPruner()
+
+
+def list_studies(storage: BaseStorage) -> list[str]:
+    return sorted(_study_names(storage))
+
+
+def _study_names(storage: BaseStorage) -> set[str]:
+    return {s.study_name for s in storage.get_all_studies()}
+
+
+def _study_attrs(storage: BaseStorage, name: str) -> dict[str, Any]:
+    return storage.get_study_user_attrs(storage.get_study_id_from_name(name))
+
+
+def requeue(study: optuna.Study, number: int) -> None:
+    """Queue a failed trial again with its parameters, as the heartbeat retry does."""
+    trial = study.get_trials(deepcopy=False)[number]
+    if trial.state == TrialState.FAIL:
+        with experimental_optuna():
+            RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, trial)
+
+
+def fail_stale_trials(study: optuna.Study) -> None:
+    """Fail (and so requeue) running trials whose worker stopped beating."""
+    with experimental_optuna():
+        optuna.storages.fail_stale_trials(study)
