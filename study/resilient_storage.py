@@ -16,6 +16,7 @@ import re
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -116,9 +117,14 @@ def _beat_on_claims(storage: ResilientRDBStorage) -> None:
     from sqlalchemy.orm import Session, SessionTransaction
 
     sessions = storage.scoped_session.session_factory
+    # A weak reference: listeners holding the storage itself would make a cycle (storage →
+    # sessions → listeners → storage) that outlives the last use, so its engine would not
+    # be closed when the command ends, and SQLite would leave -wal and -shm files behind.
+    owner = weakref.ref(storage)
 
     def note_claims(session: Session, *flushing: object) -> None:
-        if not getattr(storage._claim_state, "beating", False):
+        storage = owner()
+        if storage is None or not getattr(storage._claim_state, "beating", False):
             return
         claimed = session.info.setdefault(_CLAIMED, [])
         for trial in (*session.new, *session.dirty):
