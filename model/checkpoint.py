@@ -13,18 +13,11 @@ from typing import Any
 
 import torch
 
-from model.config import ConfigError, TrainConfig
+from model.config import TrainConfig
+from model.errors import CheckpointError, CheckpointMissing, ConfigError
 from model.network import FFNN
 
 FORMAT = "mnist-study/ffnn-1"
-
-
-class CheckpointError(RuntimeError):
-    """The file is not a checkpoint this program wrote, or it was altered."""
-
-
-class CheckpointMissing(CheckpointError):
-    """There is no file at the checkpoint's path."""
 
 
 # torch names the global a refused pickle asked for, e.g. "unsupported GLOBAL posix.system".

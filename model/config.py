@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from model.activations import TABLE as ACTIVATION_TABLE
+from model.errors import ConfigError
 
 N_INPUTS = 28 * 28
 N_CLASSES = 10
@@ -45,12 +46,10 @@ MAX_EPOCHS = 100_000
 
 ACTIVATIONS = tuple(ACTIVATION_TABLE)
 OPTIMIZERS = ("adam", "adamax")
+# fp32, tf32 (GPU tensor cores), bf16 (autocast): see model.steps.resolve_precision.
+PRECISIONS = ("fp32", "tf32", "bf16")
 
 _UNITS_KEY = re.compile(r"n_units_l(\d+)")
-
-
-class ConfigError(ValueError):
-    """A configuration value a user gave is wrong; the message names it and what it accepts."""
 
 
 @dataclass(frozen=True)

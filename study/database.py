@@ -25,6 +25,8 @@ from study.experimental import experimental_optuna
 from study.resilient_storage import ResilientRDBStorage, database_error_line, drop_fallback_warning
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
+# The storage URL when --storage is not given; `run` hands it to its workers this way.
+STORAGE_ENV = "MNIST_STUDY_STORAGE"
 # Seconds between a running trial's heartbeats; a trial silent for GRACE_FACTOR times as
 # long belongs to a dead worker and is queued again with the same parameters.
 DEFAULT_HEARTBEAT = 5

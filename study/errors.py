@@ -3,8 +3,15 @@ without a password. Imports nothing of ours, so any module may import it."""
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterator
+from pathlib import Path
+
+# Exit codes: bad input on the command line, data or storage that cannot serve, Ctrl-C.
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+EXIT_INTERRUPTED = 130
 
 
 class StorageError(RuntimeError):
@@ -13,6 +20,24 @@ class StorageError(RuntimeError):
 
 class StudyError(RuntimeError):
     """The study is missing or does not match what was asked for."""
+
+
+class UsageError(Exception):
+    """Bad input from the command line; exit 2."""
+
+
+class OutputError(Exception):
+    """A folder the command must write into cannot be made or written; exit 1."""
+
+
+def check_writable(folder: Path) -> None:
+    """Refuse a folder that could not be made or written, before the work whose results
+    go there: its nearest existing ancestor must be a folder this process may write."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists() or p == Path("."))
+    if not existing.is_dir():
+        raise OutputError(f"cannot write into {folder}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write into {folder}: {existing} is not writable")
 
 
 def first_line(exc: BaseException) -> str:

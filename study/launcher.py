@@ -27,12 +27,11 @@ import optuna
 from model.data import ensure_mnist
 from model.device import resolve_device
 from study.budget import StudyCounts, count_trials
-from study.database import DEFAULT_HEARTBEAT, open_storage
+from study.database import DEFAULT_HEARTBEAT, STORAGE_ENV, open_storage
 from study.errors import redact
 from study.presets import Preset
 from study.studies import create_or_resume
 
-STORAGE_ENV = "MNIST_STUDY_STORAGE"
 POLL_S = 1.0
 # How long workers get to queue their trials again after Ctrl-C before they are killed.
 STOP_GRACE_S = 20.0

@@ -58,6 +58,15 @@ def compression_priors(n_layers: int) -> list[GaussianPrior]:
 
 
 @dataclass(frozen=True)
+class PriorMoments:
+    """What a parameter's prior is, and the mean and standard deviation of its draws."""
+
+    kind: str
+    mean: float
+    sd: float
+
+
+@dataclass(frozen=True)
 class SearchSpace:
     """What a study searches; the preset's `TrainConfig` supplies everything else."""
 
@@ -104,6 +113,30 @@ class SearchSpace:
         """The configuration a trial with these `params` trained: how a finished trial is
         rebuilt without Optuna's trial object."""
         return _with_hidden(defaults, self.n_layers).with_params(params)
+
+    def prior_moments(self) -> dict[str, PriorMoments]:
+        """Each numeric parameter's prior, with the mean and standard deviation of a draw."""
+        priors = self.priors()
+        out = {}
+        for name, distribution in self.distributions().items():
+            if not hasattr(distribution, "low"):
+                continue
+            low, high = distribution.low, distribution.high
+            if name in priors:
+                prior = priors[name]
+                mean, sd = prior.truncated_moments(low, high)
+                kind = f"N({prior.mu:.2f}, {prior.sigma:.2f}) rounded, in [{low}, {high}]"
+            elif distribution.log:
+                # X = exp(U), U uniform on [ln low, ln high]: E[X] and E[X²] by integration.
+                log_width = math.log(high / low)
+                mean = (high - low) / log_width
+                sd = math.sqrt((high**2 - low**2) / (2 * log_width) - mean**2)
+                kind = f"log-uniform [{low:g}, {high:g}]"
+            else:
+                mean, sd = (low + high) / 2, (high - low) / 12**0.5
+                kind = f"uniform [{low:g}, {high:g}]"
+            out[name] = PriorMoments(kind, mean, sd)
+        return out
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready description (stored in the study's user attributes)."""

@@ -125,15 +125,6 @@ def test_a_mistyped_flag_is_answered_without_importing_torch() -> None:
     assert proc.stdout.split() == ["2", "False"], proc.stderr
 
 
-def test_the_clis_copies_of_constants_match_their_modules() -> None:
-    from model.steps import PRECISIONS
-    from study import cli
-    from study.launcher import STORAGE_ENV
-
-    assert cli.PRECISIONS == PRECISIONS
-    assert cli.STORAGE_ENV == STORAGE_ENV
-
-
 def test_space_prints_one_configuration_per_line_from_the_real_sampler() -> None:
     proc = run_cli("space", "--preset", "seed", "--sample", "5", "--seed", "3", "--json")
     assert proc.returncode == 0, proc.stderr

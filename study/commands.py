@@ -1,0 +1,382 @@
+"""The commands' bodies: each takes the parsed arguments, does its work and returns the
+exit code; `study.cli` parses and dispatches. torch and Optuna are imported inside the
+bodies that use them, so that `--help` and a mistyped flag answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from study.database import DEFAULT_STORAGE, STORAGE_ENV
+from study.errors import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    StudyError,
+    UsageError,
+    check_writable,
+    redact,
+)
+from study.params import parse_params
+from study.presets import get_preset
+from study.tables import space_summary, status_block, train_table
+
+if TYPE_CHECKING:
+    import optuna
+    import torch
+    from optuna.storages import BaseStorage
+
+    from model.kfold import Progress
+
+
+def _data_root(args: argparse.Namespace) -> Path:
+    from model.data import default_root
+
+    return args.root if args.root is not None else default_root()
+
+
+def data(args: argparse.Namespace) -> int:
+    from model.data import ensure_mnist, load_mnist
+
+    root = _data_root(args)
+    source = ensure_mnist(root, refetch=args.refetch)
+    mnist = load_mnist(root)
+    print(f"MNIST: {source}")
+    for split, labels in (("train", mnist.train_labels), ("test", mnist.test_labels)):
+        counts = labels.bincount(minlength=10).tolist()
+        print(f"  {split:5s} {labels.shape[0]:6d} images, per digit {counts}")
+    return 0
+
+
+def train(args: argparse.Namespace) -> int:
+    preset = get_preset(args.preset)
+    config = preset.defaults.with_params(parse_params(args.params))
+
+    from model.device import resolve_device
+
+    device = resolve_device(args.device)
+    _check_precision(args.precision, device)
+
+    from model.data import ensure_mnist, load_mnist, to_device
+    from model.kfold import train_kfold
+
+    root = _data_root(args)
+    ensure_mnist(root)
+    mnist = load_mnist(root)
+    data = to_device(mnist.train_images, mnist.train_labels, device)
+    result = train_kfold(
+        config,
+        data,
+        on_progress=_epoch_bar(config.max_epochs),
+        precision=args.precision,
+        compile=args.compile,
+    )
+    if args.json:
+        print(json.dumps(result.summary()))
+        return 0
+    print(train_table(result))
+    return 0
+
+
+def _epoch_bar(max_epochs: int) -> Callable[[Progress], bool]:
+    """A progress bar over epochs, on stderr when it is a terminal."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=max_epochs, unit="epoch", desc="k-fold", disable=None, leave=False)
+
+    def on_progress(progress: Progress) -> bool:
+        bar.update(progress.epoch - bar.n)
+        bar.set_postfix(mean_acc=f"{progress.mean_accuracy:.4f}", folds=progress.active_folds)
+        if progress.active_folds == 0 or progress.epoch >= max_epochs:
+            bar.close()
+        return False
+
+    return on_progress
+
+
+def _storage_url(args: argparse.Namespace) -> str:
+    if args.storage is not None and not args.storage.strip():
+        raise UsageError("--storage is empty: give a database URL such as sqlite:///optuna.db")
+    return args.storage or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
+
+
+def _quiet_optuna() -> None:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def space(args: argparse.Namespace) -> int:
+    from study.sampler import draw_params
+
+    _quiet_optuna()
+    preset = get_preset(args.preset)
+    draws = draw_params(preset.space, preset.defaults, args.sample, args.seed)
+    if args.json:
+        for params in draws:
+            print(json.dumps(params))
+        return 0
+    print(space_summary(preset, draws, args.seed))
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    storage_url = _storage_url(args)
+    preset = get_preset(args.preset)
+
+    from model.data import check_mnist
+    from model.device import resolve_device
+    from study.launcher import RunOptions, plan_workers, run_study
+
+    _quiet_optuna()
+    for device, _ in plan_workers(args.devices, args.workers, args.workers_per_device):
+        _check_precision(args.precision, resolve_device(device))
+    # Damaged MNIST files or an unwritable --out stop the run before the storage is
+    # created or touched; missing MNIST files are fetched by run_study.
+    check_mnist(_data_root(args))
+    if args.out is not None:
+        check_writable(args.out)
+    options = RunOptions(
+        storage=storage_url,
+        study=args.study or f"mnist-{preset.name}",
+        preset=preset,
+        n_trials=args.n_trials,
+        workers=args.workers,
+        devices=args.devices,
+        seed=args.seed,
+        timeout=args.timeout,
+        data_root=_data_root(args),
+        heartbeat=args.heartbeat,
+        artifacts=args.artifacts,
+        workers_per_device=args.workers_per_device,
+        precision=args.precision,
+        compile=args.compile,
+    )
+    outcome = run_study(options, log=lambda line: print(line, file=sys.stderr))
+    print(status_block(outcome.study.study_name, outcome.study, outcome.counts))
+    if outcome.counts.done and not args.no_retrain:
+        from study.database import open_storage
+
+        device = resolve_device(plan_workers(args.devices, 1)[0][0])
+        _retrain_and_print(
+            outcome.study, None, device, options.data_root, json_out=False, precision=args.precision
+        )
+        storage = open_storage(options.storage, heartbeat=None)
+        page = _write_report(
+            outcome.study, storage, options.storage, args.out, args.artifacts, options.data_root
+        )
+        print(f"report: {page}")
+    if outcome.interrupted:
+        print("interrupted: the study is saved; run the same command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if outcome.timed_out:
+        print(f"stopped after --timeout {args.timeout:g} s; run again to resume", file=sys.stderr)
+        return 0
+    if not outcome.counts.done:
+        workers = ", ".join(f"w{i}" for i in outcome.failed_workers) or "all"
+        print(
+            f"mnist-study run: error: workers ({workers}) stopped before the budget was met; "
+            "see their messages above, then run the same command to resume",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    return 0
+
+
+def worker(args: argparse.Namespace) -> int:
+    from model.device import resolve_device
+    from study.worker import WorkerOptions, run_worker
+
+    _check_precision(args.precision, resolve_device(args.device))
+    if args.quiet:
+        _quiet_optuna()
+    options = WorkerOptions(
+        storage=_storage_url(args),
+        study=args.study,
+        device=args.device,
+        data_root=_data_root(args),
+        heartbeat=args.heartbeat,
+        threads=args.threads,
+        worker_id=args.worker_id,
+        parent_pid=args.parent_pid,
+        artifacts=args.artifacts,
+        precision=args.precision,
+        compile=args.compile,
+    )
+    ran = run_worker(
+        options, log=lambda line: print(f"mnist-study worker: {line}", file=sys.stderr)
+    )
+    if not args.quiet:
+        print(f"worker done: ran {ran} trial(s); the study's budget is met", file=sys.stderr)
+    return 0
+
+
+def status(args: argparse.Namespace) -> int:
+    from study.budget import count_trials
+    from study.database import open_storage
+    from study.studies import list_studies, load_study
+
+    _quiet_optuna()
+    storage = open_storage(_storage_url(args), heartbeat=None, write=False)
+    names = [args.study] if args.study else list_studies(storage)
+    if not names:
+        raise StudyError("the storage holds no studies; start one with `mnist-study run`")
+    report = {}
+    for name in names:
+        study = load_study(storage, name)
+        report[name] = (study, count_trials(study))
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    name: {"preset": study.user_attrs.get("preset"), **counts.as_dict()}
+                    for name, (study, counts) in report.items()
+                }
+            )
+        )
+        return 0
+    print(
+        "\n\n".join(status_block(name, study, counts) for name, (study, counts) in report.items())
+    )
+    return 0
+
+
+def _open_study(args: argparse.Namespace, *, write: bool) -> tuple[BaseStorage, optuna.Study, str]:
+    """(storage, study, url) for --study, or the storage's only study when none is named."""
+    from study.database import open_storage
+    from study.studies import list_studies, load_study
+
+    _quiet_optuna()
+    url = _storage_url(args)
+    storage = open_storage(url, heartbeat=None, write=write)
+    name = args.study
+    if name is None:
+        names = list_studies(storage)
+        if len(names) != 1:
+            there = ", ".join(names) if names else "none"
+            raise StudyError(f"name the study with --study; the storage holds: {there}")
+        name = names[0]
+    return storage, load_study(storage, name), url
+
+
+def _retrain_and_print(
+    study: optuna.Study,
+    out_dir: Path | None,
+    device: torch.device,
+    data_root: Path,
+    *,
+    json_out: bool,
+    precision: str | None = None,
+) -> None:
+    from model.data import require_mnist
+    from study.retrain import best_finished_trial, retrain_best, study_slug
+
+    # What would stop the retrain stops it before its progress line, so that an error
+    # is the only line.
+    best_finished_trial(study)
+    require_mnist(data_root)
+    out_dir = out_dir or Path("runs") / study_slug(study.study_name)
+    check_writable(out_dir)
+    print(f"retraining the best trial of {study.study_name!r} on {device}", file=sys.stderr)
+    outcome = retrain_best(
+        study, out_dir=out_dir, device=device, data_root=data_root, precision=precision
+    )
+    m = outcome.metrics
+    if json_out:
+        print(json.dumps(m))
+        return
+    print(
+        f"retrained trial {m['trial']} for {m['epochs']} epochs on {m['train_images']} images "
+        f"({m['seconds']:.1f} s on {m['device']}): test accuracy {m['test_accuracy']:.4f} "
+        f"(the seed report: 0.9798)\ncheckpoint: {outcome.checkpoint}\nmetrics: "
+        f"{outcome.metrics_path}"
+    )
+
+
+def _write_report(
+    study: optuna.Study,
+    storage: BaseStorage,
+    url: str,
+    out_dir: Path | None,
+    artifacts: Path | None,
+    data_root: Path,
+) -> Path:
+    from study.artifacts import artifact_dir
+    from study.reporting import build_report, retrained_network
+    from study.retrain import study_slug
+
+    # A refused checkpoint stops the report before its progress line.
+    network = retrained_network(study)
+    out_dir = out_dir or Path("reports") / study_slug(study.study_name)
+    check_writable(out_dir)
+    print(f"writing the report of {study.study_name!r}", file=sys.stderr)
+    return build_report(
+        study,
+        storage,
+        storage_url=url,
+        out_dir=out_dir,
+        artifact_dir=artifact_dir(url, artifacts),
+        data_root=data_root,
+        network=network,
+    )
+
+
+def retrain(args: argparse.Namespace) -> int:
+    from model.device import resolve_device
+
+    device = resolve_device(args.device)
+    _check_precision(args.precision, device)
+    _, study, _ = _open_study(args, write=True)  # the test accuracy goes into the study
+    _retrain_and_print(
+        study, args.out, device, _data_root(args), json_out=args.json, precision=args.precision
+    )
+    return 0
+
+
+def report(args: argparse.Namespace) -> int:
+    storage, study, url = _open_study(args, write=False)
+    page = _write_report(study, storage, url, args.out, args.artifacts, _data_root(args))
+    print(f"report: {page}")
+    return 0
+
+
+def dashboard(args: argparse.Namespace) -> int:
+    from optuna_dashboard import run_server
+
+    from study.artifacts import artifact_dir, open_artifact_store
+    from study.database import open_storage
+
+    url = _storage_url(args)
+    storage = open_storage(url, heartbeat=None, write=False)
+    store = open_artifact_store(artifact_dir(url, args.artifacts), create=False)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(
+            f"mnist-study dashboard: warning: listening on {args.host}: optuna-dashboard has "
+            "no authentication, so anyone who reaches this port can read and change the studies",
+            file=sys.stderr,
+        )
+    print(
+        f"optuna-dashboard on {redact(url)}: http://{args.host}:{args.port}/ (Ctrl-C stops it)",
+        file=sys.stderr,
+    )
+    try:
+        run_server(storage, host=args.host, port=args.port, artifact_store=store)
+    except OSError as exc:
+        raise UsageError(
+            f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}"
+        ) from None
+    return 0
+
+
+def _check_precision(precision: str | None, device: torch.device) -> None:
+    from model.steps import resolve_precision
+
+    try:
+        resolve_precision(precision, device)
+    except ValueError as exc:
+        raise UsageError(f"--precision: {exc}") from None

@@ -1,0 +1,92 @@
+"""The text tables the commands print: plain strings from results, so that the commands
+stay small and the layout is in one place."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import optuna
+
+    from model.kfold import KFoldResult
+    from study.budget import StudyCounts
+    from study.presets import Preset
+
+
+def train_table(result: KFoldResult) -> str:
+    """`train`'s table: the configuration, one row per fold, the mean."""
+    config = result.config
+    lines = [
+        f"{'-'.join(map(str, (784, *config.hidden, 10)))} {config.activation} "
+        f"dropout {config.dropout:g} {config.optimizer} lr {config.lr:g} "
+        f"weight_decay {config.weight_decay:g} "
+        f"batch {'full' if config.full_batch else config.batch_size}",
+        f"{'fold':>4}  {'accuracy':>8}  {'val loss':>8}  {'best epoch':>10}  {'epochs':>6}",
+    ]
+    for j in range(config.k):
+        lines.append(
+            f"{j + 1:>4}  {result.fold_accuracies[j]:>8.4f}  {result.fold_losses[j]:>8.4f}  "
+            f"{result.best_epochs[j]:>10d}  {result.epochs_run[j]:>6d}"
+        )
+    lines.append(
+        f"mean accuracy {result.mean_accuracy:.4f} ± {result.std_accuracy:.4f} "
+        f"({config.k} folds, {result.seconds:.1f} s on {result.device})"
+    )
+    if result.diverged:
+        lines.append(f"diverged: {result.diverged}")
+    return "\n".join(lines)
+
+
+def space_summary(preset: Preset, draws: list[dict[str, Any]], seed: int) -> str:
+    """`space`'s table: each parameter's draws beside what its prior says."""
+    import statistics
+
+    space = preset.space
+    priors = space.priors()
+    moments = space.prior_moments()
+    lines = [
+        f"preset {preset.name}: {len(draws)} draws, seed {seed}",
+        f"{'parameter':<13} {'mean':>10} {'sd':>10} {'min':>10} {'max':>10}   prior",
+    ]
+    for name, distribution in space.distributions().items():
+        values = [d[name] for d in draws]
+        if hasattr(distribution, "choices"):
+            counts = ", ".join(f"{c} {values.count(c)}" for c in distribution.choices)
+            expected = len(values) / len(distribution.choices)
+            lines.append(f"{name:<13} {counts}   uniform: {expected:.1f} each")
+            continue
+        sd = statistics.pstdev(values) if len(values) > 1 else 0.0
+        stats = (statistics.fmean(values), sd, min(values), max(values))
+        row = f"{name:<13} " + " ".join(f"{v:>10.4g}" for v in stats)
+        prior = moments[name]
+        shown = ".2f" if name in priors else ".4g"  # neuron counts: hundreds, not 1e-4
+        row += f"   {prior.kind}: mean {prior.mean:{shown}}, sd {prior.sd:{shown}}"
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def status_block(name: str, study: optuna.Study, counts: StudyCounts) -> str:
+    """A study's progress against its budget and its best trial, as `status` and `run` print it."""
+    attrs = study.user_attrs
+    lines = [
+        f"study {name}: preset {attrs.get('preset')}, seed {attrs.get('seed')}",
+        f"  trials  {counts.finished}/{counts.budget} finished ({counts.complete} complete, "
+        f"{counts.pruned} pruned, {counts.failed} failed), {counts.running} running, "
+        f"{counts.waiting} queued, {counts.retried} retried",
+    ]
+    best = counts.best
+    if best is None:
+        lines.append("  best    none yet")
+        return "\n".join(lines)
+    sd = best.user_attrs.get("accuracy_sd")
+    spread = f" ± {sd:.4f}" if isinstance(sd, float) else ""
+    lines.append(f"  best    trial {best.number}: mean CV accuracy {best.value:.4f}{spread}")
+    for key, value in best.params.items():
+        shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+        lines.append(f"          {key} = {shown}")
+    if "test_accuracy" in attrs:
+        lines.append(
+            f"  test    accuracy {attrs['test_accuracy']:.4f} after retraining "
+            f"(checkpoint {attrs.get('checkpoint')})"
+        )
+    return "\n".join(lines)
