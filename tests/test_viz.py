@@ -368,3 +368,14 @@ def test_viz_imports_nothing_from_study() -> None:
             else:
                 continue
             assert not any(m == "study" or m.startswith("study.") for m in modules), path
+
+
+def test_every_search_figure_names_the_objective_as_the_study_does() -> None:
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    study.set_metric_names(["mean CV accuracy"])
+    study.optimize(lambda t: t.suggest_float("x", 0, 1) + t.suggest_float("y", 0, 1), 8)
+    for plot in search_figures(study):
+        text = plot.figure.to_json()
+        assert "mean CV accuracy" in text, plot.title
+        assert "Objective Value" not in text, plot.title

@@ -37,11 +37,13 @@ def search_figures(study: optuna.Study) -> list[SearchPlot]:
     """Optuna's history, importances, parallel-coordinates and slice plots of `study`."""
     import optuna.visualization as vis
 
+    # Optuna's plots say "Objective Value" unless told the study's name for it.
+    target = (study.metric_names or ["Objective Value"])[0]
     plots = (
-        ("Optimization history", vis.plot_optimization_history),
-        ("Parameter importances", vis.plot_param_importances),
-        ("Parallel coordinates", vis.plot_parallel_coordinate),
-        ("Slices per parameter", lambda s: slice_grid(vis.plot_slice(s))),
+        ("Optimization history", lambda s: vis.plot_optimization_history(s, target_name=target)),
+        ("Parameter importances", lambda s: vis.plot_param_importances(s, target_name=target)),
+        ("Parallel coordinates", lambda s: vis.plot_parallel_coordinate(s, target_name=target)),
+        ("Slices per parameter", lambda s: slice_grid(vis.plot_slice(s, target_name=target))),
     )
     out: list[SearchPlot] = []
     for title, plot in plots:
