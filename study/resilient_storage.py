@@ -116,9 +116,13 @@ def _beat_on_claims(storage: ResilientRDBStorage) -> None:
     from sqlalchemy.orm import Session, SessionTransaction
 
     sessions = storage.scoped_session.session_factory
+    # Not the storage itself: the listeners live as long as its sessions' class, and a cycle
+    # back to the storage would keep its connections open until a garbage collection (an
+    # SQLite file would then keep its -wal and -shm beside it after the process ends).
+    claim_state = storage._claim_state
 
     def note_claims(session: Session, *flushing: object) -> None:
-        if not getattr(storage._claim_state, "beating", False):
+        if not getattr(claim_state, "beating", False):
             return
         claimed = session.info.setdefault(_CLAIMED, [])
         for trial in (*session.new, *session.dirty):
