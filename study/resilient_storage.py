@@ -16,7 +16,6 @@ import re
 import sys
 import threading
 import time
-import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -117,14 +116,13 @@ def _beat_on_claims(storage: ResilientRDBStorage) -> None:
     from sqlalchemy.orm import Session, SessionTransaction
 
     sessions = storage.scoped_session.session_factory
-    # A weak reference: listeners holding the storage itself would make a cycle (storage →
-    # sessions → listeners → storage) that outlives the last use, so its engine would not
-    # be closed when the command ends, and SQLite would leave -wal and -shm files behind.
-    owner = weakref.ref(storage)
+    # Not the storage itself: the listeners live as long as its sessions' class, and a cycle
+    # back to the storage would keep its connections open until a garbage collection (an
+    # SQLite file would then keep its -wal and -shm beside it after the process ends).
+    claim_state = storage._claim_state
 
     def note_claims(session: Session, *flushing: object) -> None:
-        storage = owner()
-        if storage is None or not getattr(storage._claim_state, "beating", False):
+        if not getattr(claim_state, "beating", False):
             return
         claimed = session.info.setdefault(_CLAIMED, [])
         for trial in (*session.new, *session.dirty):

@@ -264,6 +264,27 @@ def test_a_running_trial_that_never_beat_is_failed_and_retried_after_the_grace_p
     assert taken._trial_id in {row[0] for row in _heartbeats(db)}
 
 
+def test_a_storage_let_go_is_freed_at_once_with_its_connections(db: str) -> None:
+    """Nothing of ours (the claims' listeners included) may hold a storage in a cycle: one
+    kept until a garbage collection, which the end of a process need not run in time, left
+    an SQLite file's -wal and -shm behind, and a command that only reads changed the folder
+    (test_bad_input.py's rows saw it)."""
+    import gc
+    import weakref
+
+    storage = open_storage(db, create=True, heartbeat=1)
+    study, _ = create_or_resume(storage, "s", PRESETS["smoke"], budget=3)
+    with storage.beating_from_claim():
+        study.ask()
+    freed = weakref.ref(storage)
+    gc.disable()
+    try:
+        del storage, study
+        assert freed() is None
+    finally:
+        gc.enable()
+
+
 def test_an_asked_trial_held_past_the_grace_period_can_still_be_told(db: str) -> None:
     """Ask-and-tell as on Optuna's `RDBStorage`: a trial from `study.ask()` has no
     heartbeat, so a worker's look for stale trials leaves it alone however long it is held
