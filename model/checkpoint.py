@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from model.config import TrainConfig
-from model.errors import CheckpointError, CheckpointMissing, ConfigError
+from model.errors import CheckpointError, CheckpointMissing, ConfigError, first_line
 from model.network import FFNN
 
 FORMAT = "mnist-study/ffnn-1"
@@ -74,7 +74,4 @@ def load_checkpoint(path: Path) -> tuple[FFNN, TrainConfig, dict[str, Any]]:
 
 def _first_sentence(exc: BaseException) -> str:
     """torch's load errors run to a paragraph; the first sentence says what broke."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    if not lines:
-        return type(exc).__name__
-    return lines[0].split(". ")[0].rstrip(".")
+    return first_line(exc).split(". ")[0].rstrip(".")

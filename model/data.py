@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from model.config import N_INPUTS
-from model.errors import DataError
+from model.errors import DataError, first_line
 
 TRAIN_IMAGES = "train-images-idx3-ubyte"
 TRAIN_LABELS = "train-labels-idx1-ubyte"
@@ -433,14 +433,13 @@ def _put_by_hand(raw: Path) -> str:
 
 
 def _first_line(exc: BaseException) -> str:
-    """One line for a message that may span several; a heading ending in ':' keeps the
-    last line too (torchvision's download error names the cause only at its end)."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    if not lines:
-        return type(exc).__name__
-    if lines[0].endswith(":") and len(lines) > 1:
-        return f"{lines[0]} {lines[-1]}"
-    return lines[0]
+    """`first_line`, but a heading ending in ':' keeps the message's last line too
+    (torchvision's download error names the cause only at its end)."""
+    heading = first_line(exc)
+    lines = str(exc).strip().splitlines()
+    if heading.endswith(":") and len(lines) > 1:
+        return f"{heading} {lines[-1].strip()}"
+    return heading
 
 
 def _pip_error(stderr: str) -> str:

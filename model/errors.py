@@ -1,5 +1,6 @@
-"""The errors a user can cause in `model/`, in a module that imports nothing (torch
-included), so that the CLI can catch them by class without importing torch first."""
+"""The errors a user can cause in `model/`, and the one way an exception's message is cut
+to a line, in a module that imports nothing (torch included), so that the CLI can catch
+them by class without importing torch first."""
 
 from __future__ import annotations
 
@@ -22,3 +23,12 @@ class CheckpointError(RuntimeError):
 
 class CheckpointMissing(CheckpointError):
     """There is no file at the checkpoint's path."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of the exception's message that is not blank, else its type's name:
+    libraries put what went wrong first and the detail (the SQL, a traceback) below."""
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(exc).__name__

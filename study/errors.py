@@ -1,5 +1,6 @@
 """The errors several modules raise, and how an error is told to a user: on one line,
-without a password. Imports nothing of ours, so any module may import it."""
+without a password (`model.errors.first_line` cuts a message to its first line). Imports
+nothing of ours, so any module may import it."""
 
 from __future__ import annotations
 
@@ -38,15 +39,6 @@ def check_writable(folder: Path) -> None:
         raise OutputError(f"cannot write into {folder}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise OutputError(f"cannot write into {folder}: {existing} is not writable")
-
-
-def first_line(exc: BaseException) -> str:
-    """The first line of the exception's message that is not blank, else its type's name:
-    libraries put what went wrong first and the detail (the SQL, a traceback) below."""
-    for line in str(exc).splitlines():
-        if line.strip():
-            return line.strip()
-    return type(exc).__name__
 
 
 def causes(exc: BaseException) -> Iterator[BaseException]:

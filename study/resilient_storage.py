@@ -24,7 +24,8 @@ import optuna
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
-from study.errors import StorageError, causes, first_line, redact
+from model.errors import first_line
+from study.errors import StorageError, causes, redact
 
 # An outage shorter than this is contention, not news: retried without a word.
 QUIET_RETRY_S = 2.0
