@@ -30,12 +30,10 @@ CURVES_PNG = "learning_curves.png"
 def artifact_dir(storage_url: str, override: Path | None = None) -> Path:
     if override is not None:
         return override
-    from sqlalchemy.engine import make_url
+    from study.database import sqlite_file
 
-    parsed = make_url(storage_url)
-    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-        return Path(parsed.database + ".artifacts")
-    return Path("artifacts")
+    database = sqlite_file(storage_url)
+    return Path("artifacts") if database is None else Path(f"{database}.artifacts")
 
 
 def open_artifact_store(path: Path, *, create: bool = True) -> FileSystemArtifactStore | None:

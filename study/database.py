@@ -43,6 +43,17 @@ RECONNECT_ENV = "MNIST_STUDY_RECONNECT_S"
 CONNECT_TIMEOUT_S = 10
 
 
+def sqlite_file(url: str) -> Path | None:
+    """The SQLite file a storage URL names (relative when the URL is); None for a database
+    server or an in-memory database."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)
+
+
 def open_storage(
     url: str,
     *,

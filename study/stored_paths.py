@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 def storage_folder(study: optuna.Study) -> Path | None:
     """The folder of the SQLite file that holds `study` (as its URL names it, so relative
     when the URL is); None for a database server or an in-memory study."""
-    from sqlalchemy.engine import make_url
+    from study.database import sqlite_file
 
     # Optuna keeps a study's storage private and wraps an RDBStorage in a cache; the URL
     # the study was opened with is on the storage inside.
@@ -35,10 +35,8 @@ def storage_folder(study: optuna.Study) -> Path | None:
     url = getattr(getattr(storage, "_backend", storage), "url", None)
     if not isinstance(url, str):
         return None
-    parsed = make_url(url)
-    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
-        return None
-    return Path(parsed.database).parent
+    database = sqlite_file(url)
+    return None if database is None else database.parent
 
 
 def store_path(study: optuna.Study, path: Path) -> str:
