@@ -96,7 +96,8 @@ class TrainConfig:
         if self.batch_size is not None:
             _check_int("batch_size", self.batch_size, low=1, why="or 0 or null for full batch")
         _check_int("max_epochs", self.max_epochs, low=1, high=MAX_EPOCHS)
-        _check_int("patience", self.patience, low=1)
+        # Past max_epochs patience changes nothing; past int64 torch cannot compare it.
+        _check_int("patience", self.patience, low=1, high=MAX_EPOCHS)
         _check_int("k", self.k, low=2, high=MAX_FOLDS)
         _check_int("fold_seed", self.fold_seed, low=0, high=MAX_SEED)
         _check_int("seed", self.seed, low=0, high=MAX_SEED)

@@ -774,6 +774,7 @@ def training_cli(
 @example(params={"dropout": 0.99999})
 @example(params={"dropout": 1e-7})
 @example(params={"optimizer": "adamax", "lr": 1e300})  # Adamax's float32 step overflowed
+@example(params={"patience": 1e300})  # torch could not compare a count with it
 @example(params={"n_units_l0": MAX_UNITS, "n_units_l1": MAX_UNITS, "k": MAX_FOLDS})  # 13 G
 @example(params={"n_units_l0": MAX_UNITS, "k": 5, "max_epochs": MAX_EPOCHS})
 def test_random_params_train_or_are_refused_in_one_line(

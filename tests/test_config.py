@@ -76,7 +76,8 @@ def test_null_or_zero_batch_size_means_full_batch() -> None:
         ),
         ({"max_epochs": 0}, r"max_epochs = 0: must be a whole number in \[1, 100000\]"),
         ({"max_epochs": 10**12}, r"max_epochs = 1000000000000: must be a whole number in \[1,"),
-        ({"patience": 0}, r"patience = 0: must be a whole number >= 1"),
+        ({"patience": 0}, r"patience = 0: must be a whole number in \[1, 100000\]"),
+        ({"patience": 10**300}, r"patience = 1000\d+: must be a whole number in \[1, 100000\]"),
         (
             {"n_units_l0": 8192, "n_units_l1": 8192, "k": 5},
             r"n_units_l0, n_units_l1, ... and k: the k = 5 networks of 8192-8192 hidden units "
@@ -104,6 +105,7 @@ def test_a_wrong_parameter_is_named_with_what_it_accepts(params: dict, message: 
         {"k": 100},
         {"n_units_l0": 8192, "k": 5},  # one layer of the most units: 33 M parameters
         {"batch_size": 1},
+        {"batch_size": 10**300},  # past the training rows: full batch
         {"max_epochs": 1, "patience": 1},
     ],
     ids=str,
