@@ -1,5 +1,5 @@
 """The CPU training step written out by hand: forward, cross-entropy, backward and the
-optimizer update of k stacked networks, in buffers allocated once, without autograd.
+optimizer update of stacked networks, in buffers allocated once, without autograd.
 
 Why: on the project's 2-core CPU the products are most of the work, and what is left
 over was bookkeeping — autograd's graph, a fresh tensor for every intermediate, and, in
@@ -13,12 +13,21 @@ took 1.32 s as one `torch.bmm` and 1.10 s as five plain `mm` calls (weight gradi
 0.80 s against 0.66 s); stacking five `mm` results with `torch.stack` copied more than
 it saved (benchmarks/README.md). On a GPU one `baddbmm` for all networks stays.
 
-The step draws its dropout masks with `model.dropout.keep_mask` in the same order as the
-autograd step, so from the same random state both give the same numbers (a test holds
-them to it). `make_step` in `model.steps` chooses this step on the CPU in float32.
+Trials stacked together are stepped one after another (`_TrialStep`), each at its own
+true widths: the products read each network's corner of the padded stack (strided
+views), so padding costs nothing here, and each trial keeps its own buffers, activation,
+dropout and random stream. One optimizer step then updates the whole stack.
+
+The step draws its dropout masks with `model.dropout.keep_mask` from each trial's
+generator in the same order as the autograd step, so from the same streams both give the
+same numbers (a test holds them to it). `make_step` in `model.steps` chooses this step on
+the CPU in float32.
 """
 
 from __future__ import annotations
+
+import itertools
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,21 +38,78 @@ from model.network import StackedFFNN
 
 
 class CpuStep:
-    """Callable like `model.steps.make_step`'s step: (x (k, B, 784), y (k, B)) →
-    (mean loss (k,), correct count (k,)); `max_rows` is the largest B it will see."""
+    """Callable like `model.steps.make_step`'s step: (x, y) → (mean loss (n,), correct
+    count (n,)), where x is (n, B, 784) — each network its own batch — or (k, B, 784),
+    fold j's batch for every trial's network j; `max_rows` is the largest B it will see;
+    `generators` holds each trial's random stream."""
 
-    def __init__(self, model: StackedFFNN, optimizer: torch.optim.Optimizer, max_rows: int):
+    def __init__(
+        self,
+        model: StackedFFNN,
+        optimizer: Any,
+        max_rows: int,
+        generators: list[torch.Generator],
+    ) -> None:
         self.model = model
         self.optimizer = optimizer
-        self.k = model.k
-        self.activation = activations.get(model.activation)
-        self.weights = [w.detach() for w in model.weights]
-        self.biases = [b.detach() for b in model.biases]
-        k = self.k
-        widths = [w.shape[2] for w in self.weights]
+        # The optimizer reads .grad; the step writes gradients straight into these.
+        # Zeros: a narrow trial's padding is never written, and must stay without gradient.
+        for param in model.parameters():
+            param.grad = torch.zeros_like(param)
+        self.trials = [
+            _TrialStep(model, t, max_rows, generator) for t, generator in enumerate(generators)
+        ]
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = [trial(*_inputs_of(trial.networks, x, y)) for trial in self.trials]
+        self.optimizer.step()
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean loss and accuracy (n,) of every network on its images, without dropout."""
+        parts = [trial.evaluate(*_inputs_of(trial.networks, x, y)) for trial in self.trials]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def _inputs_of(
+    networks: slice, x: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A trial's (k, B, …) batch out of a stack's: its own rows, or the folds' shared ones."""
+    k = networks.stop - networks.start
+    if x.shape[0] == k:
+        return x, y
+    return x[networks], y[networks]
+
+
+class _TrialStep:
+    """The step of one trial's k networks, on views of the stack's tensors."""
+
+    def __init__(
+        self, model: StackedFFNN, t: int, max_rows: int, generator: torch.Generator
+    ) -> None:
+        shape = model.shapes[t]
+        self.networks = model.trial(t)
+        self.generator = generator
+        self.k = k = model.k
+        self.dropout = shape.dropout
+        self.activation = activations.get(shape.activation)
+        sizes = shape.sizes
+
+        def corner(tensor: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+            return tensor[self.networks, :rows, :cols]
+
+        fans = list(itertools.pairwise(sizes))
+        weights = list(zip(model.weights, fans, strict=True))
+        biases = list(zip(model.biases, fans, strict=True))
+        self.weights = [corner(w.detach(), a, b) for w, (a, b) in weights]
+        self.biases = [corner(b.detach(), 1, n) for b, (_, n) in biases]
+        self.weight_grads = [corner(w.grad, a, b) for w, (a, b) in weights]
+        self.bias_grads = [corner(b.grad, 1, n) for b, (_, n) in biases]
+        widths = sizes[1:]
         # The model's dtype: float32 in training; the tests also run it in float64, where
         # an error of 1e-5 (a dropout scale slightly off) stands far above the rounding.
-        self.dtype = dtype = self.weights[0].dtype
+        self.dtype = dtype = model.weights[0].dtype
         # out[i]: layer i's output after activation and dropout; pre[i]: before them
         # (kept only where the derivative needs it); grad_out[i]: its gradient.
         self.out = [torch.empty(k, max_rows, n, dtype=dtype) for n in widths]
@@ -60,11 +126,9 @@ class CpuStep:
         self.words = torch.empty(-(-most // 4), dtype=torch.int64)
         self.bits = torch.empty(4 * self.words.numel(), dtype=dtype)
         self.flags = torch.empty(most, dtype=dtype)
-        # The optimizer reads .grad; the step writes gradients straight into these.
-        for param in model.parameters():
-            param.grad = torch.empty_like(param)
         self.val_out: list[torch.Tensor] = []
-        self.scales = [1.0] * (len(widths) - 1)
+        # 1/keep for the keep probability `keep_mask` really draws with.
+        self.scale = 1.0 if self.dropout == 0.0 else 1.0 / kept_probability(1.0 - self.dropout)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rows = x.shape[1]
@@ -73,10 +137,8 @@ class CpuStep:
         # A hidden layer's output is kept unscaled (activation · mask); the dropout scale
         # 1/keep rides on the next layer's products as addmm's alpha, which costs nothing,
         # instead of a pass over the activations each way.
-        scale_in = [1.0, *self.scales]
+        scale_in = [1.0] + [self.scale] * (layers - 1)
         for i in range(layers):
-            if i > 0:
-                scale_in[i] = self.scales[i - 1] = self._dropout_scale()
             out = self.out[i][:, :rows]
             for j in range(self.k):
                 torch.addmm(
@@ -92,13 +154,13 @@ class CpuStep:
         loss, correct = _cross_entropy_and_grad(logits, y, self.grad_out[-1][:, :rows])
         for i in reversed(range(layers)):
             grad = self.grad_out[i][:, :rows]
-            weight_grad = self.model.weights[i].grad
+            weight_grad = self.weight_grads[i]
             for j in range(self.k):
                 torch.addmm(
                     weight_grad[j], inputs[i][j].T, grad[j], beta=0, alpha=scale_in[i],
                     out=weight_grad[j],
                 )  # fmt: skip
-            torch.sum(grad, dim=1, keepdim=True, out=self.model.biases[i].grad)
+            self.bias_grads[i].copy_(grad.sum(dim=1, keepdim=True))
             if i > 0:  # the images need no gradient
                 below = self.grad_out[i - 1][:, :rows]
                 for j in range(self.k):
@@ -107,14 +169,7 @@ class CpuStep:
                         out=below[j],
                     )  # fmt: skip
                 self._activation_backward(i - 1, below, inputs[i])
-        self.optimizer.step()
         return loss, correct
-
-    def _dropout_scale(self) -> float:
-        """1/keep for the keep probability `keep_mask` really draws with."""
-        if self.model.dropout == 0.0:
-            return 1.0
-        return 1.0 / kept_probability(1.0 - self.model.dropout)
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,13 +192,18 @@ class CpuStep:
         return losses.view(self.k, -1).mean(dim=1), accuracy
 
     def _activate(self, i: int, z: torch.Tensor) -> None:
-        """activation, dropout mask and scale, in place on layer i's output."""
-        p = self.model.dropout
+        """activation and dropout mask, in place on layer i's output."""
         if self.activation.keeps_input:
             self.pre[i][:, : z.shape[1]].copy_(z)
         self.activation.forward_in_place(z)
-        if p > 0.0:
-            mask, _ = keep_mask(z.shape, 1.0 - p, words=self.words, bits=self.bits)
+        if self.dropout > 0.0:
+            mask, _ = keep_mask(
+                z.shape,
+                1.0 - self.dropout,
+                words=self.words,
+                bits=self.bits,
+                generator=self.generator,
+            )
             z.mul_(mask)
 
     def _activation_backward(self, i: int, grad: torch.Tensor, out: torch.Tensor) -> None:

@@ -5,7 +5,10 @@ Measured on the project's 2-core CPU (benchmarks/README.md): `bernoulli_` drew t
 half the time of the products — and `keep_mask` draws them in 0.14 s. The keep
 probability is thereby rounded to a multiple of 2^-15 (|error| < 3.1e-5), and the scale
 uses the probability actually drawn, so a layer's expected output is unchanged.
-On a GPU the ordinary `F.dropout` is already fast and stays.
+Every trial in a stack draws its masks from its own generator (`model.steps.TrialStreams`),
+on every device, so a trial's masks do not depend on what it is stacked with. On a GPU
+the same rule runs there (its generator is a CUDA one, so its numbers differ from the
+CPU's).
 """
 
 from __future__ import annotations
@@ -13,20 +16,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
-
-
-def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Dropout with probability p, independent per element: on the CPU in float32 with
-    `keep_mask`'s mask and scale — the mask `CpuStep` draws, so from the same random state
-    the autograd step and the hand-written one give the same numbers — elsewhere (a GPU,
-    bf16, under torch.compile) `F.dropout`."""
-    if not training or p == 0.0:
-        return x
-    if x.device.type == "cpu" and x.dtype == torch.float32 and not torch.compiler.is_compiling():
-        mask, kept = keep_mask(x.shape, 1.0 - p)
-        return x * mask * (1.0 / kept)
-    return F.dropout(x, p, training=True)
 
 
 def keep_mask(
@@ -35,6 +24,8 @@ def keep_mask(
     *,
     words: torch.Tensor | None = None,
     bits: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | None = None,
 ) -> tuple[torch.Tensor, float]:
     """A bool mask with P(True) ≈ `keep`, and the probability actually used (`keep`
     rounded to a multiple of 2^-15 in [2^-15, 1 − 2^-15]).
@@ -46,14 +37,22 @@ def keep_mask(
     elements, for callers that draw the same mask sizes again and again; a float32
     `bits` gives the mask as 0.0/1.0, which multiplies a float tensor without the
     conversion a bool mask costs (7× faster on the CPU at 5 × 256 × 249).
+    `generator` (torch's global one if None) draws the words, on `device` (the CPU if
+    None, or the buffers' device).
     """
     numel = math.prod(shape)
     n_words = -(-numel // 4)
-    words = torch.empty(n_words, dtype=torch.int64) if words is None else words[:n_words]
-    bits = torch.empty(4 * n_words, dtype=torch.bool) if bits is None else bits[: 4 * n_words]
+    if words is None:
+        words = torch.empty(n_words, dtype=torch.int64, device=device)
+    words = words[:n_words]
+    if bits is None:
+        bits = torch.empty(4 * n_words, dtype=torch.bool, device=words.device)
+    bits = bits[: 4 * n_words]
     threshold = _threshold(keep)
-    thresholds = torch.tensor([2 * threshold - 32768] * 3 + [threshold], dtype=torch.int16)
-    chunks = words.random_().view(torch.int16).view(-1, 4)
+    thresholds = torch.tensor(
+        [2 * threshold - 32768] * 3 + [threshold], dtype=torch.int16, device=words.device
+    )
+    chunks = words.random_(generator=generator).view(torch.int16).view(-1, 4)
     torch.lt(chunks, thresholds, out=bits.view(-1, 4))
     return bits[:numel].view(shape), threshold / 32768
 

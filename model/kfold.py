@@ -28,20 +28,24 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from model.config import TrainConfig
 from model.data import DeviceData
-from model.network import StackedFFNN
+from model.network import NetShape, StackedFFNN, narrow
 from model.steps import (
+    AutogradStep,
+    Optimizer,
+    StackedAdam,
+    TrialStreams,
     make_optimizer,
     make_step,
     matmul_precision,
     resolve_precision,
-    seeded,
+    tile,
     train_epoch,
 )
 
@@ -140,9 +144,23 @@ def training_subset(n_images: int, config: TrainConfig) -> torch.Tensor:
 
 def initial_model(config: TrainConfig) -> StackedFFNN:
     """The k fold networks before training, drawn on the CPU from `config.seed`."""
-    model = StackedFFNN(config.k, config.hidden, config.activation, config.dropout)
-    model.reset_parameters(torch.Generator().manual_seed(config.seed))
+    model = StackedFFNN([net_shape(config)], config.k)
+    model.reset_parameters(config.seed)
     return model
+
+
+def net_shape(config: TrainConfig) -> NetShape:
+    return NetShape(config.hidden, config.activation, config.dropout)
+
+
+# What trials stacked together must share: they train on the same folds, with one batch
+# size and one epoch loop.
+STACK_FIELDS = ("k", "subset", "fold_seed", "batch_size", "max_epochs", "patience")
+
+
+def stack_key(config: TrainConfig) -> tuple[object, ...]:
+    """Configurations with equal keys can train as one stack (`train_trials`)."""
+    return (len(config.hidden), *(getattr(config, name) for name in STACK_FIELDS))
 
 
 def train_kfold(
@@ -154,52 +172,249 @@ def train_kfold(
     precision: str | None = None,
     compile: bool = False,
 ) -> KFoldResult:
-    """Cross-validate `config` on `data` (on its device); see the module docstring.
+    """Cross-validate `config` on `data` (on its device): `train_trials` of one trial.
 
     `on_progress` is called every `sync_every` epochs (default: every epoch on the CPU,
     where reading back costs nothing, every 10 on a GPU); returning True stops the run,
     which is then marked `halted`. `precision` is fp32, tf32 or bf16 (default: tf32 on
     a GPU, fp32 on the CPU); `compile` hands the step to torch.compile (see
     `model.steps.AutogradStep`). Same config, data and seed on the CPU → same numbers.
+    """
+    progress = None if on_progress is None else (lambda _trial, p: on_progress(p))
+    return train_trials(
+        [config],
+        data,
+        sync_every=sync_every,
+        on_progress=progress,
+        precision=precision,
+        compile=compile,
+    )[0]
 
-    The random stream: torch's generator on the data's device, seeded with `config.seed`
-    as training starts (and restored afterwards). At mini-batch, each epoch first draws
-    `rand(k, n_train)`, whose row j's argsort orders fold j's training rows; then every
-    step draws, for each hidden layer in turn, one keep mask over (k, B, width) — on the
-    CPU in float32 with `model.dropout.keep_mask`, elsewhere with `F.dropout`. Initial
+
+def train_trials(
+    configs: Sequence[TrainConfig],
+    data: DeviceData,
+    *,
+    sync_every: int | None = None,
+    on_progress: Callable[[int, Progress], bool] | None = None,
+    on_result: Callable[[int, KFoldResult], None] | None = None,
+    precision: str | None = None,
+    compile: bool = False,
+) -> list[KFoldResult]:
+    """Cross-validate several configurations at once, their k folds each stacked into
+    one `StackedFFNN`; returns their results in the order given.
+
+    They must share `stack_key` (depth, k, folds, batch size, epochs, patience); widths,
+    activation, dropout, optimizer, learning rate, penalty and seed may differ. Each
+    trial trains exactly as it would alone, up to the order of floating-point sums: its
+    own initial weights (`StackedFFNN.reset_parameters`), its own random stream
+    (`TrialStreams`), its own optimizer settings (`StackedAdam`), its own early stopping.
+
+    Every `sync_every` epochs `on_progress(i, progress)` hears of each trial i still
+    training; True stops that trial alone (`halted`). A trial ends when all its folds
+    have stopped, when one diverges, or when it is halted; `on_result(i, result)` hears
+    of it then, and its networks leave the stack (the stack is rebuilt without them), so
+    a finished trial costs nothing more.
+
+    The random stream of each trial: a generator on the data's device seeded with its
+    `seed`. At mini-batch, each epoch first draws `rand(k, n_train)`, whose row j's
+    argsort orders fold j's training rows; then every step draws, for each hidden layer
+    in turn, one keep mask over (k, B, width) with `model.dropout.keep_mask`. Initial
     weights come from their own generator (`initial_model`). tests/reference.py rebuilds
     each fold from these rules alone.
     """
+    configs = list(configs)
+    if not configs:
+        return []
+    if len({stack_key(c) for c in configs}) > 1:
+        raise ValueError(
+            "only configurations of one depth, k, subset, fold_seed, batch_size, "
+            "max_epochs and patience train as one stack"
+        )
     device = data.device
     precision = resolve_precision(precision, device)
     if sync_every is None:
         sync_every = 1 if device.type == "cpu" else 10
-    started = time.perf_counter()
-    with seeded(config.seed, device), matmul_precision(precision, device):
-        state = _run(config, data, sync_every, on_progress, precision, compile)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return state.result(config, device, time.perf_counter() - started)
+    trainer = _Trainer(configs, data, precision, compile)
+    with matmul_precision(precision, device):
+        return trainer.run(sync_every, on_progress, on_result)
+
+
+class _Trainer:
+    """The epoch loop over a stack of trials, rebuilt smaller as trials end."""
+
+    def __init__(
+        self, configs: list[TrainConfig], data: DeviceData, precision: str, compile: bool
+    ) -> None:
+        self.configs = configs
+        self.data = data
+        self.precision = precision
+        self.compile = compile
+        self.started = time.perf_counter()
+        first = configs[0]
+        device = data.device
+        self.train_idx, val_idx = (idx.to(device) for idx in split_folds(len(data), first))
+        n_train = self.train_idx.shape[1]
+        # Validation sets never change: gather them once.
+        self.x_val, self.y_val = data.gather(val_idx)
+        self.full_batch = first.full_batch or first.batch_size >= n_train
+        self.batch_size = n_train if self.full_batch else first.batch_size
+        # One training part per fold, shared by every trial: at full batch gather it once.
+        self.x_train = self.y_train = None
+        if self.full_batch:
+            self.x_train, self.y_train = data.gather(self.train_idx)
+        # Neighbours by activation, as the stack wants them; stable, so ties keep order.
+        self.live = sorted(range(len(configs)), key=lambda i: configs[i].activation)
+        stacked = [configs[i] for i in self.live]
+        model = StackedFFNN([net_shape(c) for c in stacked], first.k)
+        model.reset_parameters([c.seed for c in stacked])
+        model.to(device)
+        streams = TrialStreams([c.seed for c in stacked], device)
+        self._build(model, make_optimizer(model, stacked), streams)
+        self.state = _FoldState(model, first.max_epochs, device)
+
+    def _build(self, model: StackedFFNN, optimizer: Optimizer, streams: TrialStreams) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.streams = streams
+        self.step = make_step(
+            model,
+            optimizer,
+            self.batch_size,
+            streams.generators,
+            precision=self.precision,
+            compile=self.compile,
+        )
+        self.gathered = None
+        if self.full_batch:
+            if isinstance(self.step, AutogradStep):
+                # Repeated once per stack, not once per step.
+                self.gathered = (tile(self.x_train, model.n), tile(self.y_train, model.n))
+            else:
+                self.gathered = (self.x_train, self.y_train)
+
+    def run(
+        self,
+        sync_every: int,
+        on_progress: Callable[[int, Progress], bool] | None,
+        on_result: Callable[[int, KFoldResult], None] | None,
+    ) -> list[KFoldResult]:
+        results: list[KFoldResult | None] = [None] * len(self.configs)
+        max_epochs = self.configs[0].max_epochs
+        patience = self.configs[0].patience
+        k = self.model.k
+        for epoch in range(1, max_epochs + 1):
+            self.model.train()
+            train_loss, train_accuracy = train_epoch(
+                self.step, self.data, self.train_idx, self.batch_size, self.streams, self.gathered
+            )
+            self.model.eval()
+            val_loss, val_accuracy = self.step.evaluate(self.x_val, self.y_val)
+            with torch.no_grad():
+                self.state.record(
+                    epoch, train_loss, train_accuracy, val_loss, val_accuracy, patience
+                )
+            if epoch % sync_every and epoch != max_epochs:
+                continue
+            # The only host sync of the loop: one small read every `sync_every` epochs.
+            active, diverged, accuracy = (
+                torch.stack(
+                    [
+                        self.state.active.float(),
+                        (self.state.diverged_epoch > 0).float(),
+                        self.state.best_accuracy,
+                    ]
+                )
+                .view(3, -1, k)
+                .tolist()
+            )
+            ended = []
+            for position, trial in enumerate(self.live):
+                halted = False
+                if not any(diverged[position]) and on_progress is not None:
+                    mean = sum(accuracy[position]) / k
+                    halted = on_progress(trial, Progress(epoch, mean, int(sum(active[position]))))
+                if halted or any(diverged[position]) or not any(active[position]):
+                    ended.append((position, halted))
+            if epoch == max_epochs:
+                ended = [(p, h) for p, h in ended] + [
+                    (p, False) for p in range(len(self.live)) if p not in {q for q, _ in ended}
+                ]
+            for position, halted in ended:
+                trial = self.live[position]
+                result = self.state.result(
+                    position,
+                    self.configs[trial],
+                    self.data.device,
+                    time.perf_counter() - self.started,
+                    halted,
+                )
+                results[trial] = result
+                if on_result is not None:
+                    on_result(trial, result)
+            if ended:
+                gone = {p for p, _ in ended}
+                keep = [p for p in range(len(self.live)) if p not in gone]
+                if not keep:
+                    break
+                self._compact(keep)
+        if self.data.device.type == "cuda":
+            torch.cuda.synchronize(self.data.device)
+        return [r for r in results if r is not None]
+
+    def _compact(self, keep: list[int]) -> None:
+        """Rebuild the stack from the trials at positions `keep`, where they stand."""
+        model = self.model.select(keep)
+        index = self.model.network_index(keep)
+        optimizer = self.optimizer
+        if isinstance(optimizer, StackedAdam):
+            optimizer = optimizer.select(model, index)
+        else:  # torch's optimizers serve a stack of one trial, which never shrinks
+            raise AssertionError("only a stack of several trials is compacted")
+        self.live = [self.live[p] for p in keep]
+        self.state = self.state.select(model, index)
+        self._build(model, optimizer, self.streams.select(keep))
 
 
 class _FoldState:
-    """Each fold's early-stopping bookkeeping, as device tensors of shape (k,)."""
+    """Each network's early-stopping bookkeeping, as device tensors of shape (n,)."""
 
     def __init__(self, model: StackedFFNN, max_epochs: int, device: torch.device) -> None:
-        k = model.k
+        n = model.n
         self.model = model
-        self.best_loss = torch.full((k,), math.inf, device=device)
-        self.best_accuracy = torch.zeros(k, device=device)
-        self.best_epoch = torch.zeros(k, dtype=torch.int64, device=device)
-        self.bad_epochs = torch.zeros(k, dtype=torch.int64, device=device)
-        self.stop_epoch = torch.full((k,), max_epochs, dtype=torch.int64, device=device)
-        self.active = torch.ones(k, dtype=torch.bool, device=device)
-        self.diverged_epoch = torch.zeros(k, dtype=torch.int64, device=device)
+        self.best_loss = torch.full((n,), math.inf, device=device)
+        self.best_accuracy = torch.zeros(n, device=device)
+        self.best_epoch = torch.zeros(n, dtype=torch.int64, device=device)
+        self.bad_epochs = torch.zeros(n, dtype=torch.int64, device=device)
+        self.stop_epoch = torch.full((n,), max_epochs, dtype=torch.int64, device=device)
+        self.active = torch.ones(n, dtype=torch.bool, device=device)
+        self.diverged_epoch = torch.zeros(n, dtype=torch.int64, device=device)
         self.best_params = [p.detach().clone() for p in model.parameters()]
         # Rows: CURVES; filled per epoch.
-        self.curves = torch.full((max_epochs, len(CURVES), k), math.nan, device=device)
+        self.curves = torch.full((max_epochs, len(CURVES), n), math.nan, device=device)
         self.epochs_done = 0
-        self.halted = False
+
+    def select(self, model: StackedFFNN, index: torch.Tensor) -> _FoldState:
+        """The bookkeeping of networks `index`, for their new stack `model`."""
+        kept = object.__new__(_FoldState)
+        kept.model = model
+        for name in (
+            "best_loss",
+            "best_accuracy",
+            "best_epoch",
+            "bad_epochs",
+            "stop_epoch",
+            "active",
+            "diverged_epoch",
+        ):
+            setattr(kept, name, getattr(self, name).index_select(0, index))
+        kept.best_params = [
+            narrow(best, index, p.shape)
+            for best, p in zip(self.best_params, model.parameters(), strict=True)
+        ]
+        kept.curves = self.curves.index_select(2, index)
+        kept.epochs_done = self.epochs_done
+        return kept
 
     def record(
         self,
@@ -210,7 +425,7 @@ class _FoldState:
         val_accuracy: torch.Tensor,
         patience: int,
     ) -> None:
-        """Book epoch `epoch` (1-based) for the folds still active; no host sync."""
+        """Book epoch `epoch` (1-based) for the networks still active; no host sync."""
         self.curves[epoch - 1] = torch.stack([train_loss, train_accuracy, val_loss, val_accuracy])
         finite = torch.isfinite(train_loss) & torch.isfinite(val_loss)
         newly_diverged = self.active & ~finite
@@ -228,87 +443,43 @@ class _FoldState:
         self.active = self.active & ~stopping
         self.epochs_done = epoch
 
-    def result(self, config: TrainConfig, device: torch.device, seconds: float) -> KFoldResult:
+    def result(
+        self,
+        position: int,
+        config: TrainConfig,
+        device: torch.device,
+        seconds: float,
+        halted: bool,
+    ) -> KFoldResult:
+        """The trial at `position` in the stack: its folds' figures and best weights."""
+        networks = self.model.trial(position)
+        k = config.k
+        model = StackedFFNN([net_shape(config)], k).to(device)
+        index = self.model.network_index([position])
         with torch.no_grad():
-            for best, param in zip(self.best_params, self.model.parameters(), strict=True):
-                param.copy_(best)
-        stop = self.stop_epoch.clamp(max=self.epochs_done).tolist()
-        curves = self.curves.cpu()
+            for best, param in zip(self.best_params, model.parameters(), strict=True):
+                param.copy_(narrow(best, index, param.shape))
+        stop = self.stop_epoch[networks].clamp(max=self.epochs_done).tolist()
+        curves = self.curves[:, :, networks].cpu()
         per_fold = {
-            name: [curves[: stop[j], row, j].tolist() for j in range(config.k)]
+            name: [curves[: stop[j], row, j].tolist() for j in range(k)]
             for row, name in enumerate(CURVES)
         }
-        diverged_epoch = self.diverged_epoch.tolist()
         diverged = None
-        for j, epoch in enumerate(diverged_epoch):
+        for j, epoch in enumerate(self.diverged_epoch[networks].tolist()):
             if epoch:
                 diverged = f"fold {j + 1} loss became non-finite at epoch {epoch}"
                 break
         return KFoldResult(
             config=config,
-            fold_accuracies=self.best_accuracy.tolist(),
-            fold_losses=self.best_loss.tolist(),
-            best_epochs=self.best_epoch.tolist(),
+            fold_accuracies=self.best_accuracy[networks].tolist(),
+            fold_losses=self.best_loss[networks].tolist(),
+            best_epochs=self.best_epoch[networks].tolist(),
             epochs_run=stop,
             curves=per_fold,
             seconds=seconds,
             device=str(device),
             diverged=diverged,
-            halted=self.halted,
-            model=self.model,
+            halted=halted,
+            model=model,
         )
-
-
-def _run(
-    config: TrainConfig,
-    data: DeviceData,
-    sync_every: int,
-    on_progress: Callable[[Progress], bool] | None,
-    precision: str,
-    compile: bool,
-) -> _FoldState:
-    device = data.device
-    train_idx, val_idx = (idx.to(device) for idx in split_folds(len(data), config))
-    n_train = train_idx.shape[1]
-    # Validation sets never change: gather them once.
-    x_val, y_val = data.gather(val_idx)
-    full_batch = config.full_batch or config.batch_size >= n_train
-    x_train = y_train = None
-    if full_batch:
-        # One step per epoch over each fold's whole training part: gather that once too.
-        x_train, y_train = data.gather(train_idx)
-
-    model = initial_model(config).to(device)
-    optimizer = make_optimizer(model, config)
-    state = _FoldState(model, config.max_epochs, device)
-    batch_size = n_train if full_batch else config.batch_size
-    step = make_step(model, optimizer, batch_size, precision=precision, compile=compile)
-
-    for epoch in range(1, config.max_epochs + 1):
-        model.train()
-        train_loss, train_accuracy = train_epoch(
-            step, data, train_idx, batch_size, (x_train, y_train) if full_batch else None
-        )
-
-        model.eval()
-        val_loss, val_accuracy = step.evaluate(x_val, y_val)
-        with torch.no_grad():
-            state.record(epoch, train_loss, train_accuracy, val_loss, val_accuracy, config.patience)
-
-        if epoch % sync_every == 0 or epoch == config.max_epochs:
-            # The only host sync of the loop: one small read every `sync_every` epochs.
-            active, diverged, mean_accuracy = torch.stack(
-                [
-                    state.active.sum().float(),
-                    (state.diverged_epoch > 0).sum().float(),
-                    state.best_accuracy.mean(),
-                ]
-            ).tolist()
-            if diverged:
-                break
-            if on_progress is not None and on_progress(Progress(epoch, mean_accuracy, int(active))):
-                state.halted = True
-                break
-            if not active:
-                break
-    return state

@@ -1,16 +1,17 @@
-"""The fully connected network, as one network and as a stack of k independent ones.
+"""The fully connected network, as one network and as a stack of independent ones.
 
 `FFNN` is the ordinary network: 784 → h1 → … → hL → 10, activation then dropout after
 every hidden layer, logits out (cross-entropy applies the softmax). Retraining,
 checkpoints and pictures use it.
 
-`StackedFFNN` holds k such networks in one set of tensors — each weight `(k, fan_in,
-fan_out)`, each bias `(k, 1, fan_out)` — and advances all of them together through
-autograd, one batched matmul per layer. (On the CPU in float32, training runs through
-`model.cpu_step` instead, which reads the same tensors but not `forward`.) The k networks
-share nothing: each product stays within its network, the summed loss gives each its own
-gradient, and Adam/Adamax act element-wise, so training the stack is training k networks
-side by side. `extract(j)` gives fold j back as an `FFNN` with the same outputs.
+`StackedFFNN` holds many such networks in one set of tensors — the k folds of one trial,
+or of several trials at once — each weight `(n, fan_in, fan_out)`, each bias
+`(n, 1, fan_out)`, and advances all of them together through autograd, one batched
+matmul per layer. (On the CPU in float32, training runs through `model.cpu_step`
+instead, which reads the same tensors but not `forward`.) The networks share nothing:
+each product stays within its network, the summed loss gives each its own gradient, and
+Adam/Adamax act element-wise, so training the stack is training its networks side by
+side. `extract(n)` gives network n back as an `FFNN` with the same outputs.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +27,6 @@ from torch import nn
 
 from model import activations
 from model.config import N_CLASSES, N_INPUTS
-from model.dropout import dropout
 
 
 def layer_sizes(hidden: Sequence[int]) -> list[int]:
@@ -54,82 +55,177 @@ class FFNN(nn.Module):
         return self.layers[-1](x)
 
 
-class StackedFFNN(nn.Module):
-    """k independent `FFNN`s of one shape, trained together.
+@dataclass(frozen=True)
+class NetShape:
+    """What makes a network itself in a stack: its hidden widths, activation and dropout."""
 
-    `forward` takes `(k, B, 784)` — each network its own batch — or `(B, 784)`, one batch
-    shown to all k; it returns `(k, B, 10)`.
+    hidden: tuple[int, ...]
+    activation: str
+    dropout: float
+
+    @property
+    def sizes(self) -> list[int]:
+        return layer_sizes(self.hidden)
+
+
+class StackedFFNN(nn.Module):
+    """Independent `FFNN`s trained together: k networks (the folds) of each of several
+    trials, trial-major (network n is fold n mod k of trial n // k).
+
+    Each weight is `(n, fan_in, fan_out)` and each bias `(n, 1, fan_out)`, sized for the
+    widest trial in each layer; a narrower network sits in the top-left corner of its
+    slice with zeros around it. Zero units stay zero through training: their incoming and
+    outgoing weights get zero gradients (every activation here maps 0 to 0), so Adam and
+    Adamax, weight decay included, never move them. A trial's networks therefore train
+    as they would alone, up to the order of floating-point sums.
+
+    Trials with the same activation must be neighbours (`forward` applies each activation
+    to one contiguous run of networks); `model.kfold` sorts them so.
+
+    `forward` takes `(n, B, 784)` — each network its own batch — or `(B, 784)`, one batch
+    shown to all; it returns `(n, B, 10)`. Dropout is whatever `masks` the caller passes
+    (one `(n, B, width)` tensor of 0 or 1/keep per hidden layer; `model.dropout` draws
+    them): without masks there is none, as in evaluation.
     """
 
-    def __init__(self, k: int, hidden: Sequence[int], activation: str, dropout: float) -> None:
+    def __init__(self, shapes: Sequence[NetShape], k: int = 1) -> None:
         super().__init__()
+        if not shapes:
+            raise ValueError("a stack needs at least one network shape")
+        depths = {len(shape.hidden) for shape in shapes}
+        if len(depths) > 1:
+            raise ValueError("only networks of one depth stack")
         self.k = int(k)
-        self.hidden = tuple(int(h) for h in hidden)
-        self.activation = activation
+        self.shapes = tuple(shapes)
+        self.n = len(self.shapes) * self.k
+        self.hidden = tuple(max(widths) for widths in zip(*(s.hidden for s in shapes), strict=True))
+        self.runs = _activation_runs([s.activation for s in shapes], self.k)
         # Looked up once here, not in `forward`, which torch.compile may trace.
-        self._act = activations.get(activation).forward
-        self.dropout = float(dropout)
+        self._acts = [activations.get(name).forward for name, _, _ in self.runs]
         sizes = layer_sizes(self.hidden)
         self.weights = nn.ParameterList(
-            nn.Parameter(torch.empty(self.k, fan_in, fan_out))
+            nn.Parameter(torch.zeros(self.n, fan_in, fan_out))
             for fan_in, fan_out in itertools.pairwise(sizes)
         )
         self.biases = nn.ParameterList(
-            nn.Parameter(torch.empty(self.k, 1, fan_out)) for fan_out in sizes[1:]
+            nn.Parameter(torch.zeros(self.n, 1, fan_out)) for fan_out in sizes[1:]
         )
 
-    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """nn.Linear's default initialisation, drawn independently for every network.
+    @classmethod
+    def uniform(cls, k: int, hidden: Sequence[int], activation: str, dropout: float) -> StackedFFNN:
+        """k networks of one shape: the folds of one trial."""
+        return cls([NetShape(tuple(int(h) for h in hidden), activation, float(dropout))], k)
 
-        Draws on the CPU from `generator` and copies to the parameters' device, so a seed
-        gives the same initial weights on every device.
+    def trial(self, t: int) -> slice:
+        """The networks of trial t."""
+        return slice(t * self.k, (t + 1) * self.k)
+
+    def shape_of(self, n: int) -> NetShape:
+        return self.shapes[n // self.k]
+
+    def reset_parameters(self, seeds: int | Sequence[int]) -> None:
+        """nn.Linear's default initialisation, each trial's k networks drawn from a CPU
+        generator seeded with that trial's seed: layer by layer, the weights (k, fan_in,
+        fan_out) then the biases (k, 1, fan_out), uniform in ±1/√fan_in of the trial's own
+        fan-in. So a trial starts from the same weights in any stack and on any device.
         """
+        seeds = [seeds] * len(self.shapes) if isinstance(seeds, int) else list(seeds)
+        if len(seeds) != len(self.shapes):
+            raise ValueError(f"{len(seeds)} seeds for {len(self.shapes)} trials")
         with torch.no_grad():
-            for weight, bias in zip(self.weights, self.biases, strict=True):
-                bound = 1.0 / math.sqrt(weight.shape[1])
-                for tensor in (weight, bias):
-                    values = torch.rand(tensor.shape, generator=generator, dtype=tensor.dtype)
-                    tensor.copy_(values.mul_(2 * bound).sub_(bound))
+            for param in self.parameters():
+                param.zero_()
+            for t, (shape, seed) in enumerate(zip(self.shapes, seeds, strict=True)):
+                generator = torch.Generator().manual_seed(seed)
+                sizes = shape.sizes
+                for i, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes)):
+                    bound = 1.0 / math.sqrt(fan_in)
+                    for tensor, rows in ((self.weights[i], fan_in), (self.biases[i], 1)):
+                        values = torch.rand(
+                            (self.k, rows, fan_out), generator=generator, dtype=tensor.dtype
+                        )
+                        tensor[self.trial(t), :rows, :fan_out] = values.mul_(2 * bound).sub_(bound)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, masks: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
         last = len(self.weights) - 1
         for i, (weight, bias) in enumerate(zip(self.weights, self.biases, strict=True)):
             if x.dim() == 2:
-                # One batch for all networks: broadcasting matmul avoids k copies of it.
+                # One batch for all networks: broadcasting matmul avoids n copies of it.
                 x = torch.matmul(x, weight) + bias
             else:
                 x = torch.baddbmm(bias, x, weight)
             if i < last:
-                # Dropout draws an independent mask per element, hence per network.
-                x = dropout(self._act(x), self.dropout, self.training)
+                x = self._activate(x)
+                if masks is not None:
+                    x = x * masks[i]
         return x
 
-    def extract(self, j: int) -> FFNN:
-        """Network j as an ordinary `FFNN` on the same device, with the same outputs."""
-        if not 0 <= j < self.k:
-            raise IndexError(f"network {j} of a stack of {self.k}")
-        net = FFNN(self.hidden, self.activation, self.dropout).to(self.weights[0].device)
+    def _activate(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.runs) == 1:
+            return self._acts[0](x)
+        runs = zip(self._acts, self.runs, strict=True)
+        return torch.cat([act(x[start:stop]) for act, (_, start, stop) in runs])
+
+    def extract(self, n: int) -> FFNN:
+        """Network n as an ordinary `FFNN` on the same device, with the same outputs."""
+        if not 0 <= n < self.n:
+            raise IndexError(f"network {n} of a stack of {self.n}")
+        shape = self.shape_of(n)
+        like = self.weights[0]
+        net = FFNN(shape.hidden, shape.activation, shape.dropout).to(like.device, like.dtype)
         with torch.no_grad():
             for layer, weight, bias in zip(net.layers, self.weights, self.biases, strict=True):
-                layer.weight.copy_(weight[j].T)
-                layer.bias.copy_(bias[j, 0])
+                fan_out, fan_in = layer.weight.shape
+                layer.weight.copy_(weight[n, :fan_in, :fan_out].T)
+                layer.bias.copy_(bias[n, 0, :fan_out])
         return net
+
+    def select(self, trials: Sequence[int]) -> StackedFFNN:
+        """A new stack of these trials' networks (weights copied), as narrow as they allow."""
+        stack = StackedFFNN([self.shapes[t] for t in trials], self.k)
+        stack.to(self.weights[0].device)
+        index = self.network_index(trials)
+        with torch.no_grad():
+            for mine, theirs in zip(self.parameters(), stack.parameters(), strict=True):
+                theirs.copy_(narrow(mine, index, theirs.shape))
+        return stack
+
+    def network_index(self, trials: Sequence[int]) -> torch.Tensor:
+        """The networks of `trials`, in order, as an index tensor on the stack's device."""
+        return torch.tensor(
+            [n for t in trials for n in range(t * self.k, (t + 1) * self.k)],
+            device=self.weights[0].device,
+        )
 
     @classmethod
     def from_networks(cls, networks: Sequence[FFNN]) -> StackedFFNN:
-        """Stack networks of one shape; the inverse of `extract`."""
-        first = networks[0]
-        for net in networks[1:]:
-            if (net.hidden, net.activation, net.dropout) != (
-                first.hidden,
-                first.activation,
-                first.dropout,
-            ):
-                raise ValueError("only networks of one shape, activation and dropout stack")
-        stacked = cls(len(networks), first.hidden, first.activation, first.dropout)
-        stacked.to(first.layers[0].weight.device)
+        """Stack networks (each its own trial of one); the inverse of `extract`."""
+        shapes = [NetShape(net.hidden, net.activation, net.dropout) for net in networks]
+        stacked = cls(shapes, 1)
+        stacked.to(networks[0].layers[0].weight.device)
         with torch.no_grad():
-            for i, (weight, bias) in enumerate(zip(stacked.weights, stacked.biases, strict=True)):
-                weight.copy_(torch.stack([net.layers[i].weight.T for net in networks]))
-                bias.copy_(torch.stack([net.layers[i].bias[None, :] for net in networks]))
+            for n, net in enumerate(networks):
+                for i, layer in enumerate(net.layers):
+                    fan_out, fan_in = layer.weight.shape
+                    stacked.weights[i][n, :fan_in, :fan_out] = layer.weight.T
+                    stacked.biases[i][n, 0, :fan_out] = layer.bias
         return stacked
+
+
+def narrow(tensor: torch.Tensor, index: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """`tensor`'s networks `index` (dim 0), cut to `shape`'s other dimensions."""
+    picked = tensor.index_select(0, index)
+    return picked[:, : shape[1], : shape[2]].contiguous()
+
+
+def _activation_runs(names: Sequence[str], k: int) -> list[tuple[str, int, int]]:
+    """(activation, first network, one past the last) for each run of equal activations."""
+    runs: list[tuple[str, int, int]] = []
+    for t, name in enumerate(names):
+        if runs and runs[-1][0] == name:
+            runs[-1] = (name, runs[-1][1], (t + 1) * k)
+        elif any(run[0] == name for run in runs):
+            raise ValueError(f"trials with activation {name!r} must be neighbours in a stack")
+        else:
+            runs.append((name, t * k, (t + 1) * k))
+    return runs

@@ -14,14 +14,14 @@ import torch
 
 from model.config import N_CLASSES, TrainConfig
 from model.data import DeviceData
-from model.kfold import training_subset
+from model.kfold import net_shape, training_subset
 from model.network import FFNN, StackedFFNN
 from model.steps import (
+    TrialStreams,
     make_optimizer,
     make_step,
     matmul_precision,
     resolve_precision,
-    seeded,
     train_epoch,
 )
 
@@ -59,19 +59,26 @@ def train_final(
     precision = resolve_precision(precision, device)
     started = time.perf_counter()
     indices = training_subset(len(data), config).to(device)[None, :]
-    with seeded(config.seed, device), matmul_precision(precision, device):
-        stack = StackedFFNN(1, config.hidden, config.activation, config.dropout)
-        stack.reset_parameters(torch.Generator().manual_seed(config.seed))
+    with matmul_precision(precision, device):
+        # One network: the k-fold trainer's initial weights and random stream, with k = 1.
+        stack = StackedFFNN([net_shape(config)], 1)
+        stack.reset_parameters(config.seed)
         stack.to(device).train()
+        streams = TrialStreams([config.seed], device)
         full_batch = config.full_batch or config.batch_size >= indices.shape[1]
         gathered = data.gather(indices) if full_batch else None
         batch_size = indices.shape[1] if full_batch else config.batch_size
         step = make_step(
-            stack, make_optimizer(stack, config), batch_size, precision=precision, compile=compile
+            stack,
+            make_optimizer(stack, [config]),
+            batch_size,
+            streams.generators,
+            precision=precision,
+            compile=compile,
         )
         curve = torch.empty(epochs, 2, device=device)
         for epoch in range(epochs):
-            loss, accuracy = train_epoch(step, data, indices, batch_size, gathered)
+            loss, accuracy = train_epoch(step, data, indices, batch_size, streams, gathered)
             curve[epoch, 0], curve[epoch, 1] = loss[0], accuracy[0]
     curve_list = curve.T.tolist()
     return FinalTraining(

@@ -1,9 +1,12 @@
 """One training step for all k stacked networks, and what a training loop sets up around
 it: the optimizer, the precision, the seeded random stream, one epoch of steps.
 
-A step takes a (k, B, 784) batch with its (k, B) labels, updates every network once and
-returns each one's mean loss and count of correct predictions (k,), left on the device;
-its `evaluate` scores them without dropout. `make_step` picks the fastest for the device:
+A step takes an (n, B, 784) batch with its (n, B) labels — or a (k, B, 784) one, fold
+j's rows for network j of every trial — updates every network once and returns each
+one's mean loss and count of correct predictions (n,), left on the device; its
+`evaluate` scores them without dropout. Each trial in the stack draws its batch order and
+dropout masks from its own generator (`TrialStreams`), so a trial trains the same
+whatever it is stacked with. `make_step` picks the fastest for the device:
 `model.cpu_step.CpuStep`, written by hand, on the CPU in float32; `AutogradStep`, plain
 PyTorch through autograd, everywhere else. `model.kfold` and `model.retrain` train with
 them.
@@ -20,7 +23,8 @@ import torch.nn.functional as F
 from model.config import PRECISIONS, TrainConfig
 from model.cpu_step import CpuStep
 from model.data import DeviceData
-from model.network import StackedFFNN
+from model.dropout import keep_mask
+from model.network import StackedFFNN, narrow
 
 
 class AutogradStep:
@@ -36,30 +40,36 @@ class AutogradStep:
     def __init__(
         self,
         model: StackedFFNN,
-        optimizer: torch.optim.Optimizer,
+        optimizer: Optimizer,
+        generators: list[torch.Generator],
         *,
         bf16: bool = False,
         compile: bool = False,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
+        self.generators = generators
         self.bf16 = bf16
         self.forward = self._forward
         if compile:
             cuda = model.weights[0].device.type == "cuda"
             self.forward = torch.compile(self._forward, mode="reduce-overhead" if cuda else None)
 
-    def _forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        k = self.model.k
+    def _forward(
+        self, x: torch.Tensor, y: torch.Tensor, masks: list[torch.Tensor] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        n = self.model.n
         device_type = x.device.type
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.bf16):
-            logits = self.model(x)
+            logits = self.model(x, masks)
             losses = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none")
         correct = (logits.argmax(dim=2) == y).sum(dim=1)
-        return losses.view(k, -1).mean(dim=1), correct
+        return losses.view(n, -1).mean(dim=1), correct
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        per_network, correct = self.forward(x, y)
+        x, y = tile(x, self.model.n), tile(y, self.model.n)
+        masks = draw_masks(self.model, x.shape[1], self.generators)
+        per_network, correct = self.forward(x, y, masks)
         self.optimizer.zero_grad(set_to_none=True)
         # Summing the networks' losses gives each one's weights exactly its own gradient.
         per_network.sum().backward()
@@ -68,16 +78,42 @@ class AutogradStep:
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean loss and accuracy (k,) without dropout, whatever mode the model is in."""
-        k = self.model.k
-        training = self.model.training
-        self.model.eval()
+        """Mean loss and accuracy (n,) without dropout."""
+        n = self.model.n
+        x, y = tile(x, n), tile(y, n)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             logits = self.model(x).float()
-        self.model.train(training)
         losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
         accuracy = (logits.argmax(dim=2) == y).float().mean(dim=1)
-        return losses.view(k, -1).mean(dim=1), accuracy
+        return losses.view(n, -1).mean(dim=1), accuracy
+
+
+def tile(x: torch.Tensor, n: int) -> torch.Tensor:
+    """A (k, …) batch shared by the folds of every trial, repeated to the stack's n
+    networks; an (n, …) batch as it is."""
+    return x if x.shape[0] == n else x.repeat(n // x.shape[0], *([1] * (x.dim() - 1)))
+
+
+def draw_masks(
+    model: StackedFFNN, rows: int, generators: list[torch.Generator]
+) -> list[torch.Tensor] | None:
+    """One step's dropout for the autograd path: per hidden layer an (n, rows, width)
+    tensor of 0 or 1/keep, each trial's part drawn from its own generator, layer by
+    layer, by `keep_mask`'s rule (the order `CpuStep` draws in). None without dropout."""
+    if all(shape.dropout == 0.0 for shape in model.shapes):
+        return None
+    device = model.weights[0].device
+    dtype = model.weights[0].dtype
+    masks = [torch.ones(model.n, rows, width, device=device, dtype=dtype) for width in model.hidden]
+    for t, (shape, generator) in enumerate(zip(model.shapes, generators, strict=True)):
+        if shape.dropout == 0.0:
+            continue
+        for mask, width in zip(masks, shape.hidden, strict=False):
+            keep, kept = keep_mask(
+                (model.k, rows, width), 1.0 - shape.dropout, generator=generator, device=device
+            )
+            mask[model.trial(t), :, :width] = keep.to(dtype) * (1.0 / kept)
+    return masks
 
 
 Step = AutogradStep | CpuStep
@@ -85,16 +121,18 @@ Step = AutogradStep | CpuStep
 
 def make_step(
     model: StackedFFNN,
-    optimizer: torch.optim.Optimizer,
+    optimizer: Optimizer,
     max_rows: int,
+    generators: list[torch.Generator],
     *,
     precision: str = "fp32",
     compile: bool = False,
     hand_written: bool | None = None,
 ) -> Step:
-    """The fastest training step for the model's device: one optimizer step for all k
-    networks on a (k, B, 784) batch, returning each network's mean loss and count of
-    correct predictions (k,), both left on the device; and `evaluate`, without dropout.
+    """The fastest training step for the model's device: one optimizer step for all n
+    networks on an (n or k, B, 784) batch, returning each network's mean loss and count
+    of correct predictions (n,), both left on the device; and `evaluate`, without
+    dropout. `generators` holds each trial's random stream (`TrialStreams`).
 
     On the CPU in float32 that is `CpuStep`, written by hand into preallocated buffers;
     `hand_written=False` asks for the autograd step instead (the tests compare the two).
@@ -103,8 +141,8 @@ def make_step(
         on_cpu = model.weights[0].device.type == "cpu"
         hand_written = on_cpu and precision == "fp32" and not compile
     if hand_written:
-        return CpuStep(model, optimizer, max_rows)
-    return AutogradStep(model, optimizer, bf16=precision == "bf16", compile=compile)
+        return CpuStep(model, optimizer, max_rows, generators)
+    return AutogradStep(model, optimizer, generators, bf16=precision == "bf16", compile=compile)
 
 
 def resolve_precision(precision: str | None, device: torch.device) -> str:
@@ -138,22 +176,23 @@ def train_epoch(
     data: DeviceData,
     train_idx: torch.Tensor,
     batch_size: int,
+    streams: TrialStreams,
     gathered: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One epoch of each network over its rows of `train_idx` (k, n); returns the mean
-    training loss and accuracy per network (with dropout on, as training sees them).
+    """One epoch of each network over its fold's rows of `train_idx` (k, n); returns the
+    mean training loss and accuracy per network (with dropout on, as training sees them).
 
     `gathered` — the (k, n, 784) images and (k, n) labels of `train_idx`, gathered once
-    by the caller — means full batch: one step per epoch.
+    by the caller (or already repeated for every network) — means full batch: one step
+    per epoch.
     """
-    k, n = train_idx.shape
+    n = train_idx.shape[1]
     if gathered is not None:
         loss, correct = step(*gathered)
         return loss, correct / n
-    # Each network shuffles its own rows; batches are cut by indexing, no DataLoader.
-    order = train_idx.gather(1, torch.rand(k, n, device=data.device).argsort(dim=1))
-    total_loss = torch.zeros(k, device=data.device)
-    total_correct = torch.zeros(k, device=data.device)
+    order = streams.batch_order(train_idx)
+    total_loss = torch.zeros(order.shape[0], device=data.device)
+    total_correct = torch.zeros(order.shape[0], device=data.device)
     for start in range(0, n, batch_size):
         batch = order[:, start : start + batch_size]
         loss, correct = step(*data.gather(batch))
@@ -162,28 +201,120 @@ def train_epoch(
     return total_loss / n, total_correct / n
 
 
-@contextlib.contextmanager
-def seeded(seed: int, device: torch.device) -> Iterator[None]:
-    """Seed torch's random streams (dropout, batch order) for a block, then restore them,
-    so training is reproducible without disturbing the caller's random state."""
-    devices = []
-    if device.type == "cuda":
-        devices = [torch.cuda.current_device() if device.index is None else device.index]
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
+class TrialStreams:
+    """Each stacked trial's random stream: a generator on the training device, seeded
+    with the trial's `seed`. At mini-batch it first draws, every epoch, `rand(k, n)`,
+    whose row j's argsort orders fold j's training rows; then each step's dropout masks
+    (`CpuStep`, `draw_masks`). Nothing else draws from it, so a trial's numbers do not
+    depend on the trials beside it."""
+
+    def __init__(self, seeds: list[int], device: torch.device) -> None:
+        self.device = device
+        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+
+    def select(self, trials: list[int]) -> TrialStreams:
+        """The streams of these trials, where they stand (for a compacted stack)."""
+        kept = TrialStreams([], self.device)
+        kept.generators = [self.generators[t] for t in trials]
+        return kept
+
+    def batch_order(self, train_idx: torch.Tensor) -> torch.Tensor:
+        """(n, rows): each network's training rows in this epoch's order."""
+        k, n = train_idx.shape
+        return torch.cat(
+            [
+                train_idx.gather(
+                    1, torch.rand(k, n, generator=g, device=self.device).argsort(dim=1)
+                )
+                for g in self.generators
+            ]
+        )
 
 
-def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """Adam or Adamax with the L2 penalty as `weight_decay`, as the seed report trains.
+def make_optimizer(model: StackedFFNN, configs: list[TrainConfig]) -> Optimizer:
+    """Adam or Adamax with the L2 penalty as `weight_decay`, as the seed report trains,
+    one configuration per trial of the stack.
 
-    Both act element by element, so on a stacked model each fold has its own optimizer
-    state in effect.
+    Both act element by element, so on a stack each network has its own optimizer state
+    in effect. One trial gets torch's own (fused Adam, multi-tensor Adamax); several get
+    `StackedAdam`, which gives each trial its own rule, learning rate and penalty.
     """
     params = list(model.parameters())
+    if len(configs) > 1:
+        return StackedAdam(model, configs)
+    config = configs[0]
     if config.optimizer == "adam":
         # The fused kernel updates each tensor in one pass: on the CPU a mini-batch step
         # of the report's network took 0.28 ms fused against 1.09 ms unfused.
         return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
     # Adamax has no fused kernel; the multi-tensor one is the fastest there is.
     return torch.optim.Adamax(params, lr=config.lr, weight_decay=config.weight_decay, foreach=True)
+
+
+class StackedAdam:
+    """Adam and Adamax (torch's formulas, L2 penalty added to the gradient) over a stack
+    whose trials each have their own rule, learning rate and penalty.
+
+    Every quantity is a tensor over the whole stack, with the per-network settings as
+    (n, 1, 1) tensors, so a step is a fixed sequence of element-wise operations per
+    parameter tensor whatever the mix of trials: no loop over networks, and nothing read
+    back to the host (the step count lives on the device too, ready for graph capture).
+    A padded zero weight has zero gradient and zero moments, so its update is 0/(0 + ε)
+    (Adam) or 0/ε (Adamax): exactly zero.
+    """
+
+    BETAS = (0.9, 0.999)
+    EPS = 1e-8
+
+    def __init__(self, model: StackedFFNN, configs: list[TrainConfig]) -> None:
+        device = model.weights[0].device
+        dtype = model.weights[0].dtype
+
+        def per_network(values: list[float]) -> torch.Tensor:
+            column = torch.tensor(values, dtype=dtype, device=device)
+            return column.repeat_interleave(model.k).view(-1, 1, 1)
+
+        self.params = list(model.parameters())
+        self.lr = per_network([c.lr for c in configs])
+        self.weight_decay = per_network([c.weight_decay for c in configs])
+        self.adamax = per_network([float(c.optimizer == "adamax") for c in configs]).bool()
+        self.step_count = torch.zeros((), dtype=dtype, device=device)
+        self.first = [torch.zeros_like(p) for p in self.params]
+        self.second = [torch.zeros_like(p) for p in self.params]
+
+    @torch.no_grad()
+    def step(self) -> None:
+        beta1, beta2 = self.BETAS
+        self.step_count += 1
+        step_size = self.lr / (1 - beta1**self.step_count)
+        root_correction = torch.sqrt(1 - beta2**self.step_count)
+        for param, first, second in zip(self.params, self.first, self.second, strict=True):
+            grad = param.grad.addcmul(param, self.weight_decay)
+            first.lerp_(grad, 1 - beta1)
+            adam_second = second * beta2 + (1 - beta2) * grad * grad
+            adamax_second = torch.maximum(second * beta2, grad.abs() + self.EPS)
+            second.copy_(torch.where(self.adamax, adamax_second, adam_second))
+            denominator = torch.where(
+                self.adamax, second, second.sqrt() / root_correction + self.EPS
+            )
+            param.sub_(step_size * first / denominator)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for param in self.params:
+            param.grad = None
+
+    def select(self, model: StackedFFNN, index: torch.Tensor) -> StackedAdam:
+        """This optimizer's state for the networks `index`, on `model` (their stack)."""
+        kept = object.__new__(StackedAdam)
+        kept.params = list(model.parameters())
+        kept.lr = self.lr.index_select(0, index)
+        kept.weight_decay = self.weight_decay.index_select(0, index)
+        kept.adamax = self.adamax.index_select(0, index)
+        kept.step_count = self.step_count.clone()
+        shapes = [p.shape for p in kept.params]
+        kept.first = [narrow(m, index, s) for m, s in zip(self.first, shapes, strict=True)]
+        kept.second = [narrow(v, index, s) for v, s in zip(self.second, shapes, strict=True)]
+        return kept
+
+
+Optimizer = torch.optim.Optimizer | StackedAdam

@@ -14,8 +14,15 @@ from model.config import ACTIVATIONS, TrainConfig
 from model.cpu_step import CpuStep
 from model.data import DeviceData, Mnist, to_device
 from model.dropout import keep_mask
-from model.kfold import initial_model, train_kfold
-from model.steps import AutogradStep, make_optimizer, make_step, resolve_precision
+from model.kfold import initial_model, net_shape, train_kfold
+from model.network import StackedFFNN
+from model.steps import (
+    AutogradStep,
+    StackedAdam,
+    make_optimizer,
+    make_step,
+    resolve_precision,
+)
 from tests.conftest import synthetic_data
 from tests.reference import draw_step_masks, network_from, plain_optimizer, plain_step, set_masks
 
@@ -60,11 +67,12 @@ def test_training_step_matches_each_network_stepped_alone(
         )
         for j in range(config.k)
     ]
-    step = make_step(model, make_optimizer(model, config), 150, hand_written=hand_written)
+    generators = [torch.Generator().manual_seed(7)]
+    optimizer = make_optimizer(model, [config])
+    step = make_step(model, optimizer, 150, generators, hand_written=hand_written)
     assert isinstance(step, CpuStep if hand_written else AutogradStep)
     optimizers = [plain_optimizer(net, config) for net in nets]
 
-    torch.manual_seed(7)
     ours = [step(x, y) for x, y in steps]
     torch.manual_seed(7)  # the reference draws the same masks by the documented rule
     for (x, y), (loss, correct) in zip(steps, ours, strict=True):
@@ -98,6 +106,66 @@ def test_training_step_matches_each_network_stepped_alone(
                 difference = (ours_param - ref_param).abs()
                 assert difference.max() < (1e-4 if dtype == torch.float32 else tolerance)
                 assert difference.mean() < (1e-7 if dtype == torch.float32 else tolerance)
+
+
+# Three trials that differ in everything a stack lets differ: widths (so two are padded),
+# activation, dropout, optimizer, learning rate, penalty and seed.
+STACKED_TRIALS = [
+    TrainConfig(hidden=(40, 20), activation="silu", dropout=0.35, optimizer="adam", lr=1e-3,
+                weight_decay=1e-4, k=2, seed=11),
+    TrainConfig(hidden=(17, 33), activation="relu", dropout=0.0, optimizer="adamax", lr=3e-3,
+                weight_decay=0.0, k=2, seed=12),
+    TrainConfig(hidden=(25, 9), activation="relu", dropout=0.5, optimizer="adam", lr=2e-3,
+                weight_decay=1e-3, k=2, seed=13),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", STEP_KINDS)
+def test_stacked_trials_step_as_each_network_stepped_alone(kind: str) -> None:
+    hand_written, dtype, tolerance = STEP_KINDS[kind]
+    data = synthetic_data(600)
+    k = 2
+    steps = [(x.to(dtype), y) for x, y in batches(data, k, [150, 64, 23])]
+    model = StackedFFNN([net_shape(c) for c in STACKED_TRIALS], k)
+    model.reset_parameters([c.seed for c in STACKED_TRIALS])
+    model = model.to(dtype)
+    optimizer = make_optimizer(model, STACKED_TRIALS)
+    assert isinstance(optimizer, StackedAdam)
+    generators = [torch.Generator().manual_seed(c.seed) for c in STACKED_TRIALS]
+    step = make_step(model, optimizer, 150, generators, hand_written=hand_written)
+    ours = [step(x, y) for x, y in steps]
+
+    for t, config in enumerate(STACKED_TRIALS):
+        # Trial t alone, by the reference's rules: its own initial weights and masks.
+        alone = initial_model(config).to(dtype)
+        nets = [
+            network_from(
+                config,
+                [(w[j].T, b[j, 0]) for w, b in zip(alone.weights, alone.biases, strict=True)],
+                dtype,
+            )
+            for j in range(k)
+        ]
+        optimizers = [plain_optimizer(net, config) for net in nets]
+        torch.manual_seed(config.seed)
+        for (x, y), (loss, correct) in zip(steps, ours, strict=True):
+            masks = draw_step_masks(k, x.shape[1], config)
+            for j, (net, plain) in enumerate(zip(nets, optimizers, strict=True)):
+                set_masks(net, None if masks is None else [m[j] for m in masks])
+                ref_loss, ref_correct = plain_step(net, plain, x[j], y[j])
+                assert loss[t * k + j].item() == pytest.approx(ref_loss, rel=tolerance)
+                assert correct[t * k + j].item() == ref_correct
+        for j, net in enumerate(nets):
+            extracted = model.extract(t * k + j)
+            assert extracted.hidden == config.hidden
+            for ours_param, ref_param in zip(extracted.parameters(), net.parameters(), strict=True):
+                difference = (ours_param - ref_param).abs()
+                assert difference.max() < (1e-4 if dtype == torch.float32 else tolerance)
+                assert difference.mean() < (1e-7 if dtype == torch.float32 else tolerance)
+    # Padding stays exactly zero through training.
+    assert model.weights[0][2:4, :, 17:].abs().max() == 0
+    assert model.weights[1][2:4, 17:, :].abs().max() == 0
+    assert model.weights[2][4:6, 9:, :].abs().max() == 0
 
 
 def test_keep_masks_keep_the_asked_fraction_in_every_position_and_reuse_buffers() -> None:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from model.config import ACTIVATIONS, TrainConfig
 from model.data import DeviceData
-from model.kfold import KFoldResult, split_folds, train_kfold
+from model.kfold import KFoldResult, Progress, split_folds, stack_key, train_kfold, train_trials
 from tests.conftest import synthetic_data
 from tests.reference import fold_indices, reference_kfold
 
@@ -57,6 +57,85 @@ def test_stacked_trainer_matches_each_fold_trained_alone(
         ours = result.model.extract(j)
         for a, b in zip(ours.parameters(), run.net.parameters(), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+STACKED = [
+    # Widths differ (so the stack pads), and so do activation, dropout, optimizer, learning
+    # rate, penalty and seed; random labels make the folds stop at different epochs.
+    dataclasses.replace(TINY, hidden=(16, 8), activation="silu", dropout=0.3, seed=5),
+    dataclasses.replace(
+        TINY, hidden=(9, 14), activation="relu", dropout=0.0, optimizer="adamax", lr=1e-2,
+        weight_decay=0.0, seed=6,
+    ),
+    dataclasses.replace(TINY, hidden=(21, 5), activation="leaky_relu", dropout=0.5, lr=5e-3),
+    dataclasses.replace(TINY, hidden=(12, 12), activation="relu", dropout=0.2, seed=8),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("batch_size", [None, 40], ids=["full-batch", "mini-batch"])
+def test_stacked_trials_each_match_their_folds_trained_alone(batch_size: int | None) -> None:
+    configs = [
+        dataclasses.replace(c, batch_size=batch_size, max_epochs=30, patience=3) for c in STACKED
+    ]
+    data = synthetic_data(240, learnable=False)
+    ended: list[tuple[int, int]] = []  # (trial, epochs it ran) in the order they ended
+    results = train_trials(
+        configs, data, on_result=lambda i, r: ended.append((i, max(r.epochs_run)))
+    )
+    assert sorted(i for i, _ in ended) == [0, 1, 2, 3]
+    assert [epochs for _, epochs in ended] == sorted(epochs for _, epochs in ended)
+    assert len({epochs for _, epochs in ended}) > 1  # trials ended apart: the stack shrank
+    for config, result in zip(configs, results, strict=True):
+        assert result.config == config
+        runs = reference_kfold(config, data.x, data.y)
+        assert result.best_epochs == [run.best_epoch for run in runs]
+        assert result.epochs_run == [run.epochs for run in runs]
+        assert result.fold_accuracies == pytest.approx([r.accuracy for r in runs], abs=1e-6)
+        assert result.fold_losses == pytest.approx([run.loss for run in runs], rel=1e-4)
+        for j, run in enumerate(runs):
+            for name, curve in run.curves.items():
+                assert result.curves[name][j] == pytest.approx(curve, rel=1e-4, abs=1e-6), name
+            ours = result.model.extract(j)
+            assert ours.hidden == config.hidden
+            for a, b in zip(ours.parameters(), run.net.parameters(), strict=True):
+                # Adam magnifies rounding where a gradient is near zero (see test_fastpath):
+                # a few weights may stray by a fraction of a step, none by a whole one.
+                difference = (a - b).abs()
+                assert difference.max() < 1e-4
+                assert difference.mean() < 1e-6
+
+
+def test_a_halted_trial_leaves_the_stack_alone_and_matches_its_lone_run() -> None:
+    configs = [dataclasses.replace(c, max_epochs=12, patience=20) for c in STACKED[:3]]
+    data = synthetic_data(240)
+    heard: dict[int, list[int]] = {0: [], 1: [], 2: []}
+
+    def halt_trial_1_at_epoch_4(trial: int, progress: Progress) -> bool:
+        heard[trial].append(progress.epoch)
+        return trial == 1 and progress.epoch == 4
+
+    results = train_trials(configs, data, on_progress=halt_trial_1_at_epoch_4)
+    assert heard == {0: list(range(1, 13)), 1: [1, 2, 3, 4], 2: list(range(1, 13))}
+    assert [r.halted for r in results] == [False, True, False]
+    assert results[1].epochs_run == [4, 4, 4]
+    alone = train_kfold(configs[1], data, on_progress=lambda p: p.epoch == 4)
+    assert results[1].fold_losses == pytest.approx(alone.fold_losses, rel=1e-5)
+    for trial in (0, 2):
+        alone = train_kfold(configs[trial], data)
+        assert results[trial].epochs_run == alone.epochs_run == [12, 12, 12]
+        assert results[trial].fold_losses == pytest.approx(alone.fold_losses, rel=1e-5)
+        assert results[trial].curves["val_loss"] == [
+            pytest.approx(curve, rel=1e-5) for curve in alone.curves["val_loss"]
+        ]
+
+
+def test_only_configurations_of_one_protocol_stack() -> None:
+    data = synthetic_data(60)
+    with pytest.raises(ValueError, match="one depth, k"):
+        train_trials([TINY, dataclasses.replace(TINY, k=2)], data)
+    with pytest.raises(ValueError, match="one depth, k"):
+        train_trials([TINY, dataclasses.replace(TINY, hidden=(4, 4, 4))], data)
+    assert stack_key(TINY) == stack_key(dataclasses.replace(TINY, hidden=(3, 2), lr=0.1, seed=9))
 
 
 def test_early_stopping_stops_a_fold_and_restores_its_best_weights() -> None:

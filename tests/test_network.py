@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from model.config import ACTIVATIONS
+from model.dropout import kept_probability
 from model.network import FFNN, StackedFFNN, layer_sizes
+from model.steps import draw_masks
 
 
 def random_networks(k: int, hidden: tuple[int, ...], activation: str = "relu") -> list[FFNN]:
@@ -35,8 +37,8 @@ def test_stacked_model_shows_a_shared_batch_to_every_network() -> None:
 
 
 def test_extracting_every_fold_round_trips_the_stack() -> None:
-    stacked = StackedFFNN(3, (24, 12, 6), "hardswish", 0.2)
-    stacked.reset_parameters(torch.Generator().manual_seed(0))
+    stacked = StackedFFNN.uniform(3, (24, 12, 6), "hardswish", 0.2)
+    stacked.reset_parameters(0)
     rebuilt = StackedFFNN.from_networks([stacked.extract(j) for j in range(3)])
     for before, after in zip(stacked.parameters(), rebuilt.parameters(), strict=True):
         assert torch.equal(before, after)
@@ -46,23 +48,58 @@ def test_extracting_every_fold_round_trips_the_stack() -> None:
     )
 
 
-def test_each_network_in_the_stack_draws_its_own_dropout_mask() -> None:
+def test_each_trial_draws_its_dropout_masks_from_its_own_stream() -> None:
     net = random_networks(1, (256,))[0]
-    stacked = StackedFFNN.from_networks([net, net]).train()
+    stacked = StackedFFNN.from_networks([net, net, net])
     x = torch.rand(64, 784)
-    out = stacked(x)
-    # Identical weights and input: only independent masks make the two outputs differ.
+    seeds = [3, 4, 3]
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    masks = draw_masks(stacked, 64, generators)
+    assert masks is not None
+    out = stacked(x, masks)
+    # Identical weights and input: only the masks make the outputs differ, and a trial's
+    # masks come from its own seed alone, whatever stands beside it.
     assert not torch.allclose(out[0], out[1])
-    stacked.eval()
+    torch.testing.assert_close(out[0], out[2])
+    kept = masks[0][0] > 0
+    assert 0.6 < kept.float().mean().item() < 0.8  # dropout 0.3
+    scale = 1 / kept_probability(0.7)
+    torch.testing.assert_close(masks[0][0][kept], torch.full_like(masks[0][0][kept], scale))
+    assert stacked(x).shape == (3, 64, 10)
+    torch.testing.assert_close(stacked(x)[0], stacked(x)[1])  # no masks, no dropout
+
+
+def test_networks_of_different_widths_stack_padded_and_keep_their_outputs() -> None:
+    torch.manual_seed(2)
+    networks = [
+        FFNN((12, 30), "relu", 0.1),
+        FFNN((40, 5), "silu", 0.0),
+        FFNN((7, 9), "silu", 0.5),
+    ]
+    stacked = StackedFFNN.from_networks(networks)
+    assert stacked.hidden == (40, 30)
+    x = torch.rand(3, 25, 784)
     out = stacked(x)
-    torch.testing.assert_close(out[0], out[1])
+    for n, net in enumerate(networks):
+        torch.testing.assert_close(out[n], net.eval()(x[n]), rtol=1e-5, atol=1e-5)
+        extracted = stacked.extract(n)
+        assert extracted.hidden == net.hidden
+        for a, b in zip(extracted.parameters(), net.parameters(), strict=True):
+            assert torch.equal(a, b)
+    # The padding is zero: the narrow network's corner is all it has.
+    assert stacked.weights[0][0, :, 12:].abs().sum() == 0
+    assert stacked.weights[1][0, 12:, :].abs().sum() == 0
+    # A selection keeps its networks' weights and is as narrow as they allow.
+    narrower = stacked.select([0, 2])
+    assert narrower.hidden == (12, 30)
+    torch.testing.assert_close(narrower(x[[0, 2]]), out[[0, 2]])
 
 
 def test_initialisation_is_seeded_independent_per_network_and_within_linear_bounds() -> None:
-    a = StackedFFNN(2, (50,), "relu", 0.0)
-    b = StackedFFNN(2, (50,), "relu", 0.0)
-    a.reset_parameters(torch.Generator().manual_seed(5))
-    b.reset_parameters(torch.Generator().manual_seed(5))
+    a = StackedFFNN.uniform(2, (50,), "relu", 0.0)
+    b = StackedFFNN.uniform(2, (50,), "relu", 0.0)
+    a.reset_parameters(5)
+    b.reset_parameters(5)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
     assert not torch.equal(a.weights[0][0], a.weights[0][1])
     assert a.weights[0].abs().max() <= 1 / 784**0.5
@@ -77,12 +114,18 @@ def test_network_has_one_layer_per_hidden_size_plus_the_output(hidden: tuple[int
     assert net(torch.rand(3, 784)).shape == (3, 10)
 
 
-def test_networks_of_different_shapes_do_not_stack() -> None:
-    with pytest.raises(ValueError, match="one shape"):
-        StackedFFNN.from_networks([FFNN((4,), "relu", 0.0), FFNN((5,), "relu", 0.0)])
+def test_networks_of_different_depths_or_scattered_activations_do_not_stack() -> None:
+    with pytest.raises(ValueError, match="one depth"):
+        StackedFFNN.from_networks([FFNN((4,), "relu", 0.0), FFNN((5, 3), "relu", 0.0)])
+    scattered = [FFNN((4,), name, 0.0) for name in ("relu", "silu", "relu")]
+    with pytest.raises(ValueError, match="neighbours"):
+        StackedFFNN.from_networks(scattered)
 
 
 def test_an_activation_the_table_lacks_is_refused_not_replaced_by_another() -> None:
-    for network in (lambda: FFNN((4,), "tanh", 0.0), lambda: StackedFFNN(2, (4,), "tanh", 0.0)):
+    for network in (
+        lambda: FFNN((4,), "tanh", 0.0),
+        lambda: StackedFFNN.uniform(2, (4,), "tanh", 0.0),
+    ):
         with pytest.raises(KeyError, match="tanh"):
             network()
