@@ -3,6 +3,7 @@
     python -m benchmarks.speed cases     [--device D] [--rounds R] [--json FILE]
     python -m benchmarks.speed estimate  [--device D] [--trials N] [--max-minutes M]
     python -m benchmarks.speed scaling   [--device D]
+    python -m benchmarks.speed stacking  [--device D] [--stack-sizes 1,2,4] [--graphs]
     python -m benchmarks.speed all       [--device D] [--json FILE]
 
 `cases` trains the report's best network (784-249-36-10, relu, dropout 0.35, Adam,
@@ -16,7 +17,8 @@ floor / trainer). On CUDA it prints the fraction of the dense TF32 peak instead.
 
 `estimate` times whole trials of the `seed` preset (drawn by the study's real sampler,
 early stopping on) and extrapolates to the preset's 200 trials. `scaling` times a trial
-against the training-set size and against k.
+against the training-set size and against k. `stacking` times B trials trained as one
+stack against the same trials one after another, and against the naive way.
 
 Needs only torch (and the project's `model/`): it runs where Optuna is not installed;
 `estimate` then reads its configurations from `seed_draws.json` beside this file.
@@ -44,7 +46,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from model.config import TrainConfig, parameter_count
 from model.data import DeviceData, default_root, load_mnist, to_device
-from model.kfold import split_folds, train_kfold
+from model.kfold import split_folds, train_kfold, train_trials
 from model.network import layer_sizes
 
 # Dense TF32 tensor-core peak of an H100 SXM, without sparsity.
@@ -440,6 +442,98 @@ def run_estimate(
     return out
 
 
+# --- trials stacked -------------------------------------------------------------------
+
+# The two protocols the study runs: the seed report's (full batch over 48,000 images per
+# fold, k = 5) and the quick preset's (12,000 images, k = 3, mini-batches of 256).
+STACK_PROTOCOLS = {
+    "seed, full batch": TrainConfig(subset=None, batch_size=None, k=5),
+    "quick, mini-batch 256": TrainConfig(subset=12_000, batch_size=256, k=3),
+}
+
+
+def run_stacking(
+    device: torch.device,
+    data: DeviceData,
+    sizes: list[int],
+    epochs: int,
+    rounds: int,
+    graphs: bool,
+) -> list[dict[str, Any]]:
+    """Trials per second for B trials of a protocol trained three ways, in one run:
+    stacked (`train_trials`), one after another (`train_kfold`, as one trial per worker
+    process trains) and the naive way (its time for the first trial, times B). Early
+    stopping is off, so every way trains every network for `epochs` epochs.
+
+    The configurations are the seed study's first draws. Useful FLOP/s counts each
+    network's own (unpadded) parameters: 6 · samples · parameters per model-epoch.
+    On a GPU with `graphs`, the stacked way also runs with whole epochs as CUDA graphs.
+    """
+    draws = seed_draws(max(sizes))
+    rows = []
+    for name, protocol in STACK_PROTOCOLS.items():
+        base = dataclasses.replace(protocol, max_epochs=epochs, patience=epochs + 1)
+        configs = [base.with_params(params) for params in draws]
+        n_train = split_folds(len(data), base)[0].shape[1]
+        for b in sizes:
+            chosen = configs[:b]
+            ways: dict[str, Callable[[], Any]] = {
+                "stacked": functools.partial(train_trials, chosen, data),
+                "one at a time": functools.partial(_one_at_a_time, chosen, data),
+            }
+            if graphs and device.type == "cuda":
+                ways["stacked, CUDA graphs"] = functools.partial(
+                    train_trials, chosen, data, graphs=True
+                )
+            if b == sizes[0]:
+                ways["naive (first trial)"] = functools.partial(
+                    naive_kfold, chosen[0], data, epochs
+                )
+            times = _alternate(
+                ways, rounds, warmup=dataclasses.replace(base.with_params(draws[0]), max_epochs=1),
+                data=data,
+            )  # fmt: skip
+            useful = sum(6 * n_train * parameter_count(c.hidden) * c.k * epochs for c in chosen)
+            row: dict[str, Any] = {
+                "protocol": name, "trials": b, "epochs": epochs, "rounds": rounds,
+                "device": str(device), "machine": machine(),
+            }  # fmt: skip
+            for way, seconds in times.items():
+                per_trial = seconds if way.startswith("naive") else seconds / b
+                row[way] = {
+                    "seconds": seconds,
+                    "trials_per_s": 1 / per_trial,
+                    "useful_flop_per_s": useful / b / per_trial,
+                }
+                if device.type == "cuda":
+                    row[way]["fraction_of_tf32_peak"] = (
+                        row[way]["useful_flop_per_s"] / H100_TF32_PEAK
+                    )
+            row["stacked_vs_one_at_a_time"] = times["one at a time"] / times["stacked"]
+            rows.append(row)
+            _print_stacking(row)
+    return rows
+
+
+def _one_at_a_time(configs: list[TrainConfig], data: DeviceData) -> None:
+    for config in configs:
+        train_kfold(config, data)
+
+
+def _print_stacking(row: dict[str, Any]) -> None:
+    print(
+        f"\n{row['protocol']}, B = {row['trials']} trials, {row['epochs']} epochs, "
+        f"median of {row['rounds']} rounds, {row['machine']}"
+    )
+    for way, r in row.items():
+        if isinstance(r, dict):
+            peak = r.get("fraction_of_tf32_peak")
+            extra = f"  {100 * peak:5.1f} % of dense TF32 peak" if peak is not None else ""
+            print(f"  {way:22s} {r['trials_per_s']:8.3f} trials/s  "
+                  f"{r['useful_flop_per_s'] / 1e9:9.1f} useful GFLOP/s{extra}")  # fmt: skip
+    print(f"  stacked: {row['stacked_vs_one_at_a_time']:.2f}x one at a time")
+
+
 # --- how the cost grows ---------------------------------------------------------------
 
 
@@ -510,7 +604,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.speed", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("what", choices=("cases", "estimate", "scaling", "all"))
+    parser.add_argument("what", choices=("cases", "estimate", "scaling", "stacking", "all"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--full-epochs", type=int, default=3)
@@ -520,6 +614,13 @@ def main(argv: list[str] | None = None) -> int:
         "--max-minutes", type=float, default=2.0, help="estimate: cap on one trial's minutes"
     )
     parser.add_argument("--scaling-epochs", type=int, default=2)
+    parser.add_argument(
+        "--stack-sizes", default="1,2,4", help="stacking: trials per stack, comma-separated"
+    )
+    parser.add_argument("--stack-epochs", type=int, default=2, help="stacking: epochs per trial")
+    parser.add_argument(
+        "--graphs", action="store_true", help="stacking: also time whole epochs as CUDA graphs"
+    )
     parser.add_argument("--json", type=Path, help="also write the results as JSON")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -539,6 +640,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.what in ("scaling", "all"):
         print("\nscaling")
         out["scaling"] = run_scaling(device, data, args.scaling_epochs)
+    if args.what in ("stacking", "all"):
+        print("\ntrials stacked")
+        sizes = [int(b) for b in args.stack_sizes.split(",")]
+        out["stacking"] = run_stacking(
+            device, data, sizes, args.stack_epochs, args.rounds, args.graphs
+        )
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
     return 0

@@ -13,6 +13,7 @@ CPU's).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -49,12 +50,18 @@ def keep_mask(
         bits = torch.empty(4 * n_words, dtype=torch.bool, device=words.device)
     bits = bits[: 4 * n_words]
     threshold = _threshold(keep)
-    thresholds = torch.tensor(
-        [2 * threshold - 32768] * 3 + [threshold], dtype=torch.int16, device=words.device
-    )
+    thresholds = _thresholds(threshold, words.device)
     chunks = words.random_(generator=generator).view(torch.int16).view(-1, 4)
     torch.lt(chunks, thresholds, out=bits.view(-1, 4))
     return bits[:numel].view(shape), threshold / 32768
+
+
+@functools.cache
+def _thresholds(threshold: int, device: torch.device) -> torch.Tensor:
+    """Each chunk's threshold, made once per device: a copy to a GPU inside a CUDA graph's
+    capture would be refused, and every epoch after the first finds it here."""
+    values = [2 * threshold - 32768] * 3 + [threshold]
+    return torch.tensor(values, dtype=torch.int16, device=device)
 
 
 def kept_probability(keep: float) -> float:

@@ -153,6 +153,10 @@ def net_shape(config: TrainConfig) -> NetShape:
     return NetShape(config.hidden, config.activation, config.dropout)
 
 
+# Eager epochs before an epoch is captured as a CUDA graph: the first calls set up cuBLAS
+# handles, autograd's buffers and the allocator's blocks, which a capture must not do.
+GRAPH_WARMUP_EPOCHS = 2
+
 # What trials stacked together must share: they train on the same folds, with one batch
 # size and one epoch loop.
 STACK_FIELDS = ("k", "subset", "fold_seed", "batch_size", "max_epochs", "patience")
@@ -171,6 +175,7 @@ def train_kfold(
     on_progress: Callable[[Progress], bool] | None = None,
     precision: str | None = None,
     compile: bool = False,
+    graphs: bool = False,
 ) -> KFoldResult:
     """Cross-validate `config` on `data` (on its device): `train_trials` of one trial.
 
@@ -178,7 +183,9 @@ def train_kfold(
     where reading back costs nothing, every 10 on a GPU); returning True stops the run,
     which is then marked `halted`. `precision` is fp32, tf32 or bf16 (default: tf32 on
     a GPU, fp32 on the CPU); `compile` hands the step to torch.compile (see
-    `model.steps.AutogradStep`). Same config, data and seed on the CPU → same numbers.
+    `model.steps.AutogradStep`); `graphs`, on a GPU, captures whole epochs as one CUDA
+    graph and replays it (`train_trials`). Same config, data and seed on the CPU → same
+    numbers.
     """
     progress = None if on_progress is None else (lambda _trial, p: on_progress(p))
     return train_trials(
@@ -188,6 +195,7 @@ def train_kfold(
         on_progress=progress,
         precision=precision,
         compile=compile,
+        graphs=graphs,
     )[0]
 
 
@@ -200,6 +208,7 @@ def train_trials(
     on_result: Callable[[int, KFoldResult], None] | None = None,
     precision: str | None = None,
     compile: bool = False,
+    graphs: bool = False,
 ) -> list[KFoldResult]:
     """Cross-validate several configurations at once, their k folds each stacked into
     one `StackedFFNN`; returns their results in the order given.
@@ -215,6 +224,13 @@ def train_trials(
     have stopped, when one diverges, or when it is halted; `on_result(i, result)` hears
     of it then, and its networks leave the stack (the stack is rebuilt without them), so
     a finished trial costs nothing more.
+
+    `graphs` (GPU only; ignored on the CPU): after two eager epochs, one epoch —
+    training steps, validation, early-stopping bookkeeping — is captured as a CUDA graph
+    and replayed for every later epoch (and captured again when the stack shrinks), so
+    an epoch costs one launch; the host still reads only every `sync_every` epochs. Its
+    numbers are the eager path's, except that replays draw other dropout masks from the
+    same generators.
 
     The random stream of each trial: a generator on the data's device seeded with its
     `seed`. At mini-batch, each epoch first draws `rand(k, n_train)`, whose row j's
@@ -235,7 +251,7 @@ def train_trials(
     precision = resolve_precision(precision, device)
     if sync_every is None:
         sync_every = 1 if device.type == "cpu" else 10
-    trainer = _Trainer(configs, data, precision, compile)
+    trainer = _Trainer(configs, data, precision, compile, graphs and device.type == "cuda")
     with matmul_precision(precision, device):
         return trainer.run(sync_every, on_progress, on_result)
 
@@ -244,19 +260,27 @@ class _Trainer:
     """The epoch loop over a stack of trials, rebuilt smaller as trials end."""
 
     def __init__(
-        self, configs: list[TrainConfig], data: DeviceData, precision: str, compile: bool
+        self,
+        configs: list[TrainConfig],
+        data: DeviceData,
+        precision: str,
+        compile: bool,
+        graphs: bool,
     ) -> None:
         self.configs = configs
         self.data = data
         self.precision = precision
         self.compile = compile
+        self.graphs = graphs
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.eager_epochs = 0
         self.started = time.perf_counter()
         first = configs[0]
         device = data.device
         self.train_idx, val_idx = (idx.to(device) for idx in split_folds(len(data), first))
         n_train = self.train_idx.shape[1]
         # Validation sets never change: gather them once.
-        self.x_val, self.y_val = data.gather(val_idx)
+        self.x_val_folds, self.y_val_folds = data.gather(val_idx)
         self.full_batch = first.full_batch or first.batch_size >= n_train
         self.batch_size = n_train if self.full_batch else first.batch_size
         # One training part per fold, shared by every trial: at full batch gather it once.
@@ -270,7 +294,9 @@ class _Trainer:
         model.reset_parameters([c.seed for c in stacked])
         model.to(device)
         streams = TrialStreams([c.seed for c in stacked], device)
-        self._build(model, make_optimizer(model, stacked), streams)
+        # A captured epoch needs an optimizer whose step count lives on the device.
+        optimizer = make_optimizer(model, stacked, capturable=graphs)
+        self._build(model, optimizer, streams)
         self.state = _FoldState(model, first.max_epochs, device)
 
     def _build(self, model: StackedFFNN, optimizer: Optimizer, streams: TrialStreams) -> None:
@@ -286,12 +312,19 @@ class _Trainer:
             compile=self.compile,
         )
         self.gathered = None
+        tiled = isinstance(self.step, AutogradStep)
         if self.full_batch:
-            if isinstance(self.step, AutogradStep):
-                # Repeated once per stack, not once per step.
-                self.gathered = (tile(self.x_train, model.n), tile(self.y_train, model.n))
-            else:
-                self.gathered = (self.x_train, self.y_train)
+            # Repeated for every network once per stack, not once per step.
+            self.gathered = (
+                (tile(self.x_train, model.n), tile(self.y_train, model.n))
+                if tiled
+                else (self.x_train, self.y_train)
+            )
+        self.x_val, self.y_val = (
+            (tile(self.x_val_folds, model.n), tile(self.y_val_folds, model.n))
+            if tiled
+            else (self.x_val_folds, self.y_val_folds)
+        )
 
     def run(
         self,
@@ -304,16 +337,22 @@ class _Trainer:
         patience = self.configs[0].patience
         k = self.model.k
         for epoch in range(1, max_epochs + 1):
-            self.model.train()
-            train_loss, train_accuracy = train_epoch(
-                self.step, self.data, self.train_idx, self.batch_size, self.streams, self.gathered
-            )
-            self.model.eval()
-            val_loss, val_accuracy = self.step.evaluate(self.x_val, self.y_val)
-            with torch.no_grad():
-                self.state.record(
-                    epoch, train_loss, train_accuracy, val_loss, val_accuracy, patience
-                )
+            if self.graph is None and self.graphs and self.eager_epochs >= GRAPH_WARMUP_EPOCHS:
+                self.graph = self._capture(patience)
+            if self.graph is not None:
+                self.graph.replay()
+            elif self.graphs:
+                # Warm-up before a capture runs on a side stream, as torch asks.
+                side = torch.cuda.Stream(self.data.device)
+                side.wait_stream(torch.cuda.current_stream(self.data.device))
+                with torch.cuda.stream(side):
+                    self._epoch(patience)
+                torch.cuda.current_stream(self.data.device).wait_stream(side)
+                self.eager_epochs += 1
+            else:
+                self._epoch(patience)
+                self.eager_epochs += 1
+            self.state.epochs_done = epoch
             if epoch % sync_every and epoch != max_epochs:
                 continue
             # The only host sync of the loop: one small read every `sync_every` epochs.
@@ -362,6 +401,35 @@ class _Trainer:
             torch.cuda.synchronize(self.data.device)
         return [r for r in results if r is not None]
 
+    def _epoch(self, patience: int) -> None:
+        """One epoch of every network: training, validation, bookkeeping. Nothing in it
+        reads back to the host, so it can be captured as one CUDA graph and replayed."""
+        self.state.epoch += 1
+        train_loss, train_accuracy = train_epoch(
+            self.step, self.data, self.train_idx, self.batch_size, self.streams, self.gathered
+        )
+        val_loss, val_accuracy = self.step.evaluate(self.x_val, self.y_val)
+        with torch.no_grad():
+            self.state.record(
+                self.state.epoch, train_loss, train_accuracy, val_loss, val_accuracy, patience
+            )
+
+    def _capture(self, patience: int) -> torch.cuda.CUDAGraph | None:
+        """The epoch as a CUDA graph, after `GRAPH_WARMUP_EPOCHS` eager ones (which set
+        up cuBLAS, autograd and the allocator); None, and eager epochs from then on, where
+        this torch cannot capture each trial's own generator."""
+        graph = torch.cuda.CUDAGraph()
+        try:
+            for generator in self.streams.generators:
+                graph.register_generator_state(generator)
+        except (AttributeError, RuntimeError):
+            self.graphs = False
+            return None
+        torch.cuda.synchronize(self.data.device)
+        with torch.cuda.graph(graph):
+            self._epoch(patience)
+        return graph
+
     def _compact(self, keep: list[int]) -> None:
         """Rebuild the stack from the trials at positions `keep`, where they stand."""
         model = self.model.select(keep)
@@ -374,6 +442,9 @@ class _Trainer:
         self.live = [self.live[p] for p in keep]
         self.state = self.state.select(model, index)
         self._build(model, optimizer, self.streams.select(keep))
+        # A new stack has new shapes: warm up and capture it afresh.
+        self.graph = None
+        self.eager_epochs = 0
 
 
 class _FoldState:
@@ -392,6 +463,9 @@ class _FoldState:
         self.best_params = [p.detach().clone() for p in model.parameters()]
         # Rows: CURVES; filled per epoch.
         self.curves = torch.full((max_epochs, len(CURVES), n), math.nan, device=device)
+        # Epochs booked: on the device, counted up by each (maybe replayed) epoch; and
+        # as the host last read it.
+        self.epoch = torch.zeros((), dtype=torch.int64, device=device)
         self.epochs_done = 0
 
     def select(self, model: StackedFFNN, index: torch.Tensor) -> _FoldState:
@@ -413,35 +487,38 @@ class _FoldState:
             for best, p in zip(self.best_params, model.parameters(), strict=True)
         ]
         kept.curves = self.curves.index_select(2, index)
+        kept.epoch = self.epoch.clone()
         kept.epochs_done = self.epochs_done
         return kept
 
     def record(
         self,
-        epoch: int,
+        epoch: torch.Tensor,
         train_loss: torch.Tensor,
         train_accuracy: torch.Tensor,
         val_loss: torch.Tensor,
         val_accuracy: torch.Tensor,
         patience: int,
     ) -> None:
-        """Book epoch `epoch` (1-based) for the networks still active; no host sync."""
-        self.curves[epoch - 1] = torch.stack([train_loss, train_accuracy, val_loss, val_accuracy])
+        """Book epoch `epoch` (1-based, a 0-d int64 device tensor) for the networks still
+        active; no host sync. Every update is in place, so that a CUDA graph that captured
+        this call reads and writes the same tensors when it is replayed."""
+        row = torch.stack([train_loss, train_accuracy, val_loss, val_accuracy])
+        self.curves.index_copy_(0, (epoch - 1).view(1), row.unsqueeze(0))
         finite = torch.isfinite(train_loss) & torch.isfinite(val_loss)
         newly_diverged = self.active & ~finite
-        self.diverged_epoch = torch.where(newly_diverged, epoch, self.diverged_epoch)
+        self.diverged_epoch.copy_(torch.where(newly_diverged, epoch, self.diverged_epoch))
         improved = self.active & finite & (val_loss < self.best_loss)
-        self.best_loss = torch.where(improved, val_loss, self.best_loss)
-        self.best_accuracy = torch.where(improved, val_accuracy, self.best_accuracy)
-        self.best_epoch = torch.where(improved, epoch, self.best_epoch)
-        self.bad_epochs = torch.where(improved, 0, self.bad_epochs + 1)
+        self.best_loss.copy_(torch.where(improved, val_loss, self.best_loss))
+        self.best_accuracy.copy_(torch.where(improved, val_accuracy, self.best_accuracy))
+        self.best_epoch.copy_(torch.where(improved, epoch, self.best_epoch))
+        self.bad_epochs.copy_(torch.where(improved, 0, self.bad_epochs + 1))
         with torch.no_grad():
             for best, param in zip(self.best_params, self.model.parameters(), strict=True):
                 best.copy_(torch.where(improved.view(-1, 1, 1), param, best))
         stopping = self.active & ((self.bad_epochs >= patience) | newly_diverged)
-        self.stop_epoch = torch.where(stopping, epoch, self.stop_epoch)
-        self.active = self.active & ~stopping
-        self.epochs_done = epoch
+        self.stop_epoch.copy_(torch.where(stopping, epoch, self.stop_epoch))
+        self.active &= ~stopping
 
     def result(
         self,

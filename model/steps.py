@@ -60,7 +60,10 @@ class AutogradStep:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         n = self.model.n
         device_type = x.device.type
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.bf16):
+        # No autocast cache: a CUDA graph may capture this, and the cache would outlive it.
+        with torch.autocast(
+            device_type, dtype=torch.bfloat16, enabled=self.bf16, cache_enabled=False
+        ):
             logits = self.model(x, masks)
             losses = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none")
         correct = (logits.argmax(dim=2) == y).sum(dim=1)
@@ -231,16 +234,19 @@ class TrialStreams:
         )
 
 
-def make_optimizer(model: StackedFFNN, configs: list[TrainConfig]) -> Optimizer:
+def make_optimizer(
+    model: StackedFFNN, configs: list[TrainConfig], *, capturable: bool = False
+) -> Optimizer:
     """Adam or Adamax with the L2 penalty as `weight_decay`, as the seed report trains,
     one configuration per trial of the stack.
 
     Both act element by element, so on a stack each network has its own optimizer state
     in effect. One trial gets torch's own (fused Adam, multi-tensor Adamax); several get
-    `StackedAdam`, which gives each trial its own rule, learning rate and penalty.
+    `StackedAdam`, which gives each trial its own rule, learning rate and penalty — and
+    so does a stack whose steps a CUDA graph will capture (`capturable`).
     """
     params = list(model.parameters())
-    if len(configs) > 1:
+    if len(configs) > 1 or capturable:
         return StackedAdam(model, configs)
     config = configs[0]
     if config.optimizer == "adam":

@@ -75,6 +75,7 @@ def train(args: argparse.Namespace) -> int:
         on_progress=_epoch_bar(config.max_epochs),
         precision=args.precision,
         compile=args.compile,
+        graphs=args.cuda_graphs,
     )
     if args.json:
         print(json.dumps(result.summary()))
@@ -156,6 +157,8 @@ def run(args: argparse.Namespace) -> int:
         workers_per_device=args.workers_per_device,
         precision=args.precision,
         compile=args.compile,
+        graphs=args.cuda_graphs,
+        trials_per_worker=args.trials_per_worker,
     )
     outcome = run_study(options, log=lambda line: print(line, file=sys.stderr))
     print(status_block(outcome.study.study_name, outcome.study, outcome.counts))
@@ -207,6 +210,8 @@ def worker(args: argparse.Namespace) -> int:
         artifacts=args.artifacts,
         precision=args.precision,
         compile=args.compile,
+        graphs=args.cuda_graphs,
+        trials_per_worker=args.trials_per_worker,
     )
     ran = run_worker(
         options, log=lambda line: print(f"mnist-study worker: {line}", file=sys.stderr)

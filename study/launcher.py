@@ -53,6 +53,8 @@ class RunOptions:
     workers_per_device: int | None = None
     precision: str | None = None
     compile: bool = False
+    graphs: bool = False
+    trials_per_worker: int | None = None
 
 
 @dataclass(frozen=True)
@@ -150,6 +152,10 @@ def _spawn(options: RunOptions, device: str, threads: int, index: int) -> subpro
         command += ["--precision", options.precision]
     if options.compile:
         command.append("--compile")
+    if options.graphs:
+        command.append("--cuda-graphs")
+    if options.trials_per_worker is not None:
+        command += ["--trials-per-worker", str(options.trials_per_worker)]
     env = {**os.environ, STORAGE_ENV: options.storage}
     return subprocess.Popen(command, env=env, start_new_session=True)
 

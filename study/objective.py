@@ -1,29 +1,48 @@
-"""The objective: an Optuna trial in, the mean cross-validated accuracy out.
+"""The objective: Optuna trials in, each one's mean cross-validated accuracy out.
 
-It only translates: `suggest` turns the trial into a `TrainConfig`, `model.kfold` trains,
-and the figures go back to the trial — running mean accuracy as intermediate values
-(epoch as step, for the pruner and the dashboard), per-fold figures as user attributes,
-the learning curves as artifacts (data and picture) when the worker has a store.
+It only translates: `suggest` turns each trial into a `TrainConfig`, `model.kfold` trains
+them (several at once as one stack, when a worker claims several), and the figures go
+back to each trial — running mean accuracy as intermediate values (epoch as step, for
+the pruner and the dashboard), per-fold figures as user attributes, the learning curves
+as artifacts (data and picture) when the worker has a store.
+
+`Objective` is an ordinary Optuna objective for one trial (`study.optimize(objective)`);
+a worker instead hands it the trials it claimed (`run_trials`), and it tells each its
+result as soon as that trial's networks are done, while the others train on.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import optuna
+from optuna.trial import TrialState
 
 from model.data import DeviceData
-from model.kfold import Progress, train_kfold
+from model.kfold import KFoldResult, Progress, stack_key, train_trials
 from study.artifacts import attach_curves
+from study.errors import StorageError, causes
 from study.presets import Preset
 
 if TYPE_CHECKING:
     from optuna.artifacts import FileSystemArtifactStore
 
+_log = logging.getLogger("optuna.mnist_study")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a trial ended: with its value, or pruned for `pruned`'s reason."""
+
+    value: float | None = None
+    pruned: str | None = None
+
 
 class Objective:
-    """Cross-validates each trial's configuration on this worker's device and data."""
+    """Cross-validates trials' configurations on this worker's device and data."""
 
     def __init__(
         self,
@@ -34,34 +53,111 @@ class Objective:
         artifacts: FileSystemArtifactStore | None = None,
         precision: str | None = None,
         compile: bool = False,
+        graphs: bool = False,
     ) -> None:
         self.precision = precision
         self.compile = compile
+        self.graphs = graphs
         self.preset = preset
         self.data = data
         self.worker = worker
         self.should_stop = should_stop
         self.artifacts = artifacts
-        self.current_trial: int | None = None
+        # Numbers of the trials in hand and not yet told: the worker queues these again
+        # when it is interrupted.
+        self.in_hand: list[int] = []
 
     def __call__(self, trial: optuna.Trial) -> float:
-        self.current_trial = trial.number
-        config = self.preset.space.suggest(trial, self.preset.defaults)
+        self.in_hand = [trial.number]
+        outcome = self._train([trial])[0]
+        if outcome.pruned is not None:
+            raise optuna.TrialPruned(outcome.pruned)
+        assert outcome.value is not None
+        return outcome.value
 
-        def on_progress(progress: Progress) -> bool:
-            if self.should_stop():
-                # Leaves the trial failed; the worker queues it again before it exits.
-                raise KeyboardInterrupt
-            trial.report(progress.mean_accuracy, progress.epoch)
-            return trial.should_prune()
+    def run_trials(self, study: optuna.Study, trials: Sequence[optuna.Trial]) -> None:
+        """Train the claimed `trials` together and tell each how it ended, as it ends.
 
-        result = train_kfold(
-            config,
-            self.data,
-            on_progress=on_progress,
-            precision=self.precision,
-            compile=self.compile,
-        )
+        An error in training fails the trials not yet told (as `optimize` with
+        `catch=(Exception,)` does) and the worker goes on; an interruption fails them too
+        and propagates, and the worker queues them again (`in_hand`).
+        """
+        self.in_hand = [t.number for t in trials]
+
+        def tell(trial: optuna.Trial, outcome: Outcome) -> None:
+            if outcome.pruned is not None:
+                study.tell(trial, state=TrialState.PRUNED)
+                _log.info(f"Trial {trial.number} pruned. {outcome.pruned}")
+            else:
+                study.tell(trial, outcome.value)
+                _log.info(
+                    f"Trial {trial.number} finished with value: {outcome.value} and "
+                    f"parameters: {trial.params}."
+                )
+            self.in_hand.remove(trial.number)
+
+        try:
+            self._train(trials, tell)
+        except Exception as exc:
+            if any(isinstance(cause, StorageError) for cause in causes(exc)):
+                # Nothing can be told to a storage out of reach: the trials stay RUNNING,
+                # go stale once this worker stops beating, and are queued again.
+                raise
+            for trial in self._unfinished(trials):
+                study.tell(trial, state=TrialState.FAIL)
+                _log.warning(f"Trial {trial.number} failed because of the following error: {exc!r}")
+            self.in_hand = []
+        except KeyboardInterrupt:
+            for trial in self._unfinished(trials):
+                study.tell(trial, state=TrialState.FAIL)
+            raise
+
+    def _unfinished(self, trials: Sequence[optuna.Trial]) -> list[optuna.Trial]:
+        return [t for t in trials if t.number in self.in_hand]
+
+    def _train(
+        self,
+        trials: Sequence[optuna.Trial],
+        on_outcome: Callable[[optuna.Trial, Outcome], None] | None = None,
+    ) -> list[Outcome]:
+        """Train the trials, one stack per group that can share one; their outcomes."""
+        configs = [self.preset.space.suggest(trial, self.preset.defaults) for trial in trials]
+        outcomes: list[Outcome | None] = [None] * len(trials)
+        groups: dict[tuple[object, ...], list[int]] = {}
+        for i, config in enumerate(configs):
+            groups.setdefault(stack_key(config), []).append(i)
+
+        for members in groups.values():
+
+            def on_progress(
+                position: int, progress: Progress, members: list[int] = members
+            ) -> bool:
+                if self.should_stop():
+                    # The worker fails and queues again the trials in hand before it exits.
+                    raise KeyboardInterrupt
+                trial = trials[members[position]]
+                trial.report(progress.mean_accuracy, progress.epoch)
+                return trial.should_prune()
+
+            def on_result(position: int, result: KFoldResult, members: list[int] = members) -> None:
+                i = members[position]
+                outcomes[i] = outcome = self._record(trials[i], result)
+                if on_outcome is not None:
+                    on_outcome(trials[i], outcome)
+
+            train_trials(
+                [configs[i] for i in members],
+                self.data,
+                on_progress=on_progress,
+                on_result=on_result,
+                precision=self.precision,
+                compile=self.compile,
+                graphs=self.graphs,
+            )
+        return [o for o in outcomes if o is not None]
+
+    def _record(self, trial: optuna.Trial, result: KFoldResult) -> Outcome:
+        """Store the trial's figures and curves; how it ended."""
         for key, value in {
             "fold_accuracies": result.fold_accuracies,
             "accuracy_sd": result.std_accuracy,
@@ -78,7 +174,7 @@ class Objective:
             # Pruned, not failed: the configuration was evaluated and found unstable, which
             # counts against the budget and must not be retried.
             trial.set_user_attr("failure", f"diverged: {result.diverged}")
-            raise optuna.TrialPruned(f"diverged: {result.diverged}")
+            return Outcome(pruned=f"diverged: {result.diverged}")
         if result.halted:
-            raise optuna.TrialPruned(f"pruned after epoch {max(result.epochs_run)}")
-        return result.mean_accuracy
+            return Outcome(pruned=f"pruned after epoch {max(result.epochs_run)}")
+        return Outcome(value=result.mean_accuracy)

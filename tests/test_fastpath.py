@@ -6,6 +6,8 @@ Imports nothing of Optuna: `benchmarks/gpu_check.sh` runs this file on a GPU mac
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,7 +16,7 @@ from model.config import ACTIVATIONS, TrainConfig
 from model.cpu_step import CpuStep
 from model.data import DeviceData, Mnist, to_device
 from model.dropout import keep_mask
-from model.kfold import initial_model, net_shape, train_kfold
+from model.kfold import initial_model, net_shape, train_kfold, train_trials
 from model.network import StackedFFNN
 from model.steps import (
     AutogradStep,
@@ -239,3 +241,54 @@ def test_cuda_graph_compiled_step_gives_the_eager_numbers() -> None:
     graphed = train_kfold(config, data, precision="fp32", compile=True)
     assert graphed.best_epochs == eager.best_epochs
     assert graphed.fold_losses == pytest.approx(eager.fold_losses, rel=1e-4)
+
+
+def cuda_copy(data: DeviceData) -> DeviceData:
+    return DeviceData(x=data.x.cuda(), y=data.y.cuda())
+
+
+@needs_cuda
+@pytest.mark.parametrize("batch_size", [None, 200], ids=["full-batch", "mini-batch"])
+def test_cuda_graph_epochs_give_the_eager_numbers(batch_size: int | None) -> None:
+    """Whole epochs captured and replayed, for a stack of trials of different widths that
+    stop at different epochs (so the stack shrinks and is captured again)."""
+    data = cuda_copy(synthetic_data(2400, learnable=False))
+    configs = [
+        dataclasses.replace(c, dropout=0.0, batch_size=batch_size, max_epochs=40, patience=3)
+        for c in STACKED_TRIALS
+    ]
+    eager = train_trials(configs, data, precision="fp32")
+    graphed = train_trials(configs, data, precision="fp32", graphs=True)
+    assert len({max(r.epochs_run) for r in eager}) > 1  # the stack did shrink
+    for a, b in zip(graphed, eager, strict=True):
+        assert a.best_epochs == b.best_epochs
+        assert a.epochs_run == b.epochs_run
+        assert a.fold_losses == pytest.approx(b.fold_losses, rel=1e-4)
+
+
+@needs_cuda
+def test_cuda_graph_epochs_with_dropout_reach_the_eager_accuracy(mnist: Mnist) -> None:
+    """With dropout, replays draw other masks than eager epochs: the same accuracy, not the
+    same numbers."""
+    data = to_device(mnist.train_images, mnist.train_labels, "cuda")
+    config = TrainConfig(subset=12_000, batch_size=None, max_epochs=60, patience=100, k=5)
+    eager = train_trials([config, dataclasses.replace(config, hidden=(120, 30))], data)
+    graphed = train_trials([config, dataclasses.replace(config, hidden=(120, 30))], data,
+                           graphs=True)  # fmt: skip
+    for a, b in zip(graphed, eager, strict=True):
+        assert a.mean_accuracy == pytest.approx(b.mean_accuracy, abs=0.01)
+
+
+@needs_cuda
+def test_stacked_trials_on_cuda_match_each_trained_alone() -> None:
+    """Each trial draws from its own CUDA generator, so stacked or alone it sees the same
+    initial weights, batch order and dropout masks."""
+    data = cuda_copy(synthetic_data(2400))
+    configs = [
+        dataclasses.replace(c, batch_size=200, max_epochs=6, patience=9) for c in STACKED_TRIALS
+    ]
+    stacked = train_trials(configs, data, precision="fp32")
+    for config, result in zip(configs, stacked, strict=True):
+        alone = train_kfold(config, data, precision="fp32")
+        assert result.best_epochs == alone.best_epochs
+        assert result.fold_losses == pytest.approx(alone.fold_losses, rel=1e-4)

@@ -9,6 +9,7 @@ is bounded by WAIT_S per process and kills what it started.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import signal
 import subprocess
@@ -18,6 +19,7 @@ from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pytest
 from optuna.trial import FrozenTrial, TrialState
@@ -238,6 +240,114 @@ def test_a_worker_and_then_the_whole_run_killed_lose_nothing_and_rerun_finishes(
     counts = count_trials(load_study(open_storage(db, heartbeat=None), "killed"))
     assert 8 <= counts.finished <= 9 and counts.running == 0, counts
     assert counts.retried >= 1, counts
+
+
+def test_a_worker_killed_holding_a_stack_of_three_trials_has_all_three_retried(
+    sqlite_db: str, tmp_path: Path
+) -> None:
+    """One worker stacks three trials at a time; it is SIGKILLed while it trains its second
+    stack. All three go stale and are queued again with their own parameters; the first
+    stack's results stay as they were; a second worker finishes the budget exactly."""
+    new_study(sqlite_db, "stacked", budget=9)
+    args = ("worker", "--study", "stacked", "--heartbeat", HEARTBEAT, "--threads", "1",
+            "--trials-per-worker", "3")  # fmt: skip
+    first = mnist_study(*args, db=sqlite_db, log=tmp_path / "w1.log")
+    first_stack = wait_for_trials_in_progress(sqlite_db, "stacked", first, count=3)
+    held = wait_for_trials_in_progress(sqlite_db, "stacked", first, count=3, after=first_stack)
+    before = finished_snapshot(sqlite_db, "stacked")
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait(timeout=10)
+    assert sorted(before) == sorted(t.number for t in first_stack)  # finished first
+
+    second = mnist_study(*args, db=sqlite_db, log=tmp_path / "w2.log")
+    assert second.wait(timeout=WAIT_S) == 0, (tmp_path / "w2.log").read_text()
+    assert_clean_logs(tmp_path / "w2.log")
+    after = trials(sqlite_db, "stacked")
+    for trial in held:
+        assert after[trial.number].state == TrialState.FAIL
+        retries = [t for t in after if t.system_attrs.get("failed_trial") == trial.number]
+        assert len(retries) == 1
+        assert retries[0].state == TrialState.COMPLETE
+        assert retries[0].params == trial.params
+    now = finished_snapshot(sqlite_db, "stacked")
+    assert {n: now[n] for n in before} == before  # nothing finished was lost or changed
+    counts = count_trials(load_study(open_storage(sqlite_db, heartbeat=None), "stacked"))
+    assert (counts.finished, counts.complete, counts.retried, counts.running) == (9, 9, 3, 0)
+
+
+def test_stacked_trials_are_pruned_each_on_its_own_and_the_budget_is_exact(
+    sqlite_db: str, tmp_path: Path
+) -> None:
+    """A smoke study told to prune with the median pruner (after 4 complete trials, from
+    epoch 4 of its 5), run by one worker stacking three trials: 3 + 3 + 3 + 2 claims for
+    a budget of 11. Each trial is pruned exactly when its own value falls below the
+    median of the trials complete before its stack began."""
+    new_study(sqlite_db, "pruned", budget=11, seed=2)
+    stored = load_study(open_storage(sqlite_db, heartbeat=None), "pruned")
+    stored.set_user_attr("pruner", "median")
+    args = ("run", "--preset", "smoke", "--study", "pruned", "--heartbeat", HEARTBEAT,
+            "--trials-per-worker", "3", "--no-retrain")  # fmt: skip
+    run = mnist_study(*args, db=sqlite_db, log=tmp_path / "run.log")
+    assert run.wait(timeout=WAIT_S) == 0, (tmp_path / "run.log").read_text()
+    done = trials(sqlite_db, "pruned")
+    assert len(done) == 11  # exact: the last claim took only the 2 the budget had left
+    # A claim's trials start within moments of each other; stacks, seconds apart.
+    by_start = sorted(done, key=lambda t: t.datetime_start)
+    sizes = [1]
+    for a, b in itertools.pairwise(by_start):
+        gap = (b.datetime_start - a.datetime_start).total_seconds()
+        if gap > 0.5:
+            sizes.append(1)
+        else:
+            sizes[-1] += 1
+    assert sizes == [3, 3, 3, 2]
+    pruned = 0
+    for trial in done:
+        if trial.user_attrs.get("failure", "").startswith("diverged"):
+            assert trial.state == TrialState.PRUNED  # ended by its own NaN, not the pruner
+            continue
+        # The median pruner's rule, replayed: from step 4 on, once 4 trials are complete,
+        # prune when the trial's best value so far is below their median at that step.
+        earlier = [
+            t
+            for t in done
+            if t.state == TrialState.COMPLETE and t.datetime_complete < trial.datetime_start
+        ]
+        values = trial.intermediate_values
+        last, below = 5, False
+        for step in (4, 5):
+            median = float(np.median([t.intermediate_values[step] for t in earlier] or [0.0]))
+            best = max(values[s] for s in range(1, step + 1))
+            if len(earlier) >= 4 and best < median:
+                last, below = step, True
+                break
+        assert sorted(values) == list(range(1, last + 1)), trial.number
+        assert trial.state == (TrialState.PRUNED if below else TrialState.COMPLETE), trial.number
+        pruned += below
+    assert 1 <= pruned < 7  # the pruner acted, on some trials of a stack and not others
+
+
+def test_three_trials_per_worker_give_the_values_of_one_per_worker(
+    sqlite_db: str, tmp_path: Path
+) -> None:
+    """Stacking changes how trials are trained, not what they learn: the same seed gives
+    the same parameters and the same values trial by trial."""
+    values = {}
+    for per_worker in ("1", "3"):
+        db = f"sqlite:///{tmp_path / f'b{per_worker}.db'}"
+        args = ("run", "--preset", "smoke", "--seed", "4", "--n-trials", "6",
+                "--trials-per-worker", per_worker, "--no-retrain")  # fmt: skip
+        log = tmp_path / f"b{per_worker}.log"
+        assert mnist_study(*args, db=db, log=log).wait(timeout=WAIT_S) == 0, log.read_text()
+        values[per_worker] = [
+            (t.number, t.state, t.params, t.value, t.user_attrs["best_epochs"])
+            for t in trials(db, "mnist-smoke")
+        ]
+    assert len(values["3"]) == 6
+    for alone, stacked in zip(values["1"], values["3"], strict=True):
+        assert stacked[:3] == alone[:3]
+        assert stacked[3] == pytest.approx(alone[3], abs=1e-6)
+        assert stacked[4] == alone[4]
 
 
 def test_postgresql_stopped_mid_study_and_started_again_the_workers_carry_on(
