@@ -9,7 +9,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test data lint format bench clean
+.PHONY: demo test data lint format bench clean gpu-wheels gpu-mnist
 
 demo: data
 	$(BIN)/mnist-study run --preset quick --workers 2
@@ -20,6 +20,34 @@ test: data
 # Speed benchmarks (about 15 minutes on 2 cores); results in benchmarks/README.md.
 bench: data
 	$(BIN)/python -m benchmarks.speed all --json benchmarks/last-run.json
+
+# What benchmarks/gpu_check.sh needs on a GPU machine that has Python 3.12, torch and
+# torchvision but no Optuna and no network (see benchmarks/README.md, "The GPU check"):
+# the wheels of the study CLI's runtime dependencies, at this .venv's versions, and MNIST
+# gzipped. The device carries at most 64 MiB in all; numpy and pillow (25 MB of wheels)
+# are left out, as torchvision there already brings them.
+GPU_WHEELS := optuna|sqlalchemy|plotly|tqdm|matplotlib
+GPU_PLATFORM := --only-binary=:all: --python-version 3.12 --implementation cp \
+	--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64
+MNIST_RAW := $(or $(MNIST_ROOT),data)/MNIST/raw
+MNIST_FILES := train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte \
+	t10k-labels-idx1-ubyte
+
+gpu-wheels: $(STAMP)
+	rm -rf .wheels && mkdir .wheels
+	$(BIN)/python -m pip freeze | grep -iE '^($(GPU_WHEELS))==' \
+		> .wheels/requirements.txt
+	$(BIN)/python -m pip download --quiet --disable-pip-version-check $(GPU_PLATFORM) \
+		-d .wheels -r .wheels/requirements.txt
+	rm -f .wheels/numpy-*.whl .wheels/pillow-*.whl
+	du -sh .wheels
+
+gpu-mnist:
+	mkdir -p .mnist-gz
+	for f in $(MNIST_FILES); do \
+		gzip -9c $(MNIST_RAW)/$$f > .mnist-gz/$$f.gz.tmp && mv .mnist-gz/$$f.gz.tmp .mnist-gz/$$f.gz \
+		|| exit 1; done
+	du -sh .mnist-gz
 
 data: $(STAMP)
 	$(BIN)/mnist-study data

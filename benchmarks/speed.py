@@ -64,15 +64,18 @@ SEED_TRIALS = 200
 def machine() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
+    return f"{cpu_model()}, {torch.get_num_threads()} threads"
+
+
+def cpu_model() -> str:
     model = platform.processor() or "unknown CPU"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return f"{model}, {torch.get_num_threads()} threads"
+    return model
 
 
 # --- the naive way --------------------------------------------------------------------

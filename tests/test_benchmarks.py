@@ -4,13 +4,20 @@ timings are recorded in benchmarks/README.md, never tested."""
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import itertools
 import json
+import re
+import shutil
+import signal
+import statistics
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
 
+from benchmarks import study_record
 from benchmarks.speed import (
     DRAWS_FILE,
     FORWARD,
@@ -24,8 +31,14 @@ from benchmarks.speed import (
     naive_kfold,
 )
 from model.config import TrainConfig, parameter_count
+from model.data import Mnist, default_root
+from study.budget import count_trials
+from study.database import open_storage
 from study.presets import PRESETS
+from study.retrain import retrain_best
 from study.sampler import draw_params
+from study.studies import create_or_resume, load_study
+from study.worker import WorkerOptions, run_worker
 from tests.conftest import synthetic_data
 
 
@@ -132,3 +145,117 @@ def test_gemm_floor_times_exactly_the_listed_products(monkeypatch: pytest.Monkey
 
 def test_parameters_counts_weights_and_biases() -> None:
     assert parameter_count((249, 36)) == 784 * 249 + 249 + 249 * 36 + 36 + 36 * 10 + 10
+
+
+# --- the record of a study run (benchmarks/study_record.py) ---------------------------
+
+STUDY = "mnist-tiny"
+
+
+def storage_url(folder: Path) -> str:
+    return f"sqlite:///{folder / 'optuna.db'}"
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory: pytest.TempPathFactory, mnist: Mnist) -> Path:
+    """A real study of the `tiny` preset, three trials run by the study's own worker on the
+    CPU, then its best trial retrained; the folder holding its optuna.db and runs/."""
+    folder = tmp_path_factory.mktemp("tiny-study")
+    url = storage_url(folder)
+    create_or_resume(open_storage(url, create=True), STUDY, PRESETS["tiny"], budget=3, seed=1)
+    # The worker takes over these signals, as a worker process should; pytest keeps its own.
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        options = WorkerOptions(storage=url, study=STUDY, device="cpu", data_root=default_root())
+        assert run_worker(options, log=lambda line: None) == 3
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    study = load_study(open_storage(url, heartbeat=None), STUDY)
+    retrain_best(study, out_dir=folder / "runs" / STUDY, device=torch.device("cpu"),
+                 data_root=default_root())  # fmt: skip
+    return folder
+
+
+def record_of(folder: Path, out: Path, *args: str) -> dict:
+    assert study_record.main(["--storage", storage_url(folder), "--out", str(out), *args]) == 0
+    [path] = out.iterdir()
+    today = datetime.datetime.now(datetime.timezone.utc).date()
+    # The preset, then the device (the trials ran on the CPU), then the UTC date.
+    assert path.name == f"tiny-study-cpu-{today.isoformat()}.json"
+    return json.loads(path.read_text())
+
+
+def test_record_of_a_finished_study_holds_its_trials_rate_and_results(
+    tiny_study: Path, tmp_path: Path
+) -> None:
+    record = record_of(tiny_study, tmp_path, "--wall-seconds", "12.5", "--workers", "1")
+    study = load_study(open_storage(storage_url(tiny_study), heartbeat=None), STUDY)
+    metrics = json.loads((tiny_study / "runs" / STUDY / "metrics.json").read_text())
+    assert tuple(record) == study_record.FIELDS
+    assert record["trials_finished"] == 3
+    assert record["trials_complete"] == count_trials(study).complete
+    assert record["budget"] == 3
+    assert record["partial"] is False
+    assert record["wall_seconds"] == 12.5
+    assert record["trials_per_minute"] == 3 / 12.5 * 60
+    assert record["best_cv_accuracy"] == study.best_value
+    assert record["best_trial"] == {
+        "number": study.best_trial.number,
+        "params": study.best_trial.params,
+    }
+    assert record["test_accuracy"] == metrics["test_accuracy"]
+    assert record["retrain_epochs"] == metrics["epochs"]
+    # `tiny` trains at most 3 epochs a fold; each trial's folds averaged, then the trials.
+    per_trial = [statistics.fmean(t.user_attrs["epochs_run"]) for t in study.trials]
+    assert record["mean_epochs"] == statistics.fmean(per_trial)
+    assert 1 <= record["mean_epochs"] <= 3
+    assert record["precision"] == "fp32"  # the CPU's default
+    assert record["torch"] == torch.__version__
+    assert (record["workers"], record["trials_per_worker"]) == (1, 1)
+    assert re.fullmatch(r".+, \d+ cores", record["device"])
+
+
+def test_record_of_a_study_stopped_before_its_budget_says_partial_and_does_not_extrapolate(
+    tiny_study: Path, tmp_path: Path
+) -> None:
+    # The same three trials in a study resumed with a budget of 10: a run that stopped
+    # early. The folder is moved, as the check's tar of it is: the metrics still resolve.
+    moved = tmp_path / "moved"
+    shutil.copytree(tiny_study, moved)
+    create_or_resume(open_storage(storage_url(moved)), STUDY, PRESETS["tiny"], budget=10)
+    record = record_of(
+        moved, tmp_path / "out", "--wall-seconds", "30", "--workers", "2",
+        "--trials-per-worker", "4",
+    )  # fmt: skip
+    assert record["partial"] is True
+    assert (record["budget"], record["trials_finished"]) == (10, 3)
+    assert record["trials_per_minute"] == 3 / 30 * 60
+    assert (record["workers"], record["trials_per_worker"]) == (2, 4)
+    metrics = json.loads((tiny_study / "runs" / STUDY / "metrics.json").read_text())
+    assert record["test_accuracy"] == metrics["test_accuracy"]
+
+
+def test_record_refuses_a_wall_time_that_is_not_positive_in_one_line(
+    tiny_study: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["--storage", storage_url(tiny_study), "--out", str(tmp_path / "out")]
+    assert study_record.main([*args, "--wall-seconds", "0", "--workers", "1"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "python -m benchmarks.study_record: error: --wall-seconds 0: must be greater than 0"
+    ]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "slug"),
+    [
+        ("NVIDIA H100 80GB HBM3", "h100"),
+        ("NVIDIA H200", "h200"),
+        ("NVIDIA A100-SXM4-80GB", "a100"),
+        ("NVIDIA L40S", "l40s"),
+        ("NVIDIA GeForce RTX 4090", "geforce-rtx-4090"),
+    ],
+)
+def test_gpu_slug_is_the_model_of_the_gpu(name: str, slug: str) -> None:
+    assert study_record.gpu_slug(name) == slug
