@@ -22,9 +22,11 @@
 #   GPU_CHECK_STUDY_ONLY=1  runs neither the tests nor the benchmarks, only the studies
 #   SEED_STUDY_PRESET   the study's preset (default seed)
 #   SEED_STUDY_SECONDS  its `run --timeout` (default 420), cut to end by the deadline
-#   SEED_STUDY_WORKERS  its `run --workers-per-device` (default 4)
-#   SEED_STUDY_TRIALS_PER_WORKER, SEED_STUDY_PRECISION
-#                       its `run --trials-per-worker` and `--precision`, passed only when set
+#   SEED_STUDY_WORKERS  its `run --workers-per-device` (default 2)
+#   SEED_STUDY_TRIALS_PER_WORKER  its `run --trials-per-worker` (default 8)
+#   SEED_STUDY_GRAPHS   1: `run --cuda-graphs`; 0: not; auto (default): when CUDA is here
+#                       and the graph tests pass first
+#   SEED_STUDY_PRECISION  its `run --precision`, passed only when set
 #
 # OUTDIR gets at most 8 files, as many as the device brings back: machine.txt (with the
 # wheels' installation), tests.txt, benchmarks.txt, benchmarks.json, seed-study.txt (what
@@ -73,11 +75,13 @@ install_wheels() {
 [ -d .pydeps ] && export PYTHONPATH="$PYTHONPATH:$repo/.pydeps"
 
 if [ "${GPU_CHECK_QUICK:-0}" = 1 ]; then
-  bench_args=(--rounds 1 --full-epochs 1 --trials 1 --max-minutes 0.1 --scaling-epochs 1)
+  bench_args=(--rounds 1 --full-epochs 1 --trials 1 --max-minutes 0.1 --scaling-epochs 1
+              --stack-sizes 1,2 --stack-epochs 1)
 else
-  # About a minute on an H100 (one round is mostly the naive trainer's 30 s); the seed
-  # study below measures whole trials, so the estimate times one.
-  bench_args=(--rounds 1 --trials 1 --max-minutes 0.25)
+  # About a minute and a half on an H100 (one round is mostly the naive trainer's 30 s);
+  # the seed study below measures whole trials, so the estimate times one.
+  bench_args=(--rounds 1 --trials 1 --max-minutes 0.25 --stack-sizes 1,2,4,8 --stack-epochs 3
+              --graphs)
 fi
 
 status=0
@@ -92,7 +96,7 @@ else
   echo "pytest exit status: $rc" >> "$out/tests.txt"
   [ "$rc" = 0 ] || status=1
 
-  timeout 150 "$py" -m benchmarks.speed all "${bench_args[@]}" --json "$out/benchmarks.json" \
+  timeout 180 "$py" -m benchmarks.speed all "${bench_args[@]}" --json "$out/benchmarks.json" \
     > "$out/benchmarks.txt" 2>&1
   rc=$?
   echo "benchmark exit status: $rc" >> "$out/benchmarks.txt"
@@ -110,11 +114,12 @@ if ! "$py" -c "$study_imports" 2> "$out/seed-study.txt"; then
 else
   preset=${SEED_STUDY_PRESET:-seed}
   study=mnist-$preset
-  # 4 processes on one GPU: an H100 runs a seed trial's small products faster than one
-  # process launches them (benchmarks/README.md: the scaling runs took the same time
-  # whatever the size), so several workers keep it busier than one. A guess, not a
-  # measurement: the record states the number.
-  workers=${SEED_STUDY_WORKERS:-4}
+  # Two workers of 8 stacked trials each: one stack of the seed protocol holds about
+  # 22 GB (40 networks over 48,000 images, the images repeated for each), so two fit an
+  # H100 with room; a second process fills the gaps while one reads back. A guess, not
+  # a measurement: the record states the numbers.
+  workers=${SEED_STUDY_WORKERS:-2}
+  per_worker=${SEED_STUDY_TRIALS_PER_WORKER:-8}
   devices=$("$py" -c 'import torch; print(max(1, torch.cuda.device_count()))')
   seconds=${SEED_STUDY_SECONDS:-420}
   # `--timeout` lets each worker finish the trial in hand: `margin` for that (a seed trial
@@ -125,10 +130,20 @@ else
   fit=$(($(left) - margin - after))
   study_dir=$(mktemp -d)
   url="sqlite:///$study_dir/optuna.db"
-  run_args=(run --preset "$preset" --storage "$url" --workers-per-device "$workers" --no-retrain)
-  [ -n "${SEED_STUDY_TRIALS_PER_WORKER:-}" ] &&
-    run_args+=(--trials-per-worker "$SEED_STUDY_TRIALS_PER_WORKER")
+  run_args=(run --preset "$preset" --storage "$url" --workers-per-device "$workers" --no-retrain
+            --trials-per-worker "$per_worker")
   [ -n "${SEED_STUDY_PRECISION:-}" ] && run_args+=(--precision "$SEED_STUDY_PRECISION")
+  # Whole epochs as CUDA graphs only where their own test has just passed on this GPU.
+  graphs=${SEED_STUDY_GRAPHS:-auto}
+  if [ "$graphs" = auto ]; then
+    graphs=0
+    if "$py" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' &&
+      timeout 120 "$py" -m pytest -q -p no:cacheprovider tests/test_fastpath.py \
+        -k "cuda_graph_epochs_give" >> "$out/seed-study.txt" 2>&1; then
+      graphs=1
+    fi
+  fi
+  [ "$graphs" = 1 ] && run_args+=(--cuda-graphs)
   {
     if [ "$fit" -lt "$seconds" ]; then
       echo "study time cut from $seconds s to $fit s, to end by GPU_CHECK_SECONDS"
@@ -152,7 +167,7 @@ else
         --study "$study" || status=1
       timeout 60 "$py" -m benchmarks.study_record --storage "$url" --study "$study" \
         --wall-seconds "$wall" --workers $((workers * devices)) \
-        --trials-per-worker "${SEED_STUDY_TRIALS_PER_WORKER:-1}" \
+        --trials-per-worker "$per_worker" --cuda-graphs "$graphs" \
         --precision "${SEED_STUDY_PRECISION:-}" --out "$out" || status=1
       in_study_dir "$study_dir" timeout 100 "$py" -m study report --storage "$url" \
         --study "$study" || status=1

@@ -38,6 +38,7 @@ FIELDS = (
     "device",
     "torch",
     "precision",
+    "cuda_graphs",
     "workers",
     "trials_per_worker",
     "trials_finished",
@@ -142,6 +143,7 @@ def study_record(
     workers: int,
     trials_per_worker: int,
     precision: str | None,
+    cuda_graphs: bool = False,
 ) -> tuple[dict[str, Any], str]:
     """The record of `study` (the fields of FIELDS), and the slug of its device."""
     import torch
@@ -173,6 +175,7 @@ def study_record(
         "device": name,
         "torch": torch.__version__,
         "precision": precision,
+        "cuda_graphs": cuda_graphs,
         "workers": workers,
         "trials_per_worker": trials_per_worker,
         "trials_finished": counts.finished,
@@ -226,6 +229,10 @@ def main(argv: list[str] | None = None) -> int:
         "--precision", choices=("", *PRECISIONS),
         help="the run's --precision; empty or left out: what the run defaulted to",
     )  # fmt: skip
+    parser.add_argument(
+        "--cuda-graphs", type=int, choices=(0, 1), default=0,
+        help="1 if the run captured whole epochs as CUDA graphs (run --cuda-graphs)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder to write")
     args = parser.parse_args(argv)
 
@@ -246,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
             workers=args.workers,
             trials_per_worker=args.trials_per_worker,
             precision=args.precision or None,
+            cuda_graphs=bool(args.cuda_graphs),
         )
     except (StudyError, RecordError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)

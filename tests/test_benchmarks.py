@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import study_record
+from benchmarks import speed, study_record
 from benchmarks.speed import (
     DRAWS_FILE,
     FORWARD,
@@ -213,6 +213,7 @@ def test_record_of_a_finished_study_holds_its_trials_rate_and_results(
     assert record["precision"] == "fp32"  # the CPU's default
     assert record["torch"] == torch.__version__
     assert (record["workers"], record["trials_per_worker"]) == (1, 1)
+    assert record["cuda_graphs"] is False
     assert re.fullmatch(r".+, \d+ cores", record["device"])
 
 
@@ -226,12 +227,13 @@ def test_record_of_a_study_stopped_before_its_budget_says_partial_and_does_not_e
     create_or_resume(open_storage(storage_url(moved)), STUDY, PRESETS["tiny"], budget=10)
     record = record_of(
         moved, tmp_path / "out", "--wall-seconds", "30", "--workers", "2",
-        "--trials-per-worker", "4",
+        "--trials-per-worker", "4", "--cuda-graphs", "1",
     )  # fmt: skip
     assert record["partial"] is True
     assert (record["budget"], record["trials_finished"]) == (10, 3)
     assert record["trials_per_minute"] == 3 / 30 * 60
     assert (record["workers"], record["trials_per_worker"]) == (2, 4)
+    assert record["cuda_graphs"] is True
     metrics = json.loads((tiny_study / "runs" / STUDY / "metrics.json").read_text())
     assert record["test_accuracy"] == metrics["test_accuracy"]
 
@@ -259,3 +261,41 @@ def test_record_refuses_a_wall_time_that_is_not_positive_in_one_line(
 )
 def test_gpu_slug_is_the_model_of_the_gpu(name: str, slug: str) -> None:
     assert study_record.gpu_slug(name) == slug
+
+
+def test_stacking_benchmark_times_each_way_and_counts_only_unpadded_flops(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The stacking rows on tiny protocols: every way present, the rates and useful FLOPs
+    derived from the trials' own widths (the stack pads them to the widest)."""
+    monkeypatch.setattr(
+        speed,
+        "STACK_PROTOCOLS",
+        {
+            "tiny full batch": TrainConfig(subset=300, batch_size=None, k=3),
+            "tiny mini-batch": TrainConfig(subset=300, batch_size=50, k=3),
+        },
+    )
+    data = synthetic_data(600)
+    rows = speed.run_stacking(torch.device("cpu"), data, [1, 3], epochs=2, rounds=1, graphs=True)
+    assert [(r["protocol"], r["trials"]) for r in rows] == [
+        ("tiny full batch", 1), ("tiny full batch", 3),
+        ("tiny mini-batch", 1), ("tiny mini-batch", 3),
+    ]  # fmt: skip
+    draws = speed.seed_draws(3)
+    for row in rows:
+        b = row["trials"]
+        ways = {"stacked", "one at a time"} | ({"naive (first trial)"} if b == 1 else set())
+        assert {k for k, v in row.items() if isinstance(v, dict)} == ways  # no graphs on CPU
+        n_train = 200  # 300 images, k = 3
+        useful = sum(
+            6 * n_train * parameter_count((p["n_units_l0"], p["n_units_l1"])) * 3 * 2
+            for p in draws[:b]
+        )
+        for way in ("stacked", "one at a time"):
+            r = row[way]
+            assert r["trials_per_s"] == pytest.approx(b / r["seconds"])
+            assert r["useful_flop_per_s"] == pytest.approx(useful / r["seconds"])
+        assert row["stacked_vs_one_at_a_time"] == pytest.approx(
+            row["one at a time"]["seconds"] / row["stacked"]["seconds"]
+        )
