@@ -40,6 +40,15 @@ def batches(data: DeviceData, k: int, rows: list[int]) -> list[tuple[torch.Tenso
     return out
 
 
+def reference_networks(config: TrainConfig, dtype: torch.dtype) -> list[torch.nn.Sequential]:
+    """Each fold's network alone, as `nn.Sequential`, from the trainer's initial weights."""
+    model = initial_model(config).to(dtype)
+    layers = list(zip(model.weights, model.biases, strict=True))
+    return [
+        network_from(config, [(w[j].T, b[j, 0]) for w, b in layers], dtype) for j in range(config.k)
+    ]
+
+
 STEP_KINDS = {
     # In float64 the rounding is ~1e-16, so a tolerance of 1e-10 still sees an error of
     # 1e-5 (a dropout scale of 1/(1 − p) instead of 1/kept is 9e-6 off at p = 0.35).
@@ -61,14 +70,7 @@ def test_training_step_matches_each_network_stepped_alone(
     # Full batches, then mini-batches with a short last one, as an epoch has.
     steps = [(x.to(dtype), y) for x, y in batches(data, config.k, [150, 150, 64, 64, 23])]
     model = initial_model(config).to(dtype)
-    nets = [
-        network_from(
-            config,
-            [(w[j].T, b[j, 0]) for w, b in zip(model.weights, model.biases, strict=True)],
-            dtype,
-        )
-        for j in range(config.k)
-    ]
+    nets = reference_networks(config, dtype)
     generators = [torch.Generator().manual_seed(7)]
     optimizer = make_optimizer(model, [config])
     step = make_step(model, optimizer, 150, generators, hand_written=hand_written)
@@ -139,15 +141,7 @@ def test_stacked_trials_step_as_each_network_stepped_alone(kind: str) -> None:
 
     for t, config in enumerate(STACKED_TRIALS):
         # Trial t alone, by the reference's rules: its own initial weights and masks.
-        alone = initial_model(config).to(dtype)
-        nets = [
-            network_from(
-                config,
-                [(w[j].T, b[j, 0]) for w, b in zip(alone.weights, alone.biases, strict=True)],
-                dtype,
-            )
-            for j in range(k)
-        ]
+        nets = reference_networks(config, dtype)
         optimizers = [plain_optimizer(net, config) for net in nets]
         torch.manual_seed(config.seed)
         for (x, y), (loss, correct) in zip(steps, ours, strict=True):
