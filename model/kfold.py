@@ -39,7 +39,6 @@ from model.network import NetShape, StackedFFNN, narrow
 from model.steps import (
     AutogradStep,
     Optimizer,
-    StackedAdam,
     TrialStreams,
     make_optimizer,
     make_step,
@@ -217,7 +216,8 @@ def train_trials(
     activation, dropout, optimizer, learning rate, penalty and seed may differ. Each
     trial trains exactly as it would alone, up to the order of floating-point sums: its
     own initial weights (`StackedFFNN.reset_parameters`), its own random stream
-    (`TrialStreams`), its own optimizer settings (`StackedAdam`), its own early stopping.
+    (`TrialStreams`), its own optimizer (`TrialOptimizers`; `StackedAdam` under
+    `graphs`), its own early stopping.
 
     Every `sync_every` epochs `on_progress(i, progress)` hears of each trial i still
     training; True stops that trial alone (`halted`). A trial ends when all its folds
@@ -434,11 +434,7 @@ class _Trainer:
         """Rebuild the stack from the trials at positions `keep`, where they stand."""
         model = self.model.select(keep)
         index = self.model.network_index(keep)
-        optimizer = self.optimizer
-        if isinstance(optimizer, StackedAdam):
-            optimizer = optimizer.select(model, index)
-        else:  # torch's optimizers serve a stack of one trial, which never shrinks
-            raise AssertionError("only a stack of several trials is compacted")
+        optimizer = self.optimizer.select(model, keep, index)
         self.live = [self.live[p] for p in keep]
         self.state = self.state.select(model, index)
         self._build(model, optimizer, self.streams.select(keep))

@@ -21,6 +21,7 @@ from model.network import StackedFFNN
 from model.steps import (
     AutogradStep,
     StackedAdam,
+    TrialOptimizers,
     make_optimizer,
     make_step,
     resolve_precision,
@@ -124,8 +125,9 @@ STACKED_TRIALS = [
 ]  # fmt: skip
 
 
+@pytest.mark.parametrize("capturable", [False, True], ids=["per-trial-optimizers", "stacked-adam"])
 @pytest.mark.parametrize("kind", STEP_KINDS)
-def test_stacked_trials_step_as_each_network_stepped_alone(kind: str) -> None:
+def test_stacked_trials_step_as_each_network_stepped_alone(kind: str, capturable: bool) -> None:
     hand_written, dtype, tolerance = STEP_KINDS[kind]
     data = synthetic_data(600)
     k = 2
@@ -133,8 +135,8 @@ def test_stacked_trials_step_as_each_network_stepped_alone(kind: str) -> None:
     model = StackedFFNN([net_shape(c) for c in STACKED_TRIALS], k)
     model.reset_parameters([c.seed for c in STACKED_TRIALS])
     model = model.to(dtype)
-    optimizer = make_optimizer(model, STACKED_TRIALS)
-    assert isinstance(optimizer, StackedAdam)
+    optimizer = make_optimizer(model, STACKED_TRIALS, capturable=capturable)
+    assert isinstance(optimizer, StackedAdam if capturable else TrialOptimizers)
     generators = [torch.Generator().manual_seed(c.seed) for c in STACKED_TRIALS]
     step = make_step(model, optimizer, 150, generators, hand_written=hand_written)
     ours = [step(x, y) for x, y in steps]
@@ -286,3 +288,57 @@ def test_stacked_trials_on_cuda_match_each_trained_alone() -> None:
         alone = train_kfold(config, data, precision="fp32")
         assert result.best_epochs == alone.best_epochs
         assert result.fold_losses == pytest.approx(alone.fold_losses, rel=1e-4)
+
+
+def test_both_optimizers_give_each_trial_its_own_update_and_keep_it_through_a_selection() -> None:
+    """`StackedAdam` (one update for the stack, for CUDA graphs) and `TrialOptimizers`
+    (torch's per trial) step three trials alike, and after the stack drops its middle
+    trial, the two survivors go on as if nothing had happened."""
+    k = 2
+    shapes = [net_shape(c) for c in STACKED_TRIALS]
+    models = []
+    for _ in range(2):
+        model = StackedFFNN(shapes, k)
+        model.reset_parameters([c.seed for c in STACKED_TRIALS])
+        models.append(model)
+    stacked = make_optimizer(models[0], STACKED_TRIALS, capturable=True)
+    per_trial = make_optimizer(models[1], STACKED_TRIALS)
+    generator = torch.Generator().manual_seed(0)
+
+    def step_both(optimizers: list, models: list[StackedFFNN]) -> None:
+        grads = [torch.randn(p.shape, generator=generator) for p in models[0].parameters()]
+        for optimizer, model in zip(optimizers, models, strict=True):
+            for param, grad in zip(model.parameters(), grads, strict=True):
+                # Zero gradient on the padding, as training gives it.
+                param.grad = grad * mask_of(model, param)
+                    model.weights[0].new_zeros(param.shape) + mask_of(model, param)
+                )
+            optimizer.step()
+
+    for _ in range(3):
+        step_both([stacked, per_trial], models)
+    kept = [0, 2]
+    smaller = [m.select(kept) for m in models]
+    index = models[0].network_index(kept)
+    stacked = stacked.select(smaller[0], kept, index)
+    per_trial = per_trial.select(smaller[1], kept, index)
+    for _ in range(2):
+        step_both([stacked, per_trial], smaller)
+    for a, b in zip(smaller[0].parameters(), smaller[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for n in range(smaller[0].n):  # the padding stayed zero
+        for p in smaller[0].parameters():
+            assert (p[n] * (1 - mask_of(smaller[0], p)[n])).abs().max() == 0
+
+
+def mask_of(model: StackedFFNN, param: torch.Tensor) -> torch.Tensor:
+    """1 where a stacked tensor holds a network's own weights, 0 on its padding."""
+    layer = next(i for i, p in enumerate(model.parameters()) if p is param)
+    weights = len(model.weights)
+    i = layer if layer < weights else layer - weights
+    mask = torch.zeros(param.shape)
+    for n in range(model.n):
+        sizes = model.shape_of(n).sizes
+        rows = sizes[i] if layer < weights else 1
+        mask[n, :rows, : sizes[i + 1]] = 1
+    return mask
