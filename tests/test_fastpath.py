@@ -311,8 +311,6 @@ def test_both_optimizers_give_each_trial_its_own_update_and_keep_it_through_a_se
             for param, grad in zip(model.parameters(), grads, strict=True):
                 # Zero gradient on the padding, as training gives it.
                 param.grad = grad * mask_of(model, param)
-                    model.weights[0].new_zeros(param.shape) + mask_of(model, param)
-                )
             optimizer.step()
 
     for _ in range(3):
