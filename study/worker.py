@@ -62,7 +62,7 @@ def default_trials_per_worker(device_type: str, preset: Preset) -> int:
     """How many trials a worker stacks when not told.
 
     On the CPU, 1: there the products dominate and stacking saves only bookkeeping
-    (benchmarks/README.md measures it). On a GPU a lone trial leaves the chip waiting on
+    (benchmarks/README.md: 1.1× at full batch, nothing measurable at mini-batch). On a GPU a lone trial leaves the chip waiting on
     launches, so trials are stacked: 8 at full batch (the seed protocol: 40 networks over
     48,000 images hold about 15 GB), 16 at mini-batch. Not yet measured on a GPU: the GPU
     check records the rate at this default.
