@@ -232,6 +232,24 @@ ROWS = [
     Row("negative-timeout", ("run", "--timeout", "-3"), 2, ("--timeout: -3 must be greater",)),
     Row("workers-0", ("run", "--workers", "0"), 2, ("--workers: 0 must be in [1, 1024]",)),
     Row("workers-minus-1", ("run", "--workers", "-1"), 2, ("--workers: -1 must be in [1,",)),
+    Row(
+        "trials-per-worker-0",
+        ("run", "--trials-per-worker", "0"),
+        2,
+        ("--trials-per-worker: 0 must be in [1, 256]",),
+    ),
+    Row(
+        "trials-per-worker-too-many",
+        ("worker", "--study", "s", "--trials-per-worker", "257"),
+        2,
+        ("--trials-per-worker: 257 must be in [1, 256]",),
+    ),
+    Row(
+        "trials-per-worker-not-a-number",
+        ("run", "--trials-per-worker", "three"),
+        2,
+        ("--trials-per-worker: 'three' is not a whole number",),
+    ),
     # train --params.
     Row("params-bad-json", ("train", "--params", "{not json"), 2, ("bad JSON: Expecting prop",)),
     Row("params-not-an-object", ("train", "--params", "[1, 2]"), 2, ("must be a JSON object",)),
