@@ -1,23 +1,25 @@
-"""`GaussianPriorSampler`: random search with the seed report's priors on neuron counts."""
+"""`GaussianPriorSampler`: random search with the seed report's priors on neuron counts;
+`PriorThenTPESampler`: those priors first, then Optuna's TPE."""
 
 from __future__ import annotations
 
 import hashlib
 import secrets
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from optuna.distributions import IntDistribution
-from optuna.samplers import BaseSampler, RandomSampler
+from optuna.samplers import BaseSampler, RandomSampler, TPESampler
 
 from model.config import TrainConfig
+from study.experimental import experimental_optuna
 from study.space import GaussianPrior, SearchSpace
 
 if TYPE_CHECKING:
     from optuna.distributions import BaseDistribution
     from optuna.study import Study
-    from optuna.trial import FrozenTrial
+    from optuna.trial import FrozenTrial, TrialState
 
 # A redraw loop that never lands inside [low, high] means the prior misses the range.
 _MAX_REDRAWS = 10_000
@@ -89,6 +91,96 @@ class GaussianPriorSampler(BaseSampler):
         """The seed of one parameter's stream in one trial."""
         key = f"{self._seed}/{trial_number}/{param_name}".encode()
         return int.from_bytes(hashlib.sha256(key).digest()[:4], "little")
+
+
+class PriorThenTPESampler(BaseSampler):
+    """The first `n_prior_trials` trials drawn from the priors, as `GaussianPriorSampler`
+    draws them; every later trial by Optuna's `TPESampler`, multivariate, grouped (so a
+    conditional depth's parameters are modelled together) and with `constant_liar` (so
+    workers running at once do not crowd the same point).
+
+    Which sampler a trial gets depends on its number alone — the one it retries, for a
+    retry — not on how many trials have finished, so a study draws the same way however
+    many workers share it. TPE's draws are seeded per trial, from (seed, trial number):
+    two workers asking at the same moment, with the same history, still draw different
+    points, and a study replayed with the same history draws the same ones. No other
+    state: it pickles, and `reseed_rng` keeps the seed, as `GaussianPriorSampler` does.
+    """
+
+    def __init__(
+        self,
+        priors: Mapping[str, GaussianPrior],
+        seed: int | None = None,
+        *,
+        n_prior_trials: int = 20,
+    ) -> None:
+        if n_prior_trials < 0:
+            raise ValueError(f"n_prior_trials = {n_prior_trials}: must be at least 0")
+        self._prior = GaussianPriorSampler(priors, seed)
+        self._n_prior_trials = int(n_prior_trials)
+        # Each trial's TPE sampler, from its relative search space to its end: with
+        # `group`, TPE keeps what `infer_relative_search_space` found for `sample_relative`.
+        self._tpe_of: dict[int, TPESampler] = {}
+
+    @property
+    def seed(self) -> int:
+        return self._prior.seed
+
+    @property
+    def n_prior_trials(self) -> int:
+        return self._n_prior_trials
+
+    def reseed_rng(self) -> None:
+        """Keeps the seed: every draw is keyed by its trial's number (see the class)."""
+
+    def uses_prior(self, trial: FrozenTrial) -> bool:
+        return _original_number(trial) < self._n_prior_trials
+
+    def _tpe(self, trial: FrozenTrial) -> TPESampler:
+        sampler = self._tpe_of.get(trial.number)
+        if sampler is None:
+            seed = self._prior.stream_seed(_original_number(trial), "tpe")
+            with experimental_optuna():  # `multivariate`, `group`, `constant_liar`: on purpose
+                sampler = TPESampler(
+                    multivariate=True, group=True, constant_liar=True, n_startup_trials=0,
+                    seed=seed,
+                )  # fmt: skip
+            self._tpe_of[trial.number] = sampler
+        return sampler
+
+    def after_trial(
+        self,
+        study: Study,
+        trial: FrozenTrial,
+        state: TrialState,
+        values: Sequence[float] | None,
+    ) -> None:
+        self._tpe_of.pop(trial.number, None)
+
+    def infer_relative_search_space(
+        self, study: Study, trial: FrozenTrial
+    ) -> dict[str, BaseDistribution]:
+        if self.uses_prior(trial):
+            return {}
+        return self._tpe(trial).infer_relative_search_space(study, trial)
+
+    def sample_relative(
+        self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    ) -> dict[str, Any]:
+        if self.uses_prior(trial) or not search_space:
+            return {}
+        return self._tpe(trial).sample_relative(study, trial, search_space)
+
+    def sample_independent(
+        self,
+        study: Study,
+        trial: FrozenTrial,
+        param_name: str,
+        param_distribution: BaseDistribution,
+    ) -> Any:
+        if self.uses_prior(trial):
+            return self._prior.sample_independent(study, trial, param_name, param_distribution)
+        return self._tpe(trial).sample_independent(study, trial, param_name, param_distribution)
 
 
 def draw_from_prior(

@@ -62,10 +62,11 @@ def default_trials_per_worker(device_type: str, preset: Preset) -> int:
     """How many trials a worker stacks when not told.
 
     On the CPU, 1: there the products dominate and stacking saves only bookkeeping
-    (benchmarks/README.md: 1.1× at full batch, nothing measurable at mini-batch). On a GPU a lone trial leaves the chip waiting on
-    launches, so trials are stacked: 8 at full batch (the seed protocol: 40 networks over
-    48,000 images hold about 15 GB), 16 at mini-batch. Not yet measured on a GPU: the GPU
-    check records the rate at this default.
+    (benchmarks/README.md: 1.1× at full batch, nothing measurable at mini-batch). On a
+    GPU a lone trial leaves the chip waiting on launches, so trials are stacked: 8 at
+    full batch (the seed protocol's 40 networks over 48,000 images hold about 22 GB), 16
+    at mini-batch. Not yet measured on a GPU: the GPU check records the rate at this
+    default.
     """
     if device_type != "cuda":
         return 1

@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import math
 import pickle
+import statistics
 import subprocess
 import sys
 from collections import Counter
@@ -19,7 +20,12 @@ from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from model.config import TrainConfig
 from study.presets import PRESETS
-from study.sampler import GaussianPriorSampler, draw_from_prior, draw_params
+from study.sampler import (
+    GaussianPriorSampler,
+    PriorThenTPESampler,
+    draw_from_prior,
+    draw_params,
+)
 from study.space import GaussianPrior, SearchSpace, compression_priors
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -402,3 +408,95 @@ def test_compression_priors_for_three_layers_follow_the_formula() -> None:
     assert [p.mu for p in priors] == pytest.approx([263.47, 88.54, 29.76], abs=0.01)
     assert priors[2].sigma == pytest.approx(10.0)
     assert list(SearchSpace(n_layers=3).priors()) == ["n_units_l0", "n_units_l1", "n_units_l2"]
+
+
+# --- prior, then TPE -------------------------------------------------------------------
+
+N_PRIOR = 8
+
+
+def lr_target(trial: optuna.Trial) -> float:
+    """A cheap objective with a clear optimum: a learning rate near 3e-3 and a wide first
+    layer, so TPE has somewhere to go."""
+    config = SPACE.suggest(trial, DEFAULTS)
+    return -abs(math.log(config.lr / 3e-3)) - abs(config.hidden[0] - 400) / 400
+
+
+def prior_then_tpe_study(seed: int = SEED, n: int = 30) -> optuna.Study:
+    sampler = PriorThenTPESampler(SPACE.priors(), seed=seed, n_prior_trials=N_PRIOR)
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    study.optimize(lr_target, n_trials=n)
+    return study
+
+
+def test_prior_then_tpe_draws_its_first_trials_from_the_priors_then_learns() -> None:
+    study = prior_then_tpe_study()
+    params = [t.params for t in study.trials]
+    # The first N_PRIOR are exactly what the prior sampler with this seed draws.
+    assert params[:N_PRIOR] == draw_params(SPACE, DEFAULTS, N_PRIOR, SEED)
+    assert params[N_PRIOR:] != draw_params(SPACE, DEFAULTS, 30, SEED)[N_PRIOR:]
+    # Then TPE: the last ten trials sit far closer to the optimum than the prior's.
+    first, last = study.trials[:N_PRIOR], study.trials[-10:]
+    assert statistics.fmean(t.value for t in last) > statistics.fmean(t.value for t in first)
+    # Random search's typical distance from the optimum's learning rate, against TPE's.
+    prior_distance = statistics.median(
+        abs(math.log(p["lr"] / 3e-3)) for p in draw_params(SPACE, DEFAULTS, 200, SEED)
+    )
+    tpe_distance = statistics.median(abs(math.log(t.params["lr"] / 3e-3)) for t in last)
+    assert tpe_distance < 0.6 * prior_distance
+
+
+def test_prior_then_tpe_draws_the_same_in_another_process_and_pickled() -> None:
+    script = (
+        "import json, optuna\n"
+        "optuna.logging.set_verbosity(optuna.logging.WARNING)\n"
+        "from tests.test_sampler import prior_then_tpe_study\n"
+        "print(json.dumps([t.params for t in prior_then_tpe_study(n=16).trials]))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
+        timeout=120, check=True,
+    )  # fmt: skip
+    here = prior_then_tpe_study(n=16)
+    assert json.loads(done.stdout) == [t.params for t in here.trials]
+    # A pickled copy goes on exactly as the original would.
+    copy = pickle.loads(pickle.dumps(here.sampler))
+    assert copy.seed == SEED and copy.n_prior_trials == N_PRIOR
+    twin = optuna.create_study(direction="maximize", sampler=copy)
+    for trial in here.trials:
+        twin.add_trial(trial)
+    here.optimize(lr_target, n_trials=3)
+    twin.optimize(lr_target, n_trials=3)
+    assert [t.params for t in twin.trials[-3:]] == [t.params for t in here.trials[-3:]]
+    assert prior_then_tpe_study(seed=SEED + 1, n=16).trials[-1].params != here.trials[15].params
+
+
+def test_two_workers_asking_at_once_with_one_history_draw_different_trials() -> None:
+    """Two workers (each its own sampler, as two processes have) share a storage; both
+    ask before either tells, so both see the same finished trials."""
+    storage = optuna.storages.InMemoryStorage()
+    workers = [
+        optuna.create_study(
+            study_name="shared", storage=storage, direction="maximize", load_if_exists=True,
+            sampler=PriorThenTPESampler(SPACE.priors(), seed=SEED, n_prior_trials=N_PRIOR),
+        )
+        for _ in range(2)
+    ]  # fmt: skip
+    workers[0].optimize(lr_target, n_trials=N_PRIOR + 4)
+    asked = [worker.ask() for worker in workers]
+    for trial in asked:
+        SPACE.suggest(trial, DEFAULTS)
+    a, b = (trial.params for trial in asked)
+    assert a != b
+    assert all(a[name] != b[name] for name in ("dropout", "lr", "weight_decay"))
+
+
+def test_a_retried_trial_after_the_prior_phase_draws_nothing_new() -> None:
+    """A retry keeps the failed trial's parameters (fixed by Optuna's retry), whichever
+    phase it falls in."""
+    study = prior_then_tpe_study(n=N_PRIOR + 3)
+    failed = study.trials[-1]
+    study.enqueue_trial(failed.params)
+    retry = study.ask()
+    SPACE.suggest(retry, DEFAULTS)
+    assert retry.params == failed.params
