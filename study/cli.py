@@ -12,6 +12,7 @@ mistyped flag or `--help` should answer at once.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -56,6 +57,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # argparse would blame the top-level program for a flag the command lacks.
         args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     prog = f"mnist-study {args.command}"
+    # Ctrl-C and `kill -INT` stop every command cleanly, however it was started: a shell
+    # starts background jobs with SIGINT ignored, and Python keeps an ignored SIGINT
+    # ignored, so a `run` started that way could not be stopped (seen in a CI run
+    # launched in the background: `run` and `dashboard` ran on through their SIGINT).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return args.handler(args)
     except KeyboardInterrupt:

@@ -439,6 +439,29 @@ def test_an_outage_longer_than_the_wait_ends_the_worker_in_one_line_and_loses_on
     assert counts.finished == 4 and counts.retried == 1 and counts.running == 0, counts
 
 
+def test_run_started_with_sigint_ignored_still_stops_on_sigint(
+    sqlite_db: str, tmp_path: Path
+) -> None:
+    """A shell starts background jobs with SIGINT ignored, and Python keeps an inherited
+    ignore; `run` installs its own handler, so `kill -INT` still stops it cleanly."""
+    log = tmp_path / "run.log"
+    env = {**os.environ, "MNIST_STUDY_STORAGE": sqlite_db}
+    run = subprocess.Popen(
+        [sys.executable, "-m", "study", "run", "--preset", "tiny", "--n-trials", "500",
+         "--no-retrain", "--root", str(default_root().resolve())],
+        env=env, stdout=subprocess.DEVNULL, stderr=log.open("w"), start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )  # fmt: skip
+    _started.append(run)
+    deadline = time.monotonic() + WAIT_S
+    while "worker(s)" not in log.read_text():
+        assert run.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.1)
+    run.send_signal(signal.SIGINT)
+    assert run.wait(timeout=WAIT_S) == 130, log.read_text()
+    assert "interrupted" in log.read_text()
+
+
 def test_ctrl_c_on_run_stops_it_and_the_same_command_resumes(
     sqlite_db: str, tmp_path: Path
 ) -> None:
