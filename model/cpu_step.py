@@ -63,13 +63,21 @@ class CpuStep:
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         parts = [trial(*_inputs_of(trial.networks, x, y)) for trial in self.trials]
         self.optimizer.step()
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        return _joined(parts)
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean loss and accuracy (n,) of every network on its images, without dropout."""
-        parts = [trial.evaluate(*_inputs_of(trial.networks, x, y)) for trial in self.trials]
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        return _joined([trial.evaluate(*_inputs_of(trial.networks, x, y)) for trial in self.trials])
+
+
+def _joined(
+    parts: list[tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The trials' (n,) figures in stack order; one trial's as they are (no copy per step)."""
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def _inputs_of(

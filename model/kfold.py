@@ -527,11 +527,7 @@ class _FoldState:
         """The trial at `position` in the stack: its folds' figures and best weights."""
         networks = self.model.trial(position)
         k = config.k
-        model = StackedFFNN([net_shape(config)], k).to(device)
-        index = self.model.network_index([position])
-        with torch.no_grad():
-            for best, param in zip(self.best_params, model.parameters(), strict=True):
-                param.copy_(narrow(best, index, param.shape))
+        model = self.model.select([position], self.best_params)
         stop = self.stop_epoch[networks].clamp(max=self.epochs_done).tolist()
         curves = self.curves[:, :, networks].cpu()
         per_fold = {

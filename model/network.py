@@ -180,13 +180,18 @@ class StackedFFNN(nn.Module):
                 layer.bias.copy_(bias[n, 0, :fan_out])
         return net
 
-    def select(self, trials: Sequence[int]) -> StackedFFNN:
-        """A new stack of these trials' networks (weights copied), as narrow as they allow."""
+    def select(
+        self, trials: Sequence[int], weights: Sequence[torch.Tensor] | None = None
+    ) -> StackedFFNN:
+        """A new stack of these trials' networks, as narrow as they allow, with their
+        weights copied from this stack, or from `weights` (tensors laid out as this
+        stack's parameters, such as the best weights kept by early stopping)."""
         stack = StackedFFNN([self.shapes[t] for t in trials], self.k)
         stack.to(self.weights[0].device)
         index = self.network_index(trials)
+        source = self.parameters() if weights is None else weights
         with torch.no_grad():
-            for mine, theirs in zip(self.parameters(), stack.parameters(), strict=True):
+            for mine, theirs in zip(source, stack.parameters(), strict=True):
                 theirs.copy_(narrow(mine, index, theirs.shape))
         return stack
 

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from optuna.storages import BaseStorage
 
     from model.kfold import Progress
+    from study.objective import SpeedOptions
 
 
 def _data_root(args: argparse.Namespace) -> Path:
@@ -106,6 +107,18 @@ def _storage_url(args: argparse.Namespace) -> str:
     return args.storage or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
 
 
+def _speed(args: argparse.Namespace) -> SpeedOptions:
+    """The training options `run` and `worker` share, from their flags."""
+    from study.objective import SpeedOptions
+
+    return SpeedOptions(
+        precision=args.precision,
+        compile=args.compile,
+        graphs=args.cuda_graphs,
+        trials_per_worker=args.trials_per_worker,
+    )
+
+
 def _quiet_optuna() -> None:
     import optuna
 
@@ -155,10 +168,7 @@ def run(args: argparse.Namespace) -> int:
         heartbeat=args.heartbeat,
         artifacts=args.artifacts,
         workers_per_device=args.workers_per_device,
-        precision=args.precision,
-        compile=args.compile,
-        graphs=args.cuda_graphs,
-        trials_per_worker=args.trials_per_worker,
+        speed=_speed(args),
     )
     outcome = run_study(options, log=lambda line: print(line, file=sys.stderr))
     print(status_block(outcome.study.study_name, outcome.study, outcome.counts))
@@ -208,10 +218,7 @@ def worker(args: argparse.Namespace) -> int:
         worker_id=args.worker_id,
         parent_pid=args.parent_pid,
         artifacts=args.artifacts,
-        precision=args.precision,
-        compile=args.compile,
-        graphs=args.cuda_graphs,
-        trials_per_worker=args.trials_per_worker,
+        speed=_speed(args),
     )
     ran = run_worker(
         options, log=lambda line: print(f"mnist-study worker: {line}", file=sys.stderr)

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
@@ -29,6 +29,7 @@ from model.device import resolve_device
 from study.budget import StudyCounts, count_trials
 from study.database import DEFAULT_HEARTBEAT, STORAGE_ENV, open_storage
 from study.errors import redact
+from study.objective import SpeedOptions
 from study.presets import Preset
 from study.studies import create_or_resume
 
@@ -51,10 +52,7 @@ class RunOptions:
     heartbeat: int = DEFAULT_HEARTBEAT
     artifacts: Path | None = None
     workers_per_device: int | None = None
-    precision: str | None = None
-    compile: bool = False
-    graphs: bool = False
-    trials_per_worker: int | None = None
+    speed: SpeedOptions = field(default_factory=SpeedOptions)
 
 
 @dataclass(frozen=True)
@@ -148,14 +146,7 @@ def _spawn(options: RunOptions, device: str, threads: int, index: int) -> subpro
     ]  # fmt: skip
     if options.artifacts is not None:
         command += ["--artifacts", str(options.artifacts)]
-    if options.precision is not None:
-        command += ["--precision", options.precision]
-    if options.compile:
-        command.append("--compile")
-    if options.graphs:
-        command.append("--cuda-graphs")
-    if options.trials_per_worker is not None:
-        command += ["--trials-per-worker", str(options.trials_per_worker)]
+    command += options.speed.worker_flags()
     env = {**os.environ, STORAGE_ENV: options.storage}
     return subprocess.Popen(command, env=env, start_new_session=True)
 

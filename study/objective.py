@@ -41,6 +41,26 @@ class Outcome:
     pruned: str | None = None
 
 
+@dataclass(frozen=True)
+class SpeedOptions:
+    """How a worker trains its trials: `run` passes them on to every worker it starts
+    (`worker_flags`), and a worker hands them to the trainer."""
+
+    precision: str | None = None
+    compile: bool = False
+    graphs: bool = False
+    trials_per_worker: int | None = None
+
+    def worker_flags(self) -> list[str]:
+        """These options as `mnist-study worker` flags."""
+        flags = [] if self.precision is None else ["--precision", self.precision]
+        flags += ["--compile"] if self.compile else []
+        flags += ["--cuda-graphs"] if self.graphs else []
+        if self.trials_per_worker is not None:
+            flags += ["--trials-per-worker", str(self.trials_per_worker)]
+        return flags
+
+
 class Objective:
     """Cross-validates trials' configurations on this worker's device and data."""
 
@@ -51,13 +71,9 @@ class Objective:
         worker: str,
         should_stop: Callable[[], bool] = lambda: False,
         artifacts: FileSystemArtifactStore | None = None,
-        precision: str | None = None,
-        compile: bool = False,
-        graphs: bool = False,
+        speed: SpeedOptions = SpeedOptions(),
     ) -> None:
-        self.precision = precision
-        self.compile = compile
-        self.graphs = graphs
+        self.speed = speed
         self.preset = preset
         self.data = data
         self.worker = worker
@@ -150,9 +166,9 @@ class Objective:
                 self.data,
                 on_progress=on_progress,
                 on_result=on_result,
-                precision=self.precision,
-                compile=self.compile,
-                graphs=self.graphs,
+                precision=self.speed.precision,
+                compile=self.speed.compile,
+                graphs=self.speed.graphs,
             )
         return [o for o in outcomes if o is not None]
 

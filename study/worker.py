@@ -22,7 +22,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
@@ -34,7 +34,7 @@ from study.artifacts import artifact_dir, open_artifact_store
 from study.budget import count_trials
 from study.database import DEFAULT_HEARTBEAT, open_storage
 from study.errors import StorageError, causes
-from study.objective import Objective
+from study.objective import Objective, SpeedOptions
 from study.presets import Preset
 from study.studies import fail_stale_trials, load_study, requeue, study_preset
 
@@ -52,10 +52,7 @@ class WorkerOptions:
     worker_id: str | None = None
     parent_pid: int | None = None
     artifacts: Path | None = None
-    precision: str | None = None
-    compile: bool = False
-    graphs: bool = False
-    trials_per_worker: int | None = None
+    speed: SpeedOptions = field(default_factory=SpeedOptions)
 
 
 def default_trials_per_worker(device_type: str, preset: Preset) -> int:
@@ -96,16 +93,14 @@ def run_worker(options: WorkerOptions, log: Callable[[str], None] = print) -> in
         return gone
 
     store = open_artifact_store(artifact_dir(options.storage, options.artifacts))
-    per_claim = options.trials_per_worker or default_trials_per_worker(device.type, preset)
+    per_claim = options.speed.trials_per_worker or default_trials_per_worker(device.type, preset)
     objective = Objective(
         preset,
         data,
         worker=f"{worker_id} ({device})",
         should_stop=parent_gone,
         artifacts=store,
-        precision=options.precision,
-        compile=options.compile,
-        graphs=options.graphs,
+        speed=options.speed,
     )
     # Filters on the handlers, which see the records of every optuna.* logger.
     for handler in logging.getLogger("optuna").handlers:
