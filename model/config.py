@@ -32,6 +32,9 @@ MAX_SEED = 2**63 - 1
 # (Adamax raised an error at lr = 1e300). An L2 penalty past 10 likewise only zeroes them.
 MAX_LR = 10.0
 MAX_WEIGHT_DECAY = 10.0
+# A max-norm cap past this leaves every weight the initialisation can draw untouched (a
+# unit's 784 incoming weights in ±1/28 have a norm of at most 1), so it only hides typos.
+MAX_NORM = 1000.0
 # The k fold networks of a trial live side by side in memory, so k is bounded as the
 # units are: 100 folds of the report's network hold 400 MB of weights and Adam state;
 # 60,000 (leave-one-out) would hold 240 GB.
@@ -45,7 +48,13 @@ MAX_STACK_PARAMETERS = 250_000_000
 MAX_EPOCHS = 100_000
 
 ACTIVATIONS = tuple(ACTIVATION_TABLE)
-OPTIMIZERS = ("adam", "adamax")
+# adam and adamax (L2 penalty added to the gradient) are the report's; adamw decouples
+# the penalty from the gradient; sgd is SGD with Nesterov momentum `SGD_MOMENTUM`.
+OPTIMIZERS = ("adam", "adamax", "adamw", "sgd")
+SGD_MOMENTUM = 0.9
+# How the learning rate moves over the `max_epochs` epochs (`model.schedule`): constant
+# (the report's), linear warm-up then cosine to zero, or one-cycle.
+SCHEDULES = ("constant", "cosine", "one_cycle")
 # fp32, tf32 (GPU tensor cores), bf16 (autocast): see model.steps.resolve_precision.
 PRECISIONS = ("fp32", "tf32", "bf16")
 
@@ -61,6 +70,13 @@ class TrainConfig:
     training part, as the seed report trains. `subset=None` uses all 60,000 training images.
     `fold_seed` fixes the subset and the folds, so every configuration of a study is scored
     on the same folds; `seed` fixes the initial weights, dropout masks and batch order.
+
+    Beyond the report (the `wide` preset): `input_dropout` drops input pixels;
+    `max_norm` caps the L2 norm of each unit's incoming weights after every step (None:
+    no cap), the dropout paper's companion to dropout; `schedule` shapes the learning rate
+    over all `max_epochs` epochs (`warmup`: the fraction of steps cosine's linear warm-up
+    takes); `label_smoothing` mixes that much of the uniform distribution into the
+    training targets (validation losses stay plain cross-entropy).
     """
 
     hidden: tuple[int, ...] = (249, 36)
@@ -69,6 +85,11 @@ class TrainConfig:
     optimizer: str = "adam"
     lr: float = 5.4e-3
     weight_decay: float = 1.2e-4
+    input_dropout: float = 0.0
+    max_norm: float | None = None
+    schedule: str = "constant"
+    warmup: float = 0.05
+    label_smoothing: float = 0.0
     batch_size: int | None = None
     max_epochs: int = 2000
     patience: int = 50
@@ -93,6 +114,15 @@ class TrainConfig:
         _check_float("dropout", self.dropout, low=0.0, high=1.0, high_open=True)
         _check_float("lr", self.lr, low=0.0, high=MAX_LR, low_open=True)
         _check_float("weight_decay", self.weight_decay, low=0.0, high=MAX_WEIGHT_DECAY)
+        _check_float("input_dropout", self.input_dropout, low=0.0, high=1.0, high_open=True)
+        if self.max_norm is not None:
+            _check_float("max_norm", self.max_norm, low=0.0, high=MAX_NORM, low_open=True)
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(
+                f"schedule = {self.schedule!r}: must be one of {', '.join(SCHEDULES)}"
+            )
+        _check_float("warmup", self.warmup, low=0.0, high=1.0, high_open=True)
+        _check_float("label_smoothing", self.label_smoothing, low=0.0, high=1.0, high_open=True)
         if self.batch_size is not None:
             _check_int("batch_size", self.batch_size, low=1, why="or 0 or null for full batch")
         _check_int("max_epochs", self.max_epochs, low=1, high=MAX_EPOCHS)
@@ -123,7 +153,8 @@ class TrainConfig:
 
     def params(self) -> dict[str, Any]:
         """This configuration in the study's parameter names (the inverse of `with_params`)."""
-        out: dict[str, Any] = {f"n_units_l{i}": units for i, units in enumerate(self.hidden)}
+        out: dict[str, Any] = {"n_layers": len(self.hidden)}
+        out.update({f"n_units_l{i}": units for i, units in enumerate(self.hidden)})
         for field in dataclasses.fields(self):
             if field.name != "hidden":
                 out[field.name] = getattr(self, field.name)
@@ -134,23 +165,28 @@ class TrainConfig:
 
         `n_units_l{i}` replaces layer i; an index one past the last layer adds a layer,
         so `{"n_units_l2": 20}` over a two-layer default gives three hidden layers.
+        `n_layers` then keeps that many layers: `{"n_layers": 1, "n_units_l0": 1024}`
+        over a two-layer default gives one hidden layer of 1024 units.
         """
         if not isinstance(params, Mapping):
             raise ConfigError("params: must be a JSON object of parameter names to values")
         hidden = list(self.hidden)
         units: dict[int, Any] = {}
         changes: dict[str, Any] = {}
+        n_layers = None
         settable = {f.name for f in dataclasses.fields(self)} - {"hidden"}
         for key, value in params.items():
             match = _UNITS_KEY.fullmatch(str(key))
             if match:
                 units[int(match.group(1))] = value
+            elif key == "n_layers":
+                n_layers = _as_int("n_layers", value)
             elif key in settable:
                 changes[key] = value
             else:
                 raise ConfigError(
                     f"unknown parameter {key!r}: known are n_units_l0, n_units_l1, ..., "
-                    + ", ".join(sorted(settable))
+                    + ", ".join(sorted(settable | {"n_layers"}))
                 )
         for index in sorted(units):
             if index < len(hidden):
@@ -163,15 +199,29 @@ class TrainConfig:
                     f"the configuration has {len(hidden)} hidden layers, "
                     f"so the next one is n_units_l{len(hidden)}"
                 )
+        if n_layers is not None:
+            if not 1 <= n_layers <= len(hidden):
+                raise ConfigError(
+                    f"n_layers = {n_layers}: must be in [1, {len(hidden)}], the layers whose "
+                    f"units are known; give n_units_l{len(hidden)}, ... for more"
+                )
+            hidden = hidden[:n_layers]
         for name in ("batch_size", "subset"):
             if name in changes and changes[name] in (0, "full", "all"):
                 changes[name] = None
+        # 0 or null: no cap, as the off value of the other optional settings reads.
+        if "max_norm" in changes and changes["max_norm"] is None:
+            pass
+        elif "max_norm" in changes and _as_float("max_norm", changes["max_norm"]) == 0:
+            changes["max_norm"] = None
+        elif "max_norm" in changes:
+            changes["max_norm"] = _as_float("max_norm", changes["max_norm"])
         for name in ("max_epochs", "patience", "k", "fold_seed", "seed", "batch_size", "subset"):
             if name in changes:
                 changes[name] = _as_int(
                     name, changes[name], null_ok=name in ("batch_size", "subset")
                 )
-        for name in ("dropout", "lr", "weight_decay"):
+        for name in ("dropout", "lr", "weight_decay", "input_dropout", "warmup", "label_smoothing"):
             if name in changes:
                 changes[name] = _as_float(name, changes[name])
         hidden_ints = tuple(_as_int(f"n_units_l{i}", u) for i, u in enumerate(hidden))

@@ -81,7 +81,9 @@ def create_or_resume(
         },
         "space": preset.space.describe(),
         "training": {
-            k: v for k, v in preset.defaults.params().items() if not k.startswith("n_units")
+            k: v
+            for k, v in preset.defaults.params().items()
+            if not k.startswith(("n_units", "n_layers"))
         },
     }
     for key, value in settings.items():
