@@ -62,7 +62,7 @@ def load_checkpoint(path: Path) -> tuple[FFNN, TrainConfig, dict[str, Any]]:
         raise CheckpointError(f"{path}: not an mnist-study checkpoint ({FORMAT})")
     try:
         config = TrainConfig().with_params(payload["config"])
-        model = FFNN(config.hidden, config.activation, config.dropout)
+        model = FFNN(config.hidden, config.activation, config.dropout, config.input_dropout)
         model.load_state_dict(payload["state_dict"])
         meta = dict(payload.get("meta", {}))
     except (ConfigError, KeyError, RuntimeError, TypeError, ValueError, AttributeError) as exc:

@@ -101,6 +101,8 @@ class _TrialStep:
         self.generator = generator
         self.k = k = model.k
         self.dropout = shape.dropout
+        self.input_dropout = shape.input_dropout
+        self.label_smoothing = shape.label_smoothing
         self.activation = activations.get(shape.activation)
         sizes = shape.sizes
 
@@ -131,21 +133,29 @@ class _TrialStep:
         # Scratch for dropout masks and derivative flags, sized for the widest layer:
         # 0/1 floats, since multiplying by a bool tensor first converts it (7× slower).
         most = k * max_rows * max(hidden, default=1)
-        self.words = torch.empty(-(-most // 4), dtype=torch.int64)
+        masked = max(most, k * max_rows * sizes[0]) if self.input_dropout else most
+        self.words = torch.empty(-(-masked // 4), dtype=torch.int64)
         self.bits = torch.empty(4 * self.words.numel(), dtype=dtype)
         self.flags = torch.empty(most, dtype=dtype)
+        # The images with their dropped pixels zeroed (unscaled, as the hidden outputs).
+        self.dropped_in = (
+            torch.empty(k, max_rows, sizes[0], dtype=dtype) if self.input_dropout else None
+        )
         self.val_out: list[torch.Tensor] = []
         # 1/keep for the keep probability `keep_mask` really draws with.
-        self.scale = 1.0 if self.dropout == 0.0 else 1.0 / kept_probability(1.0 - self.dropout)
+        self.scale = _inverse_keep(self.dropout)
+        self.input_scale = _inverse_keep(self.input_dropout)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rows = x.shape[1]
         layers = len(self.weights)
+        if self.dropped_in is not None:
+            x = torch.mul(x, self._mask(x.shape, self.input_dropout), out=self.dropped_in[:, :rows])
         inputs = [x] + [o[:, :rows] for o in self.out[:-1]]
         # A hidden layer's output is kept unscaled (activation · mask); the dropout scale
         # 1/keep rides on the next layer's products as addmm's alpha, which costs nothing,
-        # instead of a pass over the activations each way.
-        scale_in = [1.0] + [self.scale] * (layers - 1)
+        # instead of a pass over the activations each way. So does the input's.
+        scale_in = [self.input_scale] + [self.scale] * (layers - 1)
         for i in range(layers):
             out = self.out[i][:, :rows]
             for j in range(self.k):
@@ -159,7 +169,9 @@ class _TrialStep:
             if i < layers - 1:
                 self._activate(i, out)
         logits = self.out[-1][:, :rows]
-        loss, correct = _cross_entropy_and_grad(logits, y, self.grad_out[-1][:, :rows])
+        loss, correct = _cross_entropy_and_grad(
+            logits, y, self.grad_out[-1][:, :rows], self.label_smoothing
+        )
         for i in reversed(range(layers)):
             grad = self.grad_out[i][:, :rows]
             weight_grad = self.weight_grads[i]
@@ -205,14 +217,14 @@ class _TrialStep:
             self.pre[i][:, : z.shape[1]].copy_(z)
         self.activation.forward_in_place(z)
         if self.dropout > 0.0:
-            mask, _ = keep_mask(
-                z.shape,
-                1.0 - self.dropout,
-                words=self.words,
-                bits=self.bits,
-                generator=self.generator,
-            )
-            z.mul_(mask)
+            z.mul_(self._mask(z.shape, self.dropout))
+
+    def _mask(self, shape: torch.Size, dropout: float) -> torch.Tensor:
+        """The next keep mask of the trial's stream, as 0/1 floats in the scratch buffer."""
+        mask, _ = keep_mask(
+            shape, 1.0 - dropout, words=self.words, bits=self.bits, generator=self.generator
+        )
+        return mask
 
     def _activation_backward(self, i: int, grad: torch.Tensor, out: torch.Tensor) -> None:
         """grad ← grad · d(activation · mask)/d(pre-activation), in place; `out` is layer
@@ -232,20 +244,31 @@ class _TrialStep:
             grad.copy_(derivative).mul_(torch.ne(out, 0, out=flags))
 
 
+def _inverse_keep(dropout: float) -> float:
+    """1/keep for the keep probability `keep_mask` really draws with; 1 without dropout."""
+    return 1.0 if dropout == 0.0 else 1.0 / kept_probability(1.0 - dropout)
+
+
 def _cross_entropy_and_grad(
-    logits: torch.Tensor, y: torch.Tensor, grad: torch.Tensor
+    logits: torch.Tensor, y: torch.Tensor, grad: torch.Tensor, smoothing: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-network mean cross-entropy and correct count of `logits` (k, B, 10); writes
-    d(sum of the k mean losses)/d(logits) = (softmax − one-hot) / B into `grad`."""
-    rows = logits.shape[1]
+    """Per-network mean cross-entropy and correct count of `logits` (k, B, 10), against
+    targets with `smoothing` of the uniform distribution mixed in; writes
+    d(sum of the k mean losses)/d(logits) = (softmax − target) / B into `grad`."""
+    rows, classes = logits.shape[1], logits.shape[2]
     target = y.unsqueeze(-1)
     correct = (logits.argmax(dim=-1) == y).sum(dim=1)
     shifted = torch.sub(logits, logits.amax(dim=-1, keepdim=True), out=grad)
     target_logit = shifted.gather(-1, target)
+    if smoothing:
+        # −Σ q log p with q = (1 − ε)·one-hot + ε/C: log Σ exp − (1 − ε)·z_y − ε·mean z.
+        target_logit = torch.lerp(target_logit, shifted.mean(dim=-1, keepdim=True), smoothing)
     probs = shifted.exp_()
     total = probs.sum(dim=-1, keepdim=True)
     loss = (total.log() - target_logit).mean(dim=(1, 2))
     probs.div_(total)
-    probs.scatter_add_(-1, target, torch.full_like(target_logit, -1.0))
+    if smoothing:
+        probs.sub_(smoothing / classes)
+    probs.scatter_add_(-1, target, torch.full_like(target, -(1.0 - smoothing), dtype=probs.dtype))
     grad.div_(rows)
     return loss, correct

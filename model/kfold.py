@@ -148,13 +148,28 @@ def initial_model(config: TrainConfig) -> StackedFFNN:
     return model
 
 
+def steps_per_epoch(n_train: int, batch_size: int) -> int:
+    """Optimizer steps in one epoch over `n_train` rows in batches of `batch_size`."""
+    return -(-n_train // batch_size)
+
+
 def net_shape(config: TrainConfig) -> NetShape:
-    return NetShape(config.hidden, config.activation, config.dropout)
+    return NetShape(
+        config.hidden,
+        config.activation,
+        config.dropout,
+        config.input_dropout,
+        config.label_smoothing,
+    )
 
 
 # Eager epochs before an epoch is captured as a CUDA graph: the first calls set up cuBLAS
 # handles, autograd's buffers and the allocator's blocks, which a capture must not do.
 GRAPH_WARMUP_EPOCHS = 2
+
+# The optimizers `StackedAdam` steps, and so the only ones a captured epoch can hold;
+# a stack with any other trains eagerly.
+GRAPH_OPTIMIZERS = ("adam", "adamax")
 
 # What trials stacked together must share: they train on the same folds, with one batch
 # size and one epoch loop.
@@ -225,7 +240,8 @@ def train_trials(
     of it then, and its networks leave the stack (the stack is rebuilt without them), so
     a finished trial costs nothing more.
 
-    `graphs` (GPU only; ignored on the CPU): after two eager epochs, one epoch —
+    `graphs` (GPU only; ignored on the CPU, and for stacks with AdamW or SGD, which
+    `StackedAdam` does not step): after two eager epochs, one epoch —
     training steps, validation, early-stopping bookkeeping — is captured as a CUDA graph
     and replayed for every later epoch (and captured again when the stack shrinks), so
     an epoch costs one launch; the host still reads only every `sync_every` epochs. Its
@@ -251,7 +267,11 @@ def train_trials(
     precision = resolve_precision(precision, device)
     if sync_every is None:
         sync_every = 1 if device.type == "cpu" else 10
-    trainer = _Trainer(configs, data, precision, compile, graphs and device.type == "cuda")
+    # A captured step needs StackedAdam, which knows Adam and Adamax only.
+    graphs = (
+        graphs and device.type == "cuda" and all(c.optimizer in GRAPH_OPTIMIZERS for c in configs)
+    )
+    trainer = _Trainer(configs, data, precision, compile, graphs)
     with matmul_precision(precision, device):
         return trainer.run(sync_every, on_progress, on_result)
 
@@ -295,7 +315,12 @@ class _Trainer:
         model.to(device)
         streams = TrialStreams([c.seed for c in stacked], device)
         # A captured epoch needs an optimizer whose step count lives on the device.
-        optimizer = make_optimizer(model, stacked, capturable=graphs)
+        optimizer = make_optimizer(
+            model,
+            stacked,
+            total_steps=first.max_epochs * steps_per_epoch(n_train, self.batch_size),
+            capturable=graphs,
+        )
         self._build(model, optimizer, streams)
         self.state = _FoldState(model, first.max_epochs, device)
 

@@ -37,19 +37,22 @@ def layer_sizes(hidden: Sequence[int]) -> list[int]:
 class FFNN(nn.Module):
     """One fully connected network; takes pixels in [0, 1] shaped (B, 784) or (B, 28, 28)."""
 
-    def __init__(self, hidden: Sequence[int], activation: str, dropout: float) -> None:
+    def __init__(
+        self, hidden: Sequence[int], activation: str, dropout: float, input_dropout: float = 0.0
+    ) -> None:
         super().__init__()
         self.hidden = tuple(int(h) for h in hidden)
         self.activation = activation
         self._act = activations.get(activation).forward
         self.dropout = float(dropout)
+        self.input_dropout = float(input_dropout)
         sizes = layer_sizes(self.hidden)
         self.layers = nn.ModuleList(
             nn.Linear(fan_in, fan_out) for fan_in, fan_out in itertools.pairwise(sizes)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.reshape(x.shape[0], N_INPUTS)
+        x = F.dropout(x.reshape(x.shape[0], N_INPUTS), self.input_dropout, self.training)
         for layer in self.layers[:-1]:
             x = F.dropout(self._act(layer(x)), self.dropout, self.training)
         return self.layers[-1](x)
@@ -57,11 +60,19 @@ class FFNN(nn.Module):
 
 @dataclass(frozen=True)
 class NetShape:
-    """What makes a network itself in a stack: its hidden widths, activation and dropout."""
+    """What makes a network itself in a stack: its hidden widths, activation, dropouts
+    (hidden and input), and the label smoothing of its training loss."""
 
     hidden: tuple[int, ...]
     activation: str
     dropout: float
+    input_dropout: float = 0.0
+    label_smoothing: float = 0.0
+
+    @property
+    def drops(self) -> bool:
+        """Whether a training step draws dropout masks for this network."""
+        return self.dropout > 0.0 or self.input_dropout > 0.0
 
     @property
     def sizes(self) -> list[int]:
@@ -84,8 +95,9 @@ class StackedFFNN(nn.Module):
 
     `forward` takes `(n, B, 784)` — each network its own batch — or `(B, 784)`, one batch
     shown to all; it returns `(n, B, 10)`. Dropout is whatever `masks` the caller passes
-    (one `(n, B, width)` tensor of 0 or 1/keep per hidden layer; `model.dropout` draws
-    them): without masks there is none, as in evaluation.
+    (one `(n, B, width)` tensor of 0 or 1/keep per hidden layer, and `input_mask`
+    `(n, B, 784)` over the pixels; `model.steps.draw_masks` draws them): without masks
+    there is none, as in evaluation.
     """
 
     def __init__(self, shapes: Sequence[NetShape], k: int = 1) -> None:
@@ -146,7 +158,14 @@ class StackedFFNN(nn.Module):
                         )
                         tensor[self.trial(t), :rows, :fan_out] = values.mul_(2 * bound).sub_(bound)
 
-    def forward(self, x: torch.Tensor, masks: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        masks: Sequence[torch.Tensor] | None = None,
+        input_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if input_mask is not None:
+            x = x * input_mask
         last = len(self.weights) - 1
         for i, (weight, bias) in enumerate(zip(self.weights, self.biases, strict=True)):
             if x.dim() == 2:
@@ -172,7 +191,8 @@ class StackedFFNN(nn.Module):
             raise IndexError(f"network {n} of a stack of {self.n}")
         shape = self.shape_of(n)
         like = self.weights[0]
-        net = FFNN(shape.hidden, shape.activation, shape.dropout).to(like.device, like.dtype)
+        net = FFNN(shape.hidden, shape.activation, shape.dropout, shape.input_dropout)
+        net.to(like.device, like.dtype)
         with torch.no_grad():
             for layer, weight, bias in zip(net.layers, self.weights, self.biases, strict=True):
                 fan_out, fan_in = layer.weight.shape
@@ -205,7 +225,9 @@ class StackedFFNN(nn.Module):
     @classmethod
     def from_networks(cls, networks: Sequence[FFNN]) -> StackedFFNN:
         """Stack networks (each its own trial of one); the inverse of `extract`."""
-        shapes = [NetShape(net.hidden, net.activation, net.dropout) for net in networks]
+        shapes = [
+            NetShape(net.hidden, net.activation, net.dropout, net.input_dropout) for net in networks
+        ]
         stacked = cls(shapes, 1)
         stacked.to(networks[0].layers[0].weight.device)
         with torch.no_grad():

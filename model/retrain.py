@@ -14,7 +14,7 @@ import torch
 
 from model.config import N_CLASSES, TrainConfig
 from model.data import DeviceData
-from model.kfold import net_shape, training_subset
+from model.kfold import net_shape, steps_per_epoch, training_subset
 from model.network import FFNN, StackedFFNN
 from model.steps import (
     TrialStreams,
@@ -68,9 +68,12 @@ def train_final(
         full_batch = config.full_batch or config.batch_size >= indices.shape[1]
         gathered = data.gather(indices) if full_batch else None
         batch_size = indices.shape[1] if full_batch else config.batch_size
+        optimizer = make_optimizer(
+            stack, [config], total_steps=epochs * steps_per_epoch(indices.shape[1], batch_size)
+        )
         step = make_step(
             stack,
-            make_optimizer(stack, [config]),
+            optimizer,
             batch_size,
             streams.generators,
             precision=precision,

@@ -15,12 +15,14 @@ them.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from model.config import PRECISIONS, TrainConfig
+from model.config import PRECISIONS, SGD_MOMENTUM, TrainConfig
 from model.cpu_step import CpuStep
 from model.data import DeviceData
 from model.dropout import keep_mask
@@ -50,24 +52,32 @@ class AutogradStep:
         self.optimizer = optimizer
         self.generators = generators
         self.bf16 = bf16
+        self.smoothing = None
+        if any(shape.label_smoothing for shape in model.shapes):
+            smoothing = [shape.label_smoothing for shape in model.shapes]
+            self.smoothing = per_network(model, smoothing).view(-1, 1)
         self.forward = self._forward
         if compile:
             cuda = model.weights[0].device.type == "cuda"
             self.forward = torch.compile(self._forward, mode="reduce-overhead" if cuda else None)
 
     def _forward(
-        self, x: torch.Tensor, y: torch.Tensor, masks: list[torch.Tensor] | None
+        self, x: torch.Tensor, y: torch.Tensor, masks: Masks
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        n = self.model.n
         device_type = x.device.type
         # No autocast cache: a CUDA graph may capture this, and the cache would outlive it.
         with torch.autocast(
             device_type, dtype=torch.bfloat16, enabled=self.bf16, cache_enabled=False
         ):
-            logits = self.model(x, masks)
-            losses = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none")
+            logits = self.model(x, masks.hidden, masks.input)
+        log_probs = logits.float().log_softmax(dim=2)
+        losses = -log_probs.gather(2, y.unsqueeze(2)).squeeze(2)
+        if self.smoothing is not None:
+            # (1 − ε)·(−log p_y) + ε·mean over classes of (−log p), per network's own ε.
+            spread = -log_probs.mean(dim=2)
+            losses = torch.lerp(losses, spread, self.smoothing)
         correct = (logits.argmax(dim=2) == y).sum(dim=1)
-        return losses.view(n, -1).mean(dim=1), correct
+        return losses.mean(dim=1), correct
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = tile(x, self.model.n), tile(y, self.model.n)
@@ -97,26 +107,40 @@ def tile(x: torch.Tensor, n: int) -> torch.Tensor:
     return x if x.shape[0] == n else x.repeat(n // x.shape[0], *([1] * (x.dim() - 1)))
 
 
-def draw_masks(
-    model: StackedFFNN, rows: int, generators: list[torch.Generator]
-) -> list[torch.Tensor] | None:
-    """One step's dropout for the autograd path: per hidden layer an (n, rows, width)
-    tensor of 0 or 1/keep, each trial's part drawn from its own generator, layer by
-    layer, by `keep_mask`'s rule (the order `CpuStep` draws in). None without dropout."""
-    if all(shape.dropout == 0.0 for shape in model.shapes):
-        return None
+class Masks(NamedTuple):
+    """One step's dropout for the autograd path: `input` (n, rows, 784) over the pixels,
+    and `hidden`, one (n, rows, width) tensor per hidden layer; 0 or 1/keep each, None
+    where no trial of the stack drops there."""
+
+    input: torch.Tensor | None
+    hidden: list[torch.Tensor] | None
+
+
+def draw_masks(model: StackedFFNN, rows: int, generators: list[torch.Generator]) -> Masks:
+    """Each trial's part drawn from its own generator by `keep_mask`'s rule, in the order
+    `CpuStep` draws in: the input mask (if it drops inputs), then each hidden layer's (if
+    it drops units)."""
     device = model.weights[0].device
     dtype = model.weights[0].dtype
-    masks = [torch.ones(model.n, rows, width, device=device, dtype=dtype) for width in model.hidden]
-    for t, (shape, generator) in enumerate(zip(model.shapes, generators, strict=True)):
-        if shape.dropout == 0.0:
-            continue
-        for mask, width in zip(masks, shape.hidden, strict=False):
+
+    def ones(width: int) -> torch.Tensor:
+        return torch.ones(model.n, rows, width, device=device, dtype=dtype)
+
+    shapes = model.shapes
+    inputs = ones(model.weights[0].shape[1]) if any(s.input_dropout for s in shapes) else None
+    hidden = [ones(width) for width in model.hidden] if any(s.dropout for s in shapes) else None
+    for t, (shape, generator) in enumerate(zip(shapes, generators, strict=True)):
+        drawn = []
+        if shape.input_dropout > 0.0 and inputs is not None:
+            drawn.append((inputs, shape.input_dropout, inputs.shape[2]))
+        if shape.dropout > 0.0 and hidden is not None:
+            drawn += [(m, shape.dropout, w) for m, w in zip(hidden, shape.hidden, strict=False)]
+        for mask, dropout, width in drawn:
             keep, kept = keep_mask(
-                (model.k, rows, width), 1.0 - shape.dropout, generator=generator, device=device
+                (model.k, rows, width), 1.0 - dropout, generator=generator, device=device
             )
             mask[model.trial(t), :, :width] = keep.to(dtype) * (1.0 / kept)
-    return masks
+    return Masks(inputs, hidden)
 
 
 Step = AutogradStep | CpuStep
@@ -235,25 +259,94 @@ class TrialStreams:
 
 
 def make_optimizer(
-    model: StackedFFNN, configs: list[TrainConfig], *, capturable: bool = False
+    model: StackedFFNN,
+    configs: list[TrainConfig],
+    *,
+    total_steps: int,
+    capturable: bool = False,
 ) -> Optimizer:
-    """Adam or Adamax with the L2 penalty as `weight_decay`, as the seed report trains,
-    one configuration per trial of the stack.
+    """Each trial's optimizer over its networks, its learning rate following its
+    `schedule` over `total_steps` steps (`lr_factors`), and its max-norm cap applied
+    after every step (`MaxNorm`).
 
-    Both act element by element, so on a stack each network has its own optimizer state
-    in effect. Each trial gets torch's own optimizer over its networks (`TrialOptimizers`);
-    a stack whose steps a CUDA graph will capture (`capturable`) gets `StackedAdam`
-    instead: one update for the whole stack, its step count on the device.
+    The rules act element by element (or, max-norm, unit by unit), so on a stack each
+    network has its own optimizer state in effect. Each trial gets torch's own optimizer
+    over its networks (`TrialOptimizers`); a stack whose steps a CUDA graph will capture
+    (`capturable`) gets `StackedAdam` instead: one update for the whole stack, its step
+    count on the device (Adam and Adamax only).
     """
     if capturable:
-        return StackedAdam(model, configs)
-    return TrialOptimizers(model, configs)
+        return StackedAdam(model, configs, total_steps)
+    return TrialOptimizers(model, configs, total_steps)
+
+
+def lr_factors(schedule: str, warmup: float, total_steps: int) -> torch.Tensor:
+    """The learning rate of each of `total_steps` steps (0-based s, T steps in all) as a
+    fraction of the configured one (float64, on the CPU):
+
+    - constant: 1 (the report's);
+    - cosine: a linear warm-up over the first W = round(warmup · T) steps, (s + 1) / W,
+      then 0.5 · (1 + cos(π (s − W) / (T − W))), down towards 0 at the last step;
+    - one_cycle (torch's `OneCycleLR` shape, learning rate only): from 1/25 up to 1 along
+      a half cosine over the first R = round(0.3 · T) steps, then down along a half
+      cosine to 1/25 · 10⁻⁴.
+
+    W and R are at most T − 1, so every schedule ends on its way down.
+    """
+    steps = torch.arange(total_steps, dtype=torch.float64)
+    if schedule == "constant":
+        return torch.ones(total_steps, dtype=torch.float64)
+    if schedule == "cosine":
+        rise = min(round(warmup * total_steps), total_steps - 1)
+        up = (steps + 1) / max(rise, 1)
+        down = 0.5 * (1 + torch.cos(math.pi * (steps - rise) / (total_steps - rise)))
+        return torch.where(steps < rise, up, down)
+    if schedule == "one_cycle":
+        start, end = 1 / 25, 1 / 25 / 1e4
+        rise = min(round(0.3 * total_steps), total_steps - 1)
+        up = start + (1 - start) * 0.5 * (1 - torch.cos(math.pi * steps / max(rise, 1)))
+        down = end + (1 - end) * 0.5 * (
+            1 + torch.cos(math.pi * (steps - rise) / (total_steps - rise))
+        )
+        return torch.where(steps < rise, up, down)
+    raise ValueError(f"schedule {schedule!r}")
+
+
+def per_network(model: StackedFFNN, values: Sequence[float]) -> torch.Tensor:
+    """One value per trial as an (n, 1, 1) tensor over the stack's networks."""
+    like = model.weights[0]
+    column = torch.tensor(list(values), dtype=like.dtype, device=like.device)
+    return column.repeat_interleave(model.k).view(-1, 1, 1)
+
+
+class MaxNorm:
+    """The dropout paper's max-norm constraint: after each step, every hidden unit's
+    incoming weights (a column of a hidden layer's (n, fan_in, fan_out) weight) are
+    scaled down to an L2 norm of at most the network's cap, in place (no host sync, so a
+    CUDA graph may capture it). Networks without a cap have an infinite one. A padded
+    column is zero and stays zero."""
+
+    def __init__(self, model: StackedFFNN, caps: Sequence[float | None]) -> None:
+        self.weights = list(model.weights)[:-1]
+        self.cap = per_network(model, [math.inf if c is None else c for c in caps])
+
+    @classmethod
+    def of(cls, model: StackedFFNN, configs: Sequence[TrainConfig]) -> MaxNorm | None:
+        caps = [c.max_norm for c in configs]
+        return None if all(c is None for c in caps) else cls(model, caps)
+
+    @torch.no_grad()
+    def __call__(self) -> None:
+        for weight in self.weights:
+            norms = torch.linalg.vector_norm(weight, dim=1, keepdim=True)
+            weight.mul_((self.cap / norms).clamp_(max=1.0))
 
 
 class TrialOptimizers:
-    """torch's Adam (fused) or Adamax (multi-tensor) for each trial, over its k networks:
-    the leading slice of every stacked tensor, which is contiguous, so each trial's
-    update is one fused pass. A trial's padding has zero gradients and stays zero.
+    """torch's Adam (fused), AdamW (fused), Adamax (multi-tensor) or SGD with Nesterov
+    momentum (multi-tensor) for each trial, over its k networks: the leading slice of
+    every stacked tensor, which is contiguous, so each trial's update is one fused pass.
+    A trial's padding has zero gradients and stays zero.
 
     Measured on the project's 2-core CPU: one step for two trials of the quick preset
     (6 networks, 784-249-36-10) took 0.8 ms as fused Adam and 17 ms as `StackedAdam`'s
@@ -262,9 +355,10 @@ class TrialOptimizers:
     took 0.28 ms fused against 1.09 ms unfused.
     """
 
-    def __init__(self, model: StackedFFNN, configs: list[TrainConfig]) -> None:
+    def __init__(self, model: StackedFFNN, configs: list[TrainConfig], total_steps: int) -> None:
         self.model = model
         self.configs = list(configs)
+        self.total_steps = total_steps
         self.views = [
             [p.detach()[model.trial(t)] for p in model.parameters()] for t in range(len(configs))
         ]
@@ -272,6 +366,15 @@ class TrialOptimizers:
             _torch_optimizer(views, config)
             for views, config in zip(self.views, configs, strict=True)
         ]
+        # Each trial's learning rate for each step; None where it stays constant.
+        self.rates: list[list[float] | None] = [
+            None
+            if c.schedule == "constant"
+            else (c.lr * lr_factors(c.schedule, c.warmup, total_steps)).tolist()
+            for c in configs
+        ]
+        self.steps_done = 0
+        self.max_norm = MaxNorm.of(model, configs)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for param in self.model.parameters():
@@ -279,16 +382,26 @@ class TrialOptimizers:
 
     def step(self) -> None:
         params = list(self.model.parameters())
+        # Past the schedule's end (a caller training longer than it said) the last rate holds.
+        at = min(self.steps_done, self.total_steps - 1)
         for t, (views, optimizer) in enumerate(zip(self.views, self.optimizers, strict=True)):
             # The step may have made new gradient tensors (autograd): see them through.
             for view, param in zip(views, params, strict=True):
                 view.grad = param.grad[self.model.trial(t)]
+            rates = self.rates[t]
+            if rates is not None:
+                for group in optimizer.param_groups:
+                    group["lr"] = rates[at]
             optimizer.step()
+        self.steps_done += 1
+        if self.max_norm is not None:
+            self.max_norm()
 
     def select(self, model: StackedFFNN, keep: list[int], index: torch.Tensor) -> TrialOptimizers:
         """The optimizers of the trials at positions `keep`, where they stand, on `model`
         (their stack)."""
-        kept = TrialOptimizers(model, [self.configs[t] for t in keep])
+        kept = TrialOptimizers(model, [self.configs[t] for t in keep], self.total_steps)
+        kept.steps_done = self.steps_done
         for new, t in enumerate(keep):
             old_views, old = self.views[t], self.optimizers[t]
             for old_view, view in zip(old_views, kept.views[new], strict=True):
@@ -301,10 +414,17 @@ class TrialOptimizers:
 
 
 def _torch_optimizer(params: list[torch.Tensor], config: TrainConfig) -> torch.optim.Optimizer:
+    lr, decay = config.lr, config.weight_decay
     if config.optimizer == "adam":
-        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
+        return torch.optim.Adam(params, lr=lr, weight_decay=decay, fused=True)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=decay, fused=True)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=lr, momentum=SGD_MOMENTUM, nesterov=True, weight_decay=decay, foreach=True
+        )
     # Adamax has no fused kernel; the multi-tensor one is the fastest there is.
-    return torch.optim.Adamax(params, lr=config.lr, weight_decay=config.weight_decay, foreach=True)
+    return torch.optim.Adamax(params, lr=lr, weight_decay=decay, foreach=True)
 
 
 def narrow_like(value: object, like: torch.Tensor) -> object:
@@ -331,27 +451,31 @@ class StackedAdam:
     BETAS = (0.9, 0.999)
     EPS = 1e-8
 
-    def __init__(self, model: StackedFFNN, configs: list[TrainConfig]) -> None:
+    def __init__(self, model: StackedFFNN, configs: list[TrainConfig], total_steps: int) -> None:
+        unsupported = {c.optimizer for c in configs} - {"adam", "adamax"}
+        if unsupported:
+            raise ValueError(f"StackedAdam steps adam and adamax, not {', '.join(unsupported)}")
         device = model.weights[0].device
         dtype = model.weights[0].dtype
-
-        def per_network(values: list[float]) -> torch.Tensor:
-            column = torch.tensor(values, dtype=dtype, device=device)
-            return column.repeat_interleave(model.k).view(-1, 1, 1)
-
         self.params = list(model.parameters())
-        self.lr = per_network([c.lr for c in configs])
-        self.weight_decay = per_network([c.weight_decay for c in configs])
-        self.adamax = per_network([float(c.optimizer == "adamax") for c in configs]).bool()
+        self.weight_decay = per_network(model, [c.weight_decay for c in configs])
+        self.adamax = per_network(model, [float(c.optimizer == "adamax") for c in configs]).bool()
+        # Each network's learning rate at every step, (T, n, 1, 1): the step count on the
+        # device indexes it, so a captured step follows the schedule when replayed.
+        self.rates = _stacked_rates(model, configs, total_steps)
         self.step_count = torch.zeros((), dtype=dtype, device=device)
         self.first = [torch.zeros_like(p) for p in self.params]
         self.second = [torch.zeros_like(p) for p in self.params]
+        self.max_norm = MaxNorm.of(model, configs)
+        self._configs = list(configs)
 
     @torch.no_grad()
     def step(self) -> None:
         beta1, beta2 = self.BETAS
+        at = self.step_count.long().clamp(max=self.rates.shape[0] - 1)
+        lr = self.rates.index_select(0, at.view(1)).squeeze(0)
         self.step_count += 1
-        step_size = self.lr / (1 - beta1**self.step_count)
+        step_size = lr / (1 - beta1**self.step_count)
         root_correction = torch.sqrt(1 - beta2**self.step_count)
         for param, first, second in zip(self.params, self.first, self.second, strict=True):
             grad = param.grad.addcmul(param, self.weight_decay)
@@ -363,6 +487,8 @@ class StackedAdam:
                 self.adamax, second, second.sqrt() / root_correction + self.EPS
             )
             param.sub_(step_size * first / denominator)
+        if self.max_norm is not None:
+            self.max_norm()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for param in self.params:
@@ -373,14 +499,28 @@ class StackedAdam:
         on `model` (their stack)."""
         kept = object.__new__(StackedAdam)
         kept.params = list(model.parameters())
-        kept.lr = self.lr.index_select(0, index)
+        kept.rates = self.rates.index_select(1, index)
         kept.weight_decay = self.weight_decay.index_select(0, index)
         kept.adamax = self.adamax.index_select(0, index)
         kept.step_count = self.step_count.clone()
         shapes = [p.shape for p in kept.params]
         kept.first = [narrow(m, index, s) for m, s in zip(self.first, shapes, strict=True)]
         kept.second = [narrow(v, index, s) for v, s in zip(self.second, shapes, strict=True)]
+        kept.max_norm = MaxNorm.of(model, [self._configs[t] for t in keep])
+        kept._configs = [self._configs[t] for t in keep]
         return kept
+
+
+def _stacked_rates(
+    model: StackedFFNN, configs: list[TrainConfig], total_steps: int
+) -> torch.Tensor:
+    """(T, n, 1, 1): each network's learning rate at each of the T steps."""
+    like = model.weights[0]
+    per_trial = torch.stack(
+        [c.lr * lr_factors(c.schedule, c.warmup, total_steps) for c in configs], dim=1
+    )
+    rates = per_trial.repeat_interleave(model.k, dim=1)
+    return rates.to(like.device, like.dtype).view(total_steps, -1, 1, 1)
 
 
 Optimizer = TrialOptimizers | StackedAdam
