@@ -193,8 +193,9 @@ def train_kfold(
 ) -> KFoldResult:
     """Cross-validate `config` on `data` (on its device): `train_trials` of one trial.
 
-    `on_progress` is called every `sync_every` epochs (default: every epoch on the CPU,
-    where reading back costs nothing, every 10 on a GPU); returning True stops the run,
+    `on_progress` is called every `sync_every` epochs (default: every 10 on a GPU at full
+    batch, where an epoch is one step; every epoch elsewhere, where a read-back costs
+    little beside the epoch); returning True stops the run,
     which is then marked `halted`. `precision` is fp32, tf32 or bf16 (default: tf32 on
     a GPU, fp32 on the CPU); `compile` hands the step to torch.compile (see
     `model.steps.AutogradStep`); `graphs`, on a GPU, captures whole epochs as one CUDA
@@ -266,7 +267,10 @@ def train_trials(
     device = data.device
     precision = resolve_precision(precision, device)
     if sync_every is None:
-        sync_every = 1 if device.type == "cpu" else 10
+        # A read-back costs a GPU the work it could queue meanwhile: at full batch (one
+        # step an epoch) that is worth saving; an epoch of mini-batches dwarfs it.
+        full_batch = configs[0].full_batch
+        sync_every = 10 if device.type == "cuda" and full_batch else 1
     # A captured step needs StackedAdam, which knows Adam and Adamax only.
     graphs = (
         graphs and device.type == "cuda" and all(c.optimizer in GRAPH_OPTIMIZERS for c in configs)

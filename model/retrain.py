@@ -8,6 +8,7 @@ decide anything. The training loop is the k-fold trainer's own, with k = 1.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -50,9 +51,12 @@ def train_final(
     *,
     precision: str | None = None,
     compile: bool = False,
+    on_epoch: Callable[[int], None] | None = None,
 ) -> FinalTraining:
     """Train one network of `config` for `epochs` epochs on the configuration's subset
-    (`precision` and `compile` as for `model.kfold.train_kfold`)."""
+    (`precision` and `compile` as for `model.kfold.train_kfold`); its learning-rate
+    schedule spans the `epochs`. `on_epoch(epochs done)` hears of each epoch's end
+    (nothing is read back from the device for it)."""
     if epochs < 1:
         raise ValueError(f"epochs = {epochs}: must be at least 1")
     device = data.device
@@ -83,6 +87,8 @@ def train_final(
         for epoch in range(epochs):
             loss, accuracy = train_epoch(step, data, indices, batch_size, streams, gathered)
             curve[epoch, 0], curve[epoch, 1] = loss[0], accuracy[0]
+            if on_epoch is not None:
+                on_epoch(epoch + 1)
     curve_list = curve.T.tolist()
     return FinalTraining(
         model=stack.extract(0).eval(),
@@ -100,6 +106,20 @@ def predict(model: FFNN, x: torch.Tensor, batch: int = 8192) -> torch.Tensor:
     """Predicted digits for images x (N, 784), in eval mode (no dropout)."""
     model.eval()
     return torch.cat([model(x[i : i + batch]).argmax(dim=1) for i in range(0, len(x), batch)])
+
+
+@torch.no_grad()
+def predict_ensemble(stack: StackedFFNN, x: torch.Tensor, batch: int = 2048) -> torch.Tensor:
+    """Predicted digits of the stack's networks together: the argmax of their averaged
+    class probabilities (each network's softmax, without dropout), for images x (N, 784)."""
+    stack.eval()
+    x = x.to(stack.weights[0].device)
+    return torch.cat(
+        [
+            stack(x[i : i + batch]).softmax(dim=2).mean(dim=0).argmax(dim=1)
+            for i in range(0, len(x), batch)
+        ]
+    )
 
 
 def classification_metrics(predictions: torch.Tensor, labels: torch.Tensor) -> dict[str, object]:

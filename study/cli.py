@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from model.config import ACTIVATIONS, PRECISIONS
+from model.config import ACTIVATIONS, OPTIMIZERS, PRECISIONS, SCHEDULES
 from model.errors import CheckpointError, ConfigError, DataError, DeviceError
 from study import commands
 from study.database import DEFAULT_HEARTBEAT, DEFAULT_STORAGE, STORAGE_ENV
@@ -95,6 +95,16 @@ def _one_line(exc: Exception) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
+PARAMS_HELP = (
+    'as a JSON object or a file holding one, e.g. \'{"n_units_l0": 300, "activation": '
+    '"hardswish"}\'. Names: n_layers, n_units_l0, n_units_l1, ... (one per hidden layer), '
+    f"activation ({', '.join(ACTIVATIONS)}), optimizer ({', '.join(OPTIMIZERS)}), dropout, "
+    "input_dropout, max_norm (null or 0: none), lr, weight_decay, "
+    f"schedule ({', '.join(SCHEDULES)}), warmup, label_smoothing, batch_size (null: full "
+    "batch), max_epochs, patience, k, subset, fold_seed, seed"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="mnist-study",
@@ -119,15 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
         "cross-validate one configuration and print its accuracy",
     )
     train.add_argument(
-        "--params",
-        metavar="JSON|FILE",
-        default="{}",
-        help="parameters over the preset's defaults, as a JSON object or a file holding one, "
-        'e.g. \'{"n_units_l0": 300, "activation": "hardswish"}\'. Names: n_units_l0, '
-        f"n_units_l1, ... (one per hidden layer), activation ({', '.join(ACTIVATIONS)}), "
-        "optimizer (adam, adamax), dropout, lr, weight_decay, batch_size (null: full batch), "
-        "max_epochs, patience, k, subset, fold_seed, seed",
-    )
+        "--params", metavar="JSON|FILE", default="{}",
+        help="parameters over the preset's defaults, " + PARAMS_HELP,
+    )  # fmt: skip
     _add_preset(train)
     train.add_argument(
         "--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)"
@@ -245,6 +249,21 @@ def build_parser() -> argparse.ArgumentParser:
     retrain.add_argument(
         "--out", type=Path, metavar="DIR", help="folder for best.pt and metrics.json "
         "(default: runs/<study>)",
+    )  # fmt: skip
+    retrain.add_argument(
+        "--params", metavar="JSON|FILE",
+        help="instead of a study's best trial, train this configuration (over --preset's "
+        "defaults) for its max_epochs; " + PARAMS_HELP,
+    )  # fmt: skip
+    retrain.add_argument(
+        "--preset", choices=list(PRESETS), default=None,
+        help="with --params: the defaults under them (default: quick)",
+    )  # fmt: skip
+    retrain.add_argument(
+        "--ensemble", action=argparse.BooleanOptionalAction, default=None,
+        help="also cross-validate the configuration again and measure its k fold networks "
+        "together on the test set (averaged probabilities); default: on for the presets "
+        "that say so (wide), off otherwise",
     )  # fmt: skip
     retrain.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
     retrain.add_argument("--json", action="store_true", help="print the metrics as JSON")

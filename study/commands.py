@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
     from model.kfold import Progress
     from study.objective import SpeedOptions
+    from study.retrain import RetrainOutcome
 
 
 def _data_root(args: argparse.Namespace) -> Path:
@@ -284,30 +285,77 @@ def _retrain_and_print(
     *,
     json_out: bool,
     precision: str | None = None,
+    ensemble: bool | None = None,
 ) -> None:
     from model.data import require_mnist
-    from study.retrain import best_finished_trial, retrain_best, study_slug
+    from study.retrain import best_finished_trial, final_epochs, retrain_best, study_slug
 
     # What would stop the retrain stops it before its progress line, so that an error
     # is the only line.
-    best_finished_trial(study)
+    trial = best_finished_trial(study)
     require_mnist(data_root)
     out_dir = out_dir or Path("runs") / study_slug(study.study_name)
     check_writable(out_dir)
+    preset = get_preset(study.user_attrs["preset"])
+    if ensemble is None:
+        ensemble = preset.ensemble
+    config = preset.space.configure(trial.params, preset.defaults)
+    epochs, _ = final_epochs(config, trial.user_attrs.get("best_epochs"))
     print(f"retraining the best trial of {study.study_name!r} on {device}", file=sys.stderr)
     outcome = retrain_best(
-        study, out_dir=out_dir, device=device, data_root=data_root, precision=precision
+        study,
+        out_dir=out_dir,
+        device=device,
+        data_root=data_root,
+        precision=precision,
+        ensemble=ensemble,
+        on_epoch=_count_bar(epochs, "retrain"),
     )
+    _print_final(outcome, json_out)
+
+
+def _print_final(outcome: RetrainOutcome, json_out: bool) -> None:
     m = outcome.metrics
     if json_out:
         print(json.dumps(m))
         return
-    print(
-        f"retrained trial {m['trial']} for {m['epochs']} epochs on {m['train_images']} images "
+    what = f"trial {m['trial']}" if "trial" in m else "the configuration"
+    lines = [
+        f"retrained {what} for {m['epochs']} epochs on {m['train_images']} images "
         f"({m['seconds']:.1f} s on {m['device']}): test accuracy {m['test_accuracy']:.4f} "
-        f"(the seed report: 0.9798)\ncheckpoint: {outcome.checkpoint}\nmetrics: "
-        f"{outcome.metrics_path}"
-    )
+        "(the seed report: 0.9798)"
+    ]
+    if "ensemble" in m:
+        e = m["ensemble"]
+        lines.append(
+            f"its {e['networks']} fold networks together ({e['seconds']:.1f} s): "
+            f"test accuracy {e['test_accuracy']:.4f}"
+        )
+    lines += [f"checkpoint: {outcome.checkpoint}", f"metrics: {outcome.metrics_path}"]
+    print("\n".join(lines))
+
+
+def _count_bar(total: int, desc: str) -> Callable[[int], None]:
+    """A progress bar over `total` epochs on stderr when it is a terminal; otherwise (a
+    log file) a line at every tenth of the way."""
+    from tqdm import tqdm
+
+    if not sys.stderr.isatty():
+        every = max(1, total // 10)
+
+        def log_epoch(done: int) -> None:
+            if done % every == 0 or done == total:
+                print(f"{desc}: epoch {done}/{total}", file=sys.stderr, flush=True)
+
+        return log_epoch
+    bar = tqdm(total=total, unit="epoch", desc=desc, leave=False)
+
+    def on_epoch(done: int) -> None:
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    return on_epoch
 
 
 def _write_report(
@@ -343,10 +391,51 @@ def retrain(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     _check_precision(args.precision, device)
+    if args.params is not None:
+        return _retrain_params(args, device)
+    if args.preset is not None:
+        raise UsageError("--preset goes with --params; a study's retrain uses the study's preset")
     _, study, _ = _open_study(args, write=True)  # the test accuracy goes into the study
     _retrain_and_print(
-        study, args.out, device, _data_root(args), json_out=args.json, precision=args.precision
+        study,
+        args.out,
+        device,
+        _data_root(args),
+        json_out=args.json,
+        precision=args.precision,
+        ensemble=args.ensemble,
     )
+    return 0
+
+
+def _retrain_params(args: argparse.Namespace, device: torch.device) -> int:
+    """`retrain --params`: one configuration on all its images, no study."""
+    from model.data import require_mnist
+    from study.retrain import train_and_test
+
+    if args.study is not None:
+        raise UsageError("--params and --study: give one, a configuration or a study")
+    preset = get_preset(args.preset or "quick")
+    config = preset.defaults.with_params(parse_params(args.params))
+    root = _data_root(args)
+    require_mnist(root)
+    out_dir = args.out or Path("runs") / "params"
+    check_writable(out_dir)
+    ensemble = preset.ensemble if args.ensemble is None else args.ensemble
+    print(f"training the configuration on {device}", file=sys.stderr)
+    outcome = train_and_test(
+        config,
+        config.max_epochs,
+        "max_epochs (no cross-validation chose it)",
+        head={"preset": preset.name, "params": parse_params(args.params)},
+        out_dir=out_dir,
+        device=device,
+        data_root=root,
+        precision=args.precision,
+        ensemble=ensemble,
+        on_epoch=_count_bar(config.max_epochs, "train"),
+    )
+    _print_final(outcome, args.json)
     return 0
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from model.config import ConfigError, TrainConfig
 from study.space import SearchSpace
 
-PRUNERS = ("none", "median")
+PRUNERS = ("none", "median", "hyperband")
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,9 @@ class Preset:
     n_trials: int
     pruner: str = "none"
     space: SearchSpace = field(default_factory=SearchSpace)
+    # Whether `retrain` also measures the best configuration's k fold networks together
+    # (it cross-validates the configuration again for them: k more trainings).
+    ensemble: bool = False
 
     def __post_init__(self) -> None:
         if self.pruner not in PRUNERS:

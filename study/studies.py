@@ -125,6 +125,10 @@ def make_pruner(name: str) -> optuna.pruners.BasePruner:
     if name == "median":
         # Judge a trial only after a few whole trials and a few epochs of its own.
         return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=4)
+    if name == "hyperband":
+        # Brackets from 2 epochs up to the preset's cap (Optuna reads it off the first
+        # trial that runs to its end), keeping a third at each rung.
+        return optuna.pruners.HyperbandPruner(min_resource=2, reduction_factor=3)
     return optuna.pruners.NopPruner()
 
 
