@@ -299,3 +299,24 @@ def test_stacking_benchmark_times_each_way_and_counts_only_unpadded_flops(
         assert row["stacked_vs_one_at_a_time"] == pytest.approx(
             row["one at a time"]["seconds"] / row["stacked"]["seconds"]
         )
+
+
+def test_a_result_record_keeps_the_metrics_and_names_its_file_by_what_device_and_date(
+    tmp_path: Path,
+) -> None:
+    from benchmarks.result_record import main
+
+    metrics = {"params": {"lr": 0.001}, "test_accuracy": 0.9861, "device": "cpu", "epochs": 40}
+    source = tmp_path / "metrics.json"
+    source.write_text(json.dumps(metrics))
+    assert main([str(source), "--what", "single-2x1024", "--out", str(tmp_path / "results")]) == 0
+    today = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+    written = tmp_path / "results" / f"single-2x1024-cpu-{today}.json"
+    record = json.loads(written.read_text())
+    assert next(iter(record)) == "test_accuracy" and record["test_accuracy"] == 0.9861
+    assert {k: record[k] for k in metrics} == metrics
+    assert "cores" in record["machine"] and record["torch"]
+    source.write_text(json.dumps({"epochs": 3}))
+    assert main([str(source), "--what", "x", "--out", str(tmp_path / "other")]) == 2
+    assert main([str(source), "--what", "Bad Name", "--out", str(tmp_path / "other")]) == 2
+    assert not (tmp_path / "other").exists()

@@ -350,3 +350,100 @@ def test_the_dashboard_binds_this_machine_only_unless_told_and_then_warns(
     assert served["host"] == (host or "127.0.0.1") and served["port"] == 8123
     err = capsys.readouterr().err
     assert ("warning" in err and "no authentication" in err) is warned, err
+
+
+def run_study_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "MNIST_ROOT": str(default_root().resolve())}
+    return subprocess.run(
+        [sys.executable, "-m", "study", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+SCHEDULED = {
+    "n_layers": 1,
+    "n_units_l0": 48,
+    "subset": 3000,
+    "batch_size": 100,
+    "max_epochs": 3,
+    "k": 2,
+    "schedule": "one_cycle",
+    "input_dropout": 0.1,
+    "max_norm": 2.0,
+    "label_smoothing": 0.05,
+    "optimizer": "adamw",
+    "lr": 3e-3,
+}
+
+
+def test_retrain_params_trains_one_configuration_and_its_fold_ensemble_without_a_study(
+    tmp_path: Path, mnist: Mnist
+) -> None:
+    done = run_study_cli(
+        "retrain", "--params", json.dumps(SCHEDULED), "--ensemble", "--out", "out", "--json",
+        "--device", "cpu", cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    metrics = json.loads(done.stdout)
+    assert metrics == json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert not (tmp_path / "optuna.db").exists()  # no study was made
+    assert metrics["params"] == SCHEDULED and metrics["preset"] == "quick"
+    assert metrics["epochs"] == 3 and len(metrics["train_loss"]) == 3
+    assert metrics["train_images"] == 3000
+    assert metrics["config"]["n_layers"] == 1 and metrics["config"]["schedule"] == "one_cycle"
+
+    # The single network: the checkpoint's predictions give the recorded accuracy.
+    net, config, _ = load_checkpoint(tmp_path / "out" / "best.pt")
+    assert config.hidden == (48,) and config.input_dropout == 0.1
+    test = to_device(mnist.test_images, mnist.test_labels, "cpu")
+    with torch.no_grad():
+        single = net(test.x).argmax(dim=1)
+    assert metrics["test_accuracy"] == pytest.approx((single == test.y).double().mean().item())
+    assert metrics["test_accuracy"] > 0.8
+
+    # The ensemble: the same configuration's k fold networks (its cross-validation, run
+    # again here), each network's softmax averaged by hand.
+    from model.kfold import train_kfold
+
+    ensemble = metrics["ensemble"]
+    folds = train_kfold(config, to_device(mnist.train_images, mnist.train_labels, "cpu"))
+    assert ensemble["fold_accuracies"] == pytest.approx(folds.fold_accuracies, abs=1e-6)
+    assert ensemble["networks"] == 2 == folds.model.n
+    with torch.no_grad():
+        probabilities = sum(
+            folds.model.extract(j).eval()(test.x).softmax(dim=1) for j in range(folds.model.n)
+        )
+    voted = probabilities.argmax(dim=1)
+    assert ensemble["test_accuracy"] == pytest.approx((voted == test.y).double().mean().item())
+    # Two networks that disagree somewhere: the vote is not simply one of them.
+    assert not torch.equal(voted, single)
+
+
+def test_retrain_params_refuses_what_does_not_go_together_in_one_line(tmp_path: Path) -> None:
+    for args, message in (
+        (["--params", "{}", "--study", "s"], "--params and --study: give one"),
+        (["--preset", "seed"], "--preset goes with --params"),
+        (["--params", '{"schedule": "linear"}'], "schedule = 'linear': must be one of"),
+        (["--params", '{"n_layers": 5}'], "n_layers = 5: must be in [1, 2]"),
+    ):
+        done = run_study_cli("retrain", *args, "--device", "cpu", cwd=tmp_path)
+        assert done.returncode == 2, (args, done.stderr)
+        assert done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
+        assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_scheduled_trial_retrains_for_its_schedule_and_a_constant_one_for_its_best_epochs() -> (
+    None
+):
+    from model.config import TrainConfig
+    from study.retrain import final_epochs
+
+    constant = TrainConfig(max_epochs=30)
+    assert final_epochs(constant, [4, 7]) == (6, "mean of the folds' best epochs [4, 7], rounded")
+    cosine = TrainConfig(max_epochs=30, schedule="cosine")
+    assert final_epochs(cosine, [4, 7])[0] == 30
+    assert final_epochs(constant, None)[0] == 30
