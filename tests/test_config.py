@@ -48,7 +48,10 @@ def test_null_or_zero_batch_size_means_full_batch() -> None:
             {"activation": "tanh"},
             r"activation = 'tanh': must be one of relu, leaky_relu, hardswish, silu",
         ),
-        ({"optimizer": "rmsprop"}, r"optimizer = 'rmsprop': must be one of adam, adamax, adamw, sgd"),
+        (
+            {"optimizer": "rmsprop"},
+            r"optimizer = 'rmsprop': must be one of adam, adamax, adamw, sgd",
+        ),
         ({"lr": 0}, r"lr = 0.0: must be a number in \(0.0, 10.0\]"),
         ({"lr": float("nan")}, r"lr = nan: must be a number in \(0.0, 10.0\]"),
         ({"lr": 10.5}, r"lr = 10.5: must be a number in \(0.0, 10.0\]"),
