@@ -2,11 +2,12 @@
 
 The stacked trainer (`model.kfold`) and the hand-written CPU step (`model.cpu_step`) are
 held to this file. It takes nothing from `model/` but the configuration: the folds, the
-initial weights, the batch order and the dropout masks are rebuilt here from the rules
-the trainer documents, and each fold is an ordinary `nn.Sequential` trained alone by
-autograd with a plain (unfused) optimizer. A bug the trainer would otherwise share with
-its reference — a validation fold leaking into a training part, a mask drawn from the
-wrong place, a wrong dropout scale — shows as a difference.
+initial weights, the batch order, the dropout masks, the learning-rate schedules and the
+max-norm cap are rebuilt here from the rules the trainer documents, and each fold is an
+ordinary `nn.Sequential` trained alone by autograd with a plain (unfused) optimizer. A
+bug the trainer would otherwise share with its reference — a validation fold leaking
+into a training part, a mask drawn from the wrong place, a wrong dropout scale, a
+schedule one step off, a cap on the wrong axis — shows as a difference.
 
 The rules, as `model/` documents them:
 
@@ -19,13 +20,30 @@ The rules, as `model/` documents them:
   (k, 1, fan_out) with `rand`, mapped to [-1/√fan_in, 1/√fan_in); network j takes slice j.
 - Random stream (`train_kfold`): torch's generator seeded with `seed` as training
   starts. At mini-batch, each epoch first draws `rand(k, n_train)`; the argsort of row
-  j orders fold j's training rows. Then every step draws, for each hidden layer in turn,
-  one keep mask over (k, B, width) — only when dropout > 0.
+  j orders fold j's training rows. Then every step draws one keep mask over
+  (k, B, 784) for the input pixels — only when input_dropout > 0 — and then, for each
+  hidden layer in turn, one keep mask over (k, B, width) — only when dropout > 0.
 - Keep masks (`keep_mask`): ⌈n/4⌉ int64 words from `random_()`, read as 16-bit chunks
   four to a word; the lower three chunks are uniform over int16, the top one over
   [0, 2^15). With t = round(keep · 2^15) (at least 1), a value is kept where its chunk is
   below 2t − 2^15 (lower chunks) or t (top chunk), and kept values are scaled by
-  2^15 / t, the inverse of the probability actually drawn.
+  2^15 / t, the inverse of the probability actually drawn. The input mask drops pixels
+  before the first layer (the network's first module), by the same rule.
+- Optimizers (`make_optimizer`): adam and adamax with the L2 penalty as `weight_decay`;
+  adamw (decoupled decay); sgd with momentum 0.9, Nesterov, the penalty as L2
+  `weight_decay`. torch's own formulas, here unfused (`foreach=False`).
+- Learning rate (`lr_factors`): step s (0-based) of T = max_epochs · ⌈n_train / B⌉ steps
+  (one per epoch at full batch) uses lr · factor(s), set before the optimizer steps:
+  constant 1; cosine (s + 1) / W for s < W = min(round(warmup · T), T − 1), then
+  0.5 · (1 + cos(π (s − W) / (T − W))); one_cycle, with R = min(round(0.3 · T), T − 1),
+  1/25 + (1 − 1/25) · 0.5 · (1 − cos(π s / R)) for s < R, then
+  e + (1 − e) · 0.5 · (1 + cos(π (s − R) / (T − R))) with e = 1/25 · 10⁻⁴.
+- Max-norm (`MaxNorm`): after every optimizer step, each hidden unit's incoming weights
+  (a row of a hidden `nn.Linear`'s (out, in) weight) are multiplied by
+  min(1, cap / ‖row‖₂); the output layer is not capped.
+- Label smoothing: the training loss is `F.cross_entropy(label_smoothing=ε)`,
+  (1 − ε)·CE + ε·mean over the classes of −log p, and the training curve reports it;
+  validation losses stay plain cross-entropy.
 """
 
 from __future__ import annotations
@@ -77,11 +95,21 @@ def draw_keep_mask(shape: tuple[int, ...], dropout: float) -> torch.Tensor:
     return (chunks < below).flatten()[:numel].view(shape)
 
 
-def draw_step_masks(k: int, rows: int, config: TrainConfig) -> list[torch.Tensor] | None:
-    """One step's keep masks, (k, rows, width) per hidden layer; None without dropout."""
-    if config.dropout == 0.0:
-        return None
-    return [draw_keep_mask((k, rows, width), config.dropout) for width in config.hidden]
+def draw_step_masks(k: int, rows: int, config: TrainConfig) -> list[torch.Tensor | None]:
+    """One step's keep masks, in the order they are drawn and the network applies them:
+    the input's (k, rows, 784), then each hidden layer's (k, rows, width); None where
+    that dropout is 0 (nothing is drawn for it)."""
+    inputs = draw_keep_mask((k, rows, 784), config.input_dropout) if config.input_dropout else None
+    hidden = [
+        draw_keep_mask((k, rows, width), config.dropout) if config.dropout else None
+        for width in config.hidden
+    ]
+    return [inputs, *hidden]
+
+
+def fold_masks(masks: list[torch.Tensor | None], j: int) -> list[torch.Tensor | None]:
+    """Network j's part of one step's masks."""
+    return [None if mask is None else mask[j] for mask in masks]
 
 
 class MaskedDropout(nn.Module):
@@ -89,7 +117,7 @@ class MaskedDropout(nn.Module):
 
     def __init__(self, dropout: float) -> None:
         super().__init__()
-        self.scale = 1.0 / keep_probability(dropout)
+        self.scale = 1.0 / keep_probability(dropout) if dropout else 1.0
         self.mask: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -118,8 +146,9 @@ def initial_networks(
 def network_from(
     config: TrainConfig, layers: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype
 ) -> nn.Sequential:
-    """An `nn.Sequential` with the given (weight (out, in), bias) per layer."""
-    modules: list[nn.Module] = []
+    """An `nn.Sequential` with the given (weight (out, in), bias) per layer: input dropout
+    first, then each hidden layer's linear map, activation and dropout, then the output."""
+    modules: list[nn.Module] = [MaskedDropout(config.input_dropout)]
     for i, (weight, bias) in enumerate(layers):
         linear = nn.Linear(weight.shape[1], weight.shape[0], dtype=dtype)
         with torch.no_grad():
@@ -131,28 +160,91 @@ def network_from(
     return nn.Sequential(*modules)
 
 
-def set_masks(net: nn.Sequential, masks: list[torch.Tensor] | None) -> None:
+def set_masks(net: nn.Sequential, masks: list[torch.Tensor | None] | None) -> None:
+    """One network's masks (`fold_masks`), input's first, onto its dropout modules."""
     dropouts = [m for m in net if isinstance(m, MaskedDropout)]
     for i, module in enumerate(dropouts):
         module.mask = None if masks is None else masks[i]
 
 
 def plain_optimizer(net: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    kind = {"adam": torch.optim.Adam, "adamax": torch.optim.Adamax}[config.optimizer]
-    return kind(net.parameters(), lr=config.lr, weight_decay=config.weight_decay, foreach=False)
+    params, lr, decay = net.parameters(), config.lr, config.weight_decay
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=lr, momentum=0.9, nesterov=True, weight_decay=decay, foreach=False
+        )
+    kind = {"adam": torch.optim.Adam, "adamax": torch.optim.Adamax, "adamw": torch.optim.AdamW}
+    return kind[config.optimizer](params, lr=lr, weight_decay=decay, foreach=False)
 
 
-def plain_step(
-    net: nn.Sequential, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor
-) -> tuple[float, int]:
-    """One optimizer step on a batch: (mean loss, correct count), as training saw them."""
-    net.train()
-    optimizer.zero_grad()
-    logits = net(x)
-    loss = F.cross_entropy(logits, y)
-    loss.backward()
-    optimizer.step()
-    return loss.item(), int((logits.argmax(dim=1) == y).sum())
+def lr_factor(schedule: str, warmup: float, total_steps: int, s: int) -> float:
+    """The learning rate of step s (0-based) of `total_steps`, as a fraction of the
+    configured one, by the rule above."""
+    t = total_steps
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        w = min(round(warmup * t), t - 1)
+        if s < w:
+            return (s + 1) / w
+        return 0.5 * (1.0 + math.cos(math.pi * (s - w) / (t - w)))
+    if schedule == "one_cycle":
+        low = 1.0 / 25.0
+        end = low / 1e4
+        r = min(round(0.3 * t), t - 1)
+        if s < r:
+            return low + (1.0 - low) * 0.5 * (1.0 - math.cos(math.pi * s / r))
+        return end + (1.0 - end) * 0.5 * (1.0 + math.cos(math.pi * (s - r) / (t - r)))
+    raise ValueError(schedule)
+
+
+def apply_max_norm(net: nn.Sequential, cap: float) -> None:
+    """Each hidden unit's incoming weights scaled to an L2 norm of at most `cap`."""
+    linears = [m for m in net if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        for linear in linears[:-1]:
+            weight = linear.weight  # (out, in): row u holds unit u's incoming weights
+            norms = weight.square().sum(dim=1, keepdim=True).sqrt()
+            weight.mul_(torch.where(norms > cap, cap / norms, torch.ones_like(norms)))
+
+
+class PlainTrainer:
+    """One network trained alone by the rules above: its optimizer, its learning rate at
+    each of `total_steps` steps, its max-norm cap and its label smoothing."""
+
+    def __init__(self, net: nn.Sequential, config: TrainConfig, total_steps: int) -> None:
+        self.net = net
+        self.config = config
+        self.optimizer = plain_optimizer(net, config)
+        self.rates = [
+            config.lr * lr_factor(config.schedule, config.warmup, total_steps, s)
+            for s in range(total_steps)
+        ]
+        self.steps = 0
+
+    def step(
+        self, x: torch.Tensor, y: torch.Tensor, masks: list[torch.Tensor | None] | None = None
+    ) -> tuple[float, int]:
+        """One optimizer step on a batch with these masks (`fold_masks`): (mean training
+        loss, correct count), as training saw them."""
+        set_masks(self.net, masks)
+        self.net.train()
+        self.optimizer.zero_grad()
+        logits = self.net(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.config.label_smoothing)
+        loss.backward()
+        self.update()
+        return loss.item(), int((logits.argmax(dim=1) == y).sum())
+
+    def update(self) -> None:
+        """The optimizer step on the gradients the network holds, at this step's learning
+        rate, then the max-norm cap."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.rates[self.steps]
+        self.steps += 1
+        self.optimizer.step()
+        if self.config.max_norm is not None:
+            apply_max_norm(self.net, self.config.max_norm)
 
 
 @dataclass
@@ -178,6 +270,7 @@ def reference_kfold(config: TrainConfig, x: torch.Tensor, y: torch.Tensor) -> li
     n_train = len(splits[0][0])
     full_batch = config.full_batch or config.batch_size >= n_train
     batch = n_train if full_batch else config.batch_size
+    steps_per_epoch = -(-n_train // batch)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         epochs = []  # per epoch: (batch order (k, n_train) or None, per step its masks)
@@ -193,15 +286,14 @@ def reference_kfold(config: TrainConfig, x: torch.Tensor, y: torch.Tensor) -> li
     for j, (net, (train_rows, val_rows)) in enumerate(
         zip(initial_networks(config), splits, strict=True)
     ):
-        optimizer = plain_optimizer(net, config)
+        trainer = PlainTrainer(net, config, config.max_epochs * steps_per_epoch)
         run, bad = FoldRun(), 0
         for epoch, (order, steps) in enumerate(epochs, start=1):
             rows = train_rows if order is None else train_rows[order[j]]
             loss_sum, correct = 0.0, 0
             for s, masks in enumerate(steps):
                 batch_rows = rows[s * batch : (s + 1) * batch]
-                set_masks(net, None if masks is None else [m[j] for m in masks])
-                loss, right = plain_step(net, optimizer, x[batch_rows], y[batch_rows])
+                loss, right = trainer.step(x[batch_rows], y[batch_rows], fold_masks(masks, j))
                 loss_sum += loss * len(batch_rows)
                 correct += right
             net.eval()

@@ -7,13 +7,14 @@ Imports nothing of Optuna: `benchmarks/gpu_check.sh` runs this file on a GPU mac
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from model.config import ACTIVATIONS, TrainConfig
-from model.cpu_step import CpuStep
+from model.config import ACTIVATIONS, SCHEDULES, TrainConfig
+from model.cpu_step import CpuStep, _cross_entropy_and_grad
 from model.data import DeviceData, Mnist, to_device
 from model.dropout import keep_mask
 from model.kfold import initial_model, net_shape, train_kfold, train_trials
@@ -22,12 +23,13 @@ from model.steps import (
     AutogradStep,
     StackedAdam,
     TrialOptimizers,
+    lr_factors,
     make_optimizer,
     make_step,
     resolve_precision,
 )
 from tests.conftest import synthetic_data
-from tests.reference import draw_step_masks, network_from, plain_optimizer, plain_step, set_masks
+from tests.reference import PlainTrainer, draw_step_masks, fold_masks, lr_factor, network_from
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -73,18 +75,17 @@ def test_training_step_matches_each_network_stepped_alone(
     model = initial_model(config).to(dtype)
     nets = reference_networks(config, dtype)
     generators = [torch.Generator().manual_seed(7)]
-    optimizer = make_optimizer(model, [config])
+    optimizer = make_optimizer(model, [config], total_steps=len(steps))
     step = make_step(model, optimizer, 150, generators, hand_written=hand_written)
     assert isinstance(step, CpuStep if hand_written else AutogradStep)
-    optimizers = [plain_optimizer(net, config) for net in nets]
+    trainers = [PlainTrainer(net, config, len(steps)) for net in nets]
 
     ours = [step(x, y) for x, y in steps]
     torch.manual_seed(7)  # the reference draws the same masks by the documented rule
     for (x, y), (loss, correct) in zip(steps, ours, strict=True):
         masks = draw_step_masks(config.k, x.shape[1], config)
-        for j, (net, optimizer) in enumerate(zip(nets, optimizers, strict=True)):
-            set_masks(net, None if masks is None else [m[j] for m in masks])
-            ref_loss, ref_correct = plain_step(net, optimizer, x[j], y[j])
+        for j, trainer in enumerate(trainers):
+            ref_loss, ref_correct = trainer.step(x[j], y[j], fold_masks(masks, j))
             assert loss[j].item() == pytest.approx(ref_loss, rel=tolerance)
             assert correct[j].item() == ref_correct
 
@@ -124,46 +125,108 @@ STACKED_TRIALS = [
                 weight_decay=1e-3, k=2, seed=13),
 ]  # fmt: skip
 
+# Three trials that between them use every setting beyond the report's: input dropout
+# (with and without hidden dropout), a max-norm cap small enough to bind from the first
+# step (initial incoming-weight norms are about 0.58), AdamW, SGD with Nesterov momentum,
+# cosine and one-cycle schedules, and label smoothing; at different widths.
+FEATURE_TRIALS = [
+    TrainConfig(hidden=(40, 20), activation="silu", dropout=0.3, input_dropout=0.2,
+                optimizer="adamw", lr=2e-3, weight_decay=1e-2, schedule="cosine", warmup=0.4,
+                label_smoothing=0.1, k=2, seed=21),
+    TrainConfig(hidden=(17, 33), activation="relu", dropout=0.0, optimizer="sgd", lr=0.05,
+                weight_decay=1e-3, schedule="one_cycle", max_norm=0.5, k=2, seed=22),
+    TrainConfig(hidden=(25, 9), activation="relu", dropout=0.5, input_dropout=0.1,
+                optimizer="adam", lr=3e-3, weight_decay=1e-4, max_norm=0.45,
+                schedule="cosine", warmup=0.2, label_smoothing=0.25, k=2, seed=23),
+]  # fmt: skip
 
-@pytest.mark.parametrize("capturable", [False, True], ids=["per-trial-optimizers", "stacked-adam"])
-@pytest.mark.parametrize("kind", STEP_KINDS)
-def test_stacked_trials_step_as_each_network_stepped_alone(kind: str, capturable: bool) -> None:
+# The same for `StackedAdam`, which steps Adam and Adamax only.
+FEATURE_TRIALS_ADAM = [
+    dataclasses.replace(FEATURE_TRIALS[0], optimizer="adam"),
+    dataclasses.replace(FEATURE_TRIALS[1], optimizer="adamax", lr=3e-3),
+    FEATURE_TRIALS[2],
+]
+
+
+def step_stack_against_reference(
+    trials: list[TrainConfig], kind: str, capturable: bool, rows: list[int]
+) -> StackedFFNN:
+    """Steps `trials` stacked (k = 2) on batches of `rows`, and each network alone by the
+    reference; asserts each step's losses and counts and the final weights agree, and
+    that the padding stayed zero. Returns the stack."""
     hand_written, dtype, tolerance = STEP_KINDS[kind]
     data = synthetic_data(600)
-    k = 2
-    steps = [(x.to(dtype), y) for x, y in batches(data, k, [150, 64, 23])]
-    model = StackedFFNN([net_shape(c) for c in STACKED_TRIALS], k)
-    model.reset_parameters([c.seed for c in STACKED_TRIALS])
+    k = trials[0].k
+    steps = [(x.to(dtype), y) for x, y in batches(data, k, rows)]
+    model = StackedFFNN([net_shape(c) for c in trials], k)
+    model.reset_parameters([c.seed for c in trials])
     model = model.to(dtype)
-    optimizer = make_optimizer(model, STACKED_TRIALS, capturable=capturable)
+    optimizer = make_optimizer(model, trials, total_steps=len(steps), capturable=capturable)
     assert isinstance(optimizer, StackedAdam if capturable else TrialOptimizers)
-    generators = [torch.Generator().manual_seed(c.seed) for c in STACKED_TRIALS]
-    step = make_step(model, optimizer, 150, generators, hand_written=hand_written)
+    generators = [torch.Generator().manual_seed(c.seed) for c in trials]
+    step = make_step(model, optimizer, max(rows), generators, hand_written=hand_written)
+    assert isinstance(step, CpuStep if hand_written else AutogradStep)
     ours = [step(x, y) for x, y in steps]
 
-    for t, config in enumerate(STACKED_TRIALS):
+    for t, config in enumerate(trials):
         # Trial t alone, by the reference's rules: its own initial weights and masks.
-        nets = reference_networks(config, dtype)
-        optimizers = [plain_optimizer(net, config) for net in nets]
+        trainers = [
+            PlainTrainer(net, config, len(steps)) for net in reference_networks(config, dtype)
+        ]
         torch.manual_seed(config.seed)
         for (x, y), (loss, correct) in zip(steps, ours, strict=True):
             masks = draw_step_masks(k, x.shape[1], config)
-            for j, (net, plain) in enumerate(zip(nets, optimizers, strict=True)):
-                set_masks(net, None if masks is None else [m[j] for m in masks])
-                ref_loss, ref_correct = plain_step(net, plain, x[j], y[j])
+            for j, trainer in enumerate(trainers):
+                ref_loss, ref_correct = trainer.step(x[j], y[j], fold_masks(masks, j))
                 assert loss[t * k + j].item() == pytest.approx(ref_loss, rel=tolerance)
                 assert correct[t * k + j].item() == ref_correct
-        for j, net in enumerate(nets):
+        for j, trainer in enumerate(trainers):
             extracted = model.extract(t * k + j)
             assert extracted.hidden == config.hidden
-            for ours_param, ref_param in zip(extracted.parameters(), net.parameters(), strict=True):
+            for ours_param, ref_param in zip(
+                extracted.parameters(), trainer.net.parameters(), strict=True
+            ):
                 difference = (ours_param - ref_param).abs()
                 assert difference.max() < (1e-4 if dtype == torch.float32 else tolerance)
                 assert difference.mean() < (1e-7 if dtype == torch.float32 else tolerance)
     # Padding stays exactly zero through training.
-    assert model.weights[0][2:4, :, 17:].abs().max() == 0
-    assert model.weights[1][2:4, 17:, :].abs().max() == 0
-    assert model.weights[2][4:6, 9:, :].abs().max() == 0
+    for param in model.parameters():
+        padding = 1 - mask_of(model, param).to(dtype)
+        assert (param.detach() * padding).abs().max() == 0
+    return model
+
+
+@pytest.mark.parametrize("capturable", [False, True], ids=["per-trial-optimizers", "stacked-adam"])
+@pytest.mark.parametrize("kind", STEP_KINDS)
+def test_stacked_trials_step_as_each_network_stepped_alone(kind: str, capturable: bool) -> None:
+    model = step_stack_against_reference(STACKED_TRIALS, kind, capturable, [150, 64, 23])
+    assert model.hidden == (40, 33)
+
+
+@pytest.mark.parametrize("capturable", [False, True], ids=["per-trial-optimizers", "stacked-adam"])
+@pytest.mark.parametrize("kind", STEP_KINDS)
+def test_trials_with_every_new_setting_step_as_each_network_stepped_alone(
+    kind: str, capturable: bool
+) -> None:
+    """Input dropout, max-norm, AdamW, SGD (Nesterov), cosine and one-cycle schedules and
+    label smoothing, per trial in a stack, on both optimizers' paths."""
+    trials = FEATURE_TRIALS_ADAM if capturable else FEATURE_TRIALS
+    # Six steps (so the schedules rise and fall): full batches, mini-batches, a short one.
+    model = step_stack_against_reference(trials, kind, capturable, [150, 64, 23, 150, 64, 23])
+    # The cap bound: every capped network's hidden units sit at or under it, and the
+    # first layer's widest ones (they start near 0.58) exactly on it; the output layer is
+    # not capped (some of its units are above the cap).
+    for t, config in enumerate(trials):
+        if config.max_norm is None:
+            continue
+        cap = config.max_norm
+        for n in range(t * config.k, (t + 1) * config.k):
+            net = model.extract(n)
+            hidden_norms = [torch.linalg.vector_norm(m.weight, dim=1) for m in net.layers[:-1]]
+            assert all((norms <= cap * (1 + 1e-6)).all() for norms in hidden_norms)
+            assert hidden_norms[0].max().item() == pytest.approx(cap, rel=1e-6)
+            output_norms = torch.linalg.vector_norm(net.layers[-1].weight, dim=1)
+            assert output_norms.max().item() > cap * 1.01
 
 
 def test_keep_masks_keep_the_asked_fraction_in_every_position_and_reuse_buffers() -> None:
@@ -290,43 +353,78 @@ def test_stacked_trials_on_cuda_match_each_trained_alone() -> None:
         assert result.fold_losses == pytest.approx(alone.fold_losses, rel=1e-4)
 
 
-def test_both_optimizers_give_each_trial_its_own_update_and_keep_it_through_a_selection() -> None:
+@pytest.mark.parametrize(
+    "trials", [STACKED_TRIALS, FEATURE_TRIALS_ADAM], ids=["constant", "schedules-and-max-norm"]
+)
+def test_both_optimizers_give_each_trial_its_own_update_and_keep_it_through_a_selection(
+    trials: list[TrainConfig],
+) -> None:
     """`StackedAdam` (one update for the stack, for CUDA graphs) and `TrialOptimizers`
-    (torch's per trial) step three trials alike, and after the stack drops its middle
-    trial, the two survivors go on as if nothing had happened."""
+    (torch's per trial) step three trials alike — schedules and max-norm caps included —
+    and after the stack drops its middle trial, the two survivors go on as if nothing had
+    happened (each at its own point of its schedule)."""
     k = 2
-    shapes = [net_shape(c) for c in STACKED_TRIALS]
+    shapes = [net_shape(c) for c in trials]
     models = []
     for _ in range(2):
         model = StackedFFNN(shapes, k)
-        model.reset_parameters([c.seed for c in STACKED_TRIALS])
+        model.reset_parameters([c.seed for c in trials])
         models.append(model)
-    stacked = make_optimizer(models[0], STACKED_TRIALS, capturable=True)
-    per_trial = make_optimizer(models[1], STACKED_TRIALS)
+    stacked = make_optimizer(models[0], trials, total_steps=5, capturable=True)
+    per_trial = make_optimizer(models[1], trials, total_steps=5)
+    # Each network alone, as the reference steps it on the same gradients.
+    alone = [
+        PlainTrainer(network_of(models[1], n, trials[n // k]), trials[n // k], 5)
+        for n in range(models[1].n)
+    ]
     generator = torch.Generator().manual_seed(0)
 
-    def step_both(optimizers: list, models: list[StackedFFNN]) -> None:
+    def step_both(optimizers: list, models: list[StackedFFNN], networks: list[int]) -> None:
         grads = [torch.randn(p.shape, generator=generator) for p in models[0].parameters()]
         for optimizer, model in zip(optimizers, models, strict=True):
             for param, grad in zip(model.parameters(), grads, strict=True):
                 # Zero gradient on the padding, as training gives it.
                 param.grad = grad * mask_of(model, param)
             optimizer.step()
+        for position, n in enumerate(networks):
+            linears = [m for m in alone[n].net if isinstance(m, torch.nn.Linear)]
+            for i, linear in enumerate(linears):
+                fan_out, fan_in = linear.weight.shape
+                linear.weight.grad = grads[i][position, :fan_in, :fan_out].T.contiguous()
+                linear.bias.grad = grads[len(linears) + i][position, 0, :fan_out].clone()
+            alone[n].update()
 
     for _ in range(3):
-        step_both([stacked, per_trial], models)
+        step_both([stacked, per_trial], models, list(range(models[0].n)))
     kept = [0, 2]
     smaller = [m.select(kept) for m in models]
     index = models[0].network_index(kept)
     stacked = stacked.select(smaller[0], kept, index)
     per_trial = per_trial.select(smaller[1], kept, index)
     for _ in range(2):
-        step_both([stacked, per_trial], smaller)
+        step_both([stacked, per_trial], smaller, index.tolist())
     for a, b in zip(smaller[0].parameters(), smaller[1].parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for position, n in enumerate(index.tolist()):
+        for ours, ref in zip(
+            smaller[1].extract(position).parameters(), alone[n].net.parameters(), strict=True
+        ):
+            torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
     for n in range(smaller[0].n):  # the padding stayed zero
         for p in smaller[0].parameters():
             assert (p[n] * (1 - mask_of(smaller[0], p)[n])).abs().max() == 0
+
+
+def network_of(model: StackedFFNN, n: int, config: TrainConfig) -> torch.nn.Sequential:
+    """Network n of a stack as the reference's `nn.Sequential`, at its own widths."""
+    sizes = model.shape_of(n).sizes
+    layers = [
+        (w[n, :fan_in, :fan_out].T, b[n, 0, :fan_out])
+        for w, b, fan_in, fan_out in zip(
+            model.weights, model.biases, sizes[:-1], sizes[1:], strict=True
+        )
+    ]
+    return network_from(config, [(w.detach(), b.detach()) for w, b in layers], torch.float32)
 
 
 def mask_of(model: StackedFFNN, param: torch.Tensor) -> torch.Tensor:
@@ -340,3 +438,92 @@ def mask_of(model: StackedFFNN, param: torch.Tensor) -> torch.Tensor:
         rows = sizes[i] if layer < weights else 1
         mask[n, :rows, : sizes[i + 1]] = 1
     return mask
+
+
+# T = 20 steps, warm-up 0.2: cosine warms up over W = 4 steps and decays over 16;
+# one-cycle rises over R = round(0.3 · 20) = 6 steps and falls over 14.
+E = 1 / 25 / 1e4
+KNOWN_FACTORS = {
+    "constant": {0: 1.0, 3: 1.0, 12: 1.0, 19: 1.0},
+    "cosine": {
+        0: 1 / 4,  # first step: (s + 1) / W
+        3: 1.0,  # end of the warm-up
+        4: 1.0,  # first step of the decay: cos(0)
+        12: 0.5,  # the decay's midpoint
+        19: 0.5 * (1 + math.cos(math.pi * 15 / 16)),  # last step, short of 0
+    },
+    "one_cycle": {
+        0: 1 / 25,  # first step: the start
+        3: 1 / 25 + (1 - 1 / 25) * 0.5,  # the rise's midpoint
+        6: 1.0,  # the peak
+        13: E + (1 - E) * 0.5,  # the fall's midpoint
+        19: E + (1 - E) * 0.5 * (1 + math.cos(math.pi * 13 / 14)),  # last step
+    },
+}
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_lr_factors_take_their_documented_values_and_the_optimizers_step_by_them(
+    schedule: str,
+) -> None:
+    total, warmup = 20, 0.2
+    factors = lr_factors(schedule, warmup, total)
+    assert factors.dtype == torch.float64 and factors.shape == (total,)
+    for s, value in KNOWN_FACTORS[schedule].items():
+        assert factors[s].item() == pytest.approx(value, rel=1e-12), s
+    # Every step as the reference writes the formula out.
+    expected = [lr_factor(schedule, warmup, total, s) for s in range(total)]
+    assert factors.tolist() == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    assert lr_factors(schedule, warmup, 1).tolist() == [1.0]  # one step: the configured rate
+
+    # The optimizers step by them. With the same gradient of ±1 at every step and no
+    # penalty, Adam's and Adamax's bias-corrected moments are exactly g and |g|, so step
+    # s moves every weight by lr · factor(s) / (1 + 1e-8) (ε = 1e-8) against the sign.
+    lr = 1e-2
+    trials = [
+        TrainConfig(hidden=(6, 4), optimizer=optimizer, lr=lr, weight_decay=0.0, dropout=0.0,
+                    schedule=schedule, warmup=warmup, k=2, seed=seed)
+        for seed, optimizer in enumerate(["adam", "adamax"])
+    ]  # fmt: skip
+    for capturable in (False, True):
+        model = StackedFFNN([net_shape(c) for c in trials], 2)
+        model.reset_parameters([c.seed for c in trials])
+        model = model.to(torch.float64)
+        optimizer = make_optimizer(model, trials, total_steps=total, capturable=capturable)
+        signs = [torch.randn(p.shape, generator=torch.Generator().manual_seed(1)).sign()
+                 for p in model.parameters()]  # fmt: skip
+        for s in range(total):
+            before = [p.detach().clone() for p in model.parameters()]
+            for param, sign in zip(model.parameters(), signs, strict=True):
+                param.grad = sign.to(torch.float64)
+            optimizer.step()
+            moved = lr * factors[s].item() / (1 + 1e-8)
+            for param, was, sign in zip(model.parameters(), before, signs, strict=True):
+                torch.testing.assert_close(
+                    was - param.detach(), moved * sign.to(torch.float64), rtol=1e-9, atol=1e-15
+                )
+            if not capturable:  # and torch's optimizers hold that rate in their groups
+                for trial in optimizer.optimizers:
+                    assert trial.param_groups[0]["lr"] == pytest.approx(lr * factors[s].item())
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.37])
+def test_hand_written_loss_and_gradient_are_cross_entropy_with_label_smoothing(
+    smoothing: float,
+) -> None:
+    generator = torch.Generator().manual_seed(5)
+    logits = (4 * torch.randn(3, 17, 10, generator=generator, dtype=torch.float64)).requires_grad_()
+    y = torch.randint(0, 10, (3, 17), generator=generator)
+    grad = torch.empty(3, 17, 10, dtype=torch.float64)
+    loss, correct = _cross_entropy_and_grad(logits.detach().clone(), y, grad, smoothing)
+
+    expected = torch.stack(
+        [F.cross_entropy(logits[j], y[j], label_smoothing=smoothing) for j in range(3)]
+    )
+    expected.sum().backward()
+    torch.testing.assert_close(loss, expected.detach(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(grad, logits.grad, rtol=1e-10, atol=1e-14)
+    assert correct.tolist() == (logits.argmax(dim=2) == y).sum(dim=1).tolist()
+    if smoothing:  # it is not plain cross-entropy
+        plain = F.cross_entropy(logits[0].detach(), y[0]).item()
+        assert abs(loss[0].item() - plain) > 1e-3

@@ -101,6 +101,64 @@ def test_stacked_trials_each_match_their_folds_trained_alone(batch_size: int | N
         assert_matches_reference(result, data)
 
 
+FEATURES = [
+    # Every setting beyond the report's, spread over a stack of different widths: input
+    # dropout, max-norm caps that bind (initial incoming-weight norms are about 0.58),
+    # AdamW, SGD with Nesterov momentum, cosine and one-cycle schedules, label smoothing.
+    dataclasses.replace(
+        TINY, hidden=(16, 8), activation="silu", dropout=0.3, input_dropout=0.2,
+        optimizer="adamw", weight_decay=1e-2, schedule="cosine", warmup=0.1,
+        label_smoothing=0.1, seed=5,
+    ),
+    dataclasses.replace(
+        TINY, hidden=(9, 14), activation="relu", dropout=0.0, optimizer="sgd", lr=0.05,
+        weight_decay=1e-3, schedule="one_cycle", max_norm=0.5, seed=6,
+    ),
+    dataclasses.replace(
+        TINY, hidden=(21, 5), activation="leaky_relu", dropout=0.5, input_dropout=0.1,
+        lr=5e-3, max_norm=0.45, schedule="cosine", label_smoothing=0.2, seed=7,
+    ),
+    dataclasses.replace(
+        TINY, hidden=(12, 12), activation="relu", dropout=0.2, optimizer="adamax", lr=1e-2,
+        schedule="one_cycle", input_dropout=0.3, seed=8,
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("batch_size", [None, 40], ids=["full-batch", "mini-batch"])
+def test_stacked_trials_with_every_new_setting_each_match_their_folds_trained_alone(
+    batch_size: int | None,
+) -> None:
+    configs = [
+        dataclasses.replace(c, batch_size=batch_size, max_epochs=20, patience=3) for c in FEATURES
+    ]
+    data = synthetic_data(240, learnable=False)
+    ended: list[int] = []
+    results = train_trials(configs, data, on_result=lambda i, r: ended.append(max(r.epochs_run)))
+    assert len(set(ended)) > 1  # trials ended apart: the stack shrank mid-schedule
+    for config, result in zip(configs, results, strict=True):
+        assert result.config == config
+        assert_matches_reference(result, data)
+        if config.max_norm is not None:  # the cap bound on the first layer's units
+            norms = torch.linalg.vector_norm(result.model.weights[0], dim=1)
+            assert norms.max().item() == pytest.approx(config.max_norm, rel=1e-5)
+
+
+@pytest.mark.parametrize("batch_size", [None, 40], ids=["full-batch", "mini-batch"])
+def test_networks_of_one_hidden_layer_match_their_folds_trained_alone(
+    batch_size: int | None,
+) -> None:
+    configs = [
+        dataclasses.replace(c, hidden=c.hidden[:1], batch_size=batch_size, max_epochs=12)
+        for c in FEATURES
+    ]
+    assert TrainConfig().with_params({"n_layers": 1, "n_units_l0": 16}).hidden == (16,)
+    data = synthetic_data(240)
+    for config, result in zip(configs, train_trials(configs, data), strict=True):
+        assert result.config == config and len(result.model.weights) == 2
+        assert_matches_reference(result, data)
+
+
 def test_a_halted_trial_leaves_the_stack_alone_and_matches_its_lone_run() -> None:
     configs = [dataclasses.replace(c, max_epochs=12, patience=20) for c in STACKED[:3]]
     data = synthetic_data(240)

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from model.config import ACTIVATIONS
-from model.dropout import kept_probability
-from model.network import FFNN, StackedFFNN, layer_sizes
+from model.dropout import keep_mask, kept_probability
+from model.network import FFNN, NetShape, StackedFFNN, layer_sizes
 from model.steps import draw_masks
 
 
@@ -55,18 +55,42 @@ def test_each_trial_draws_its_dropout_masks_from_its_own_stream() -> None:
     seeds = [3, 4, 3]
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     masks = draw_masks(stacked, 64, generators)
-    assert masks is not None
-    out = stacked(x, masks)
+    assert masks.input is None  # no trial drops input pixels: nothing drawn for them
+    assert masks.hidden is not None
+    out = stacked(x, masks.hidden, masks.input)
     # Identical weights and input: only the masks make the outputs differ, and a trial's
     # masks come from its own seed alone, whatever stands beside it.
     assert not torch.allclose(out[0], out[1])
     torch.testing.assert_close(out[0], out[2])
-    kept = masks[0][0] > 0
+    kept = masks.hidden[0][0] > 0
     assert 0.6 < kept.float().mean().item() < 0.8  # dropout 0.3
     scale = 1 / kept_probability(0.7)
-    torch.testing.assert_close(masks[0][0][kept], torch.full_like(masks[0][0][kept], scale))
+    torch.testing.assert_close(
+        masks.hidden[0][0][kept], torch.full_like(masks.hidden[0][0][kept], scale)
+    )
     assert stacked(x).shape == (3, 64, 10)
     torch.testing.assert_close(stacked(x)[0], stacked(x)[1])  # no masks, no dropout
+
+
+def test_input_masks_are_drawn_first_and_only_for_the_trials_that_drop_pixels() -> None:
+    """A trial with input dropout draws its (k, rows, 784) pixel mask from its stream
+    before its hidden masks; a trial without it keeps every pixel (a mask of ones)."""
+    shapes = [
+        NetShape((20,), "relu", 0.3, input_dropout=0.2),
+        NetShape((20,), "relu", 0.3),
+    ]
+    stacked = StackedFFNN(shapes, 2)
+    masks = draw_masks(stacked, 8, [torch.Generator().manual_seed(s) for s in (4, 4)])
+    assert masks.input is not None and masks.input.shape == (4, 8, 784)
+    torch.testing.assert_close(masks.input[2:], torch.ones(2, 8, 784))
+    generator = torch.Generator().manual_seed(4)
+    pixels, kept = keep_mask((2, 8, 784), 0.8, generator=generator)
+    hidden, _ = keep_mask((2, 8, 20), 0.7, generator=generator)
+    torch.testing.assert_close(masks.input[:2], pixels.float() / kept)
+    assert torch.equal(masks.hidden[0][:2] > 0, hidden)
+    # The second trial's first draw is its hidden mask: the same words as trial 1's pixels.
+    first, _ = keep_mask((2, 8, 20), 0.7, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(masks.hidden[0][2:] > 0, first)
 
 
 def test_networks_of_different_widths_stack_padded_and_keep_their_outputs() -> None:
