@@ -251,8 +251,9 @@ def train_trials(
 
     The random stream of each trial: a generator on the data's device seeded with its
     `seed`. At mini-batch, each epoch first draws `rand(k, n_train)`, whose row j's
-    argsort orders fold j's training rows; then every step draws, for each hidden layer
-    in turn, one keep mask over (k, B, width) with `model.dropout.keep_mask`. Initial
+    argsort orders fold j's training rows; then every step draws one keep mask over
+    (k, B, 784) for the pixels (if the trial drops inputs), then, for each hidden layer in
+    turn, one over (k, B, width) (if it drops units), with `model.dropout.keep_mask`. Initial
     weights come from their own generator (`initial_model`). tests/reference.py rebuilds
     each fold from these rules alone.
     """
