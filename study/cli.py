@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from model.config import ACTIVATIONS, PRECISIONS
+from model.config import ACTIVATIONS, OPTIMIZERS, PRECISIONS, SCHEDULES
 from model.errors import CheckpointError, ConfigError, DataError, DeviceError
 from study import commands
 from study.database import DEFAULT_HEARTBEAT, DEFAULT_STORAGE, STORAGE_ENV
@@ -124,9 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="{}",
         help="parameters over the preset's defaults, as a JSON object or a file holding one, "
         'e.g. \'{"n_units_l0": 300, "activation": "hardswish"}\'. Names: n_units_l0, '
-        f"n_units_l1, ... (one per hidden layer), activation ({', '.join(ACTIVATIONS)}), "
-        "optimizer (adam, adamax), dropout, lr, weight_decay, batch_size (null: full batch), "
-        "max_epochs, patience, k, subset, fold_seed, seed",
+        f"n_units_l1, ... (one per hidden layer), n_layers (keeps the first n), activation "
+        f"({', '.join(ACTIVATIONS)}), optimizer ({', '.join(OPTIMIZERS)}), dropout, "
+        "input_dropout, max_norm (null: no cap), lr, weight_decay, "
+        f"schedule ({', '.join(SCHEDULES)}), warmup, label_smoothing, "
+        "batch_size (null: full batch), max_epochs, patience, k, subset, fold_seed, seed",
     )
     _add_preset(train)
     train.add_argument(
