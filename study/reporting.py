@@ -133,6 +133,13 @@ def build_report(
     return write_report(out_dir, f"mnist-study: {study.study_name}", summary, sections, images)
 
 
+def _sampler_text(attrs: dict[str, Any]) -> str:
+    seed = f"seed {attrs.get('seed')}"
+    if attrs.get("sampler") == "prior_then_tpe":
+        return f"the first {attrs.get('n_prior_trials')} trials at random, then TPE; {seed}"
+    return f"random search on the priors; {seed}"
+
+
 def _summary(
     study: optuna.Study,
     preset_name: str,
@@ -153,7 +160,7 @@ def _summary(
             f"{counts.complete} complete, {counts.pruned} pruned, {counts.failed} failed, "
             f"{counts.running} running, {counts.waiting} queued, {counts.retried} retried",
         ),
-        ("sampler seed", str(study.user_attrs.get("seed"))),
+        ("sampler", _sampler_text(study.user_attrs)),
         (
             "total training time",
             (f"{compute_s / 60:.1f} min" if compute_s >= 120 else f"{compute_s:.1f} s")

@@ -209,13 +209,17 @@ def draw_params(
     n: int,
     seed: int,
     *,
-    sampler: GaussianPriorSampler | None = None,
+    sampler: BaseSampler | None = None,
 ) -> list[dict]:
     """n configurations drawn through the real sampler and the real `suggest`, as params.
 
     Runs an in-memory study whose objective trains nothing: what a study with this seed
-    would try first, and a sample to compare against the priors. `sampler` replaces the
-    study's own sampler (seeded `seed`) when given.
+    would try first, and a sample to compare against the priors. The study's sampler is
+    `GaussianPriorSampler` (seeded `seed`): what a random-search study draws, and what a
+    `PriorThenTPESampler` draws in its prior trials. `sampler` replaces it when given.
+
+    A draw holds the parameters its trial asked for, in the order it asked: in a space with
+    conditional parameters, only those whose conditions held.
     """
     import optuna
 
@@ -225,7 +229,7 @@ def draw_params(
     drawn: list[dict] = []
     for _ in range(n):
         trial = study.ask()
-        config = space.suggest(trial, defaults)
-        drawn.append({name: config.params()[name] for name in space.distributions()})
+        space.suggest(trial, defaults)  # refuses a draw that makes no valid configuration
+        drawn.append(dict(trial.params))
         study.tell(trial, 0.0)
     return drawn

@@ -7,12 +7,19 @@ mean keeps a constant compression rate between 784 inputs and 10 outputs:
 μ = (183.18, 42.80), σ = (88.54, 10.00). A draw is rounded and redrawn until it lies in
 [units_low, units_high]. Everything else is drawn plainly: dropout uniform, learning rate
 and L2 penalty log-uniform, activation and optimizer uniformly among their choices.
+
+A space may also search its depth and the settings beyond the report (the `wide`
+preset). Some parameters then exist only in some trials — a layer's units only below the
+drawn depth, the max-norm cap only when it is on, SGD's own learning rate only for SGD —
+and each such parameter names the earlier one it depends on (`Condition`). Optuna's
+conditional spaces work this way: a trial simply never asks for a parameter it lacks.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -58,6 +65,25 @@ def compression_priors(n_layers: int) -> list[GaussianPrior]:
 
 
 @dataclass(frozen=True)
+class Condition:
+    """A parameter asked for only when the earlier parameter `parent` took one of `values`."""
+
+    parent: str
+    values: tuple[Any, ...]
+
+    def holds(self, drawn: Mapping[str, Any]) -> bool:
+        return self.parent in drawn and drawn[self.parent] in self.values
+
+    def describe(self) -> dict[str, Any]:
+        return {"parent": self.parent, "values": list(self.values)}
+
+    def text(self) -> str:
+        if len(self.values) == 1:
+            return f"{self.parent} = {self.values[0]}"
+        return f"{self.parent} in {{{', '.join(map(str, self.values))}}}"
+
+
+@dataclass(frozen=True)
 class PriorMoments:
     """What a parameter's prior is, and the mean and standard deviation of its draws."""
 
@@ -68,56 +94,130 @@ class PriorMoments:
 
 @dataclass(frozen=True)
 class SearchSpace:
-    """What a study searches; the preset's `TrainConfig` supplies everything else."""
+    """What a study searches; the preset's `TrainConfig` supplies everything else.
 
+    The defaults are the seed report's space: two hidden layers on the compression priors,
+    and the report's five other parameters. Every field past `weight_decay` is off by
+    default (None or empty: not searched, the preset's setting stands), so the report's
+    space, its parameter names and so its seeded draws stay as they were.
+    """
+
+    # The depth: fixed at `n_layers`, or with `min_layers` searched as the parameter
+    # `n_layers` in [min_layers, n_layers], layer i's units asked only below the depth.
     n_layers: int = 2
+    min_layers: int | None = None
     units_low: int = 1
     units_high: int = N_INPUTS
-    # The report's three, named here: an activation added to the model is not searched.
+    # Log-uniform widths instead of the compression priors: the priors shrink every
+    # layer towards the 10 outputs, the opposite of what a search for wide layers wants.
+    units_log: bool = False
+    # The report's three and two, named here: an activation or optimizer added to the
+    # model is not searched until a space names it.
     activations: tuple[str, ...] = ("relu", "leaky_relu", "hardswish")
-    # The report's two, likewise: adamw and sgd, added for the wide preset, are searched
-    # only where a preset names them.
     optimizers: tuple[str, ...] = ("adam", "adamax")
     dropout: tuple[float, float] = (0.3, 0.5)
     lr: tuple[float, float] = (1e-4, 1e-2)
     weight_decay: tuple[float, float] = (1e-5, 1e-3)
+    # SGD's steps are lr times the gradient, not about lr as Adam's are, so it wants
+    # larger rates: with this range set, an SGD trial draws `sgd_lr` instead of `lr`.
+    sgd_lr: tuple[float, float] | None = None
+    input_dropout: tuple[float, float] | None = None
+    # Searched as `use_max_norm` (on or off), then `max_norm` in this range when on.
+    max_norm: tuple[float, float] | None = None
+    schedules: tuple[str, ...] = ()
+    batch_sizes: tuple[int, ...] = ()
+    label_smoothing: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.min_layers is not None and not 1 <= self.min_layers <= self.n_layers:
+            raise ValueError(
+                f"min_layers = {self.min_layers}: must be in [1, n_layers = {self.n_layers}]"
+            )
+        if self.sgd_lr is not None and "sgd" not in self.optimizers:
+            raise ValueError("sgd_lr: only a space that searches sgd can give it a range")
 
     def distributions(self) -> dict[str, BaseDistribution]:
+        """Every parameter a trial may ask for, in the order a trial asks; a conditional
+        one (see `conditions`) is asked only when its condition holds."""
         from optuna.distributions import (
             CategoricalDistribution,
             FloatDistribution,
             IntDistribution,
         )
 
-        units = {
-            f"n_units_l{i}": IntDistribution(self.units_low, self.units_high)
-            for i in range(self.n_layers)
-        }
-        return {
-            **units,
-            "activation": CategoricalDistribution(self.activations),
-            "optimizer": CategoricalDistribution(self.optimizers),
-            "dropout": FloatDistribution(*self.dropout),
-            "lr": FloatDistribution(*self.lr, log=True),
-            "weight_decay": FloatDistribution(*self.weight_decay, log=True),
-        }
+        out: dict[str, BaseDistribution] = {}
+        if self.min_layers is not None:
+            out["n_layers"] = IntDistribution(self.min_layers, self.n_layers)
+        for i in range(self.n_layers):
+            out[f"n_units_l{i}"] = IntDistribution(
+                self.units_low, self.units_high, log=self.units_log
+            )
+        out["activation"] = CategoricalDistribution(self.activations)
+        out["optimizer"] = CategoricalDistribution(self.optimizers)
+        out["dropout"] = FloatDistribution(*self.dropout)
+        if self.input_dropout is not None:
+            out["input_dropout"] = FloatDistribution(*self.input_dropout)
+        if self.max_norm is not None:
+            out["use_max_norm"] = CategoricalDistribution((False, True))
+            out["max_norm"] = FloatDistribution(*self.max_norm)
+        out["lr"] = FloatDistribution(*self.lr, log=True)
+        if self.sgd_lr is not None:
+            out["sgd_lr"] = FloatDistribution(*self.sgd_lr, log=True)
+        out["weight_decay"] = FloatDistribution(*self.weight_decay, log=True)
+        if self.schedules:
+            out["schedule"] = CategoricalDistribution(self.schedules)
+        if self.batch_sizes:
+            out["batch_size"] = CategoricalDistribution(self.batch_sizes)
+        if self.label_smoothing is not None:
+            out["label_smoothing"] = FloatDistribution(*self.label_smoothing)
+        return out
+
+    def conditions(self) -> dict[str, Condition]:
+        """The parameters a trial asks for only sometimes, each with when it does."""
+        out: dict[str, Condition] = {}
+        if self.min_layers is not None:
+            for i in range(self.min_layers, self.n_layers):
+                out[f"n_units_l{i}"] = Condition("n_layers", tuple(range(i + 1, self.n_layers + 1)))
+        if self.max_norm is not None:
+            out["max_norm"] = Condition("use_max_norm", (True,))
+        if self.sgd_lr is not None:
+            out["lr"] = Condition("optimizer", tuple(o for o in self.optimizers if o != "sgd"))
+            out["sgd_lr"] = Condition("optimizer", ("sgd",))
+        return out
 
     def priors(self) -> dict[str, GaussianPrior]:
-        """The Gaussian prior of each neuron-count parameter, by name."""
+        """The Gaussian prior of each neuron-count parameter, by name (none for log-uniform
+        widths)."""
+        if self.units_log:
+            return {}
         return {f"n_units_l{i}": prior for i, prior in enumerate(compression_priors(self.n_layers))}
 
     def suggest(self, trial: optuna.trial.BaseTrial, defaults: TrainConfig) -> TrainConfig:
-        """Ask `trial` for every parameter and lay them over `defaults`."""
-        params = {name: _suggest(trial, name, d) for name, d in self.distributions().items()}
+        """Ask `trial` for every parameter its earlier answers call for, and lay them over
+        `defaults`."""
+        conditions = self.conditions()
+        params: dict[str, Any] = {}
+        for name, distribution in self.distributions().items():
+            condition = conditions.get(name)
+            if condition is None or condition.holds(params):
+                params[name] = _suggest(trial, name, distribution)
         return self.configure(params, defaults)
 
-    def configure(self, params: dict[str, Any], defaults: TrainConfig) -> TrainConfig:
+    def configure(self, params: Mapping[str, Any], defaults: TrainConfig) -> TrainConfig:
         """The configuration a trial with these `params` trained: how a finished trial is
         rebuilt without Optuna's trial object."""
-        return _with_hidden(defaults, self.n_layers).with_params(params)
+        settings = dict(params)
+        # The space's own names for settings the configuration holds otherwise.
+        if settings.pop("use_max_norm", True) is False:
+            settings["max_norm"] = None
+        if "sgd_lr" in settings:
+            settings["lr"] = settings.pop("sgd_lr")
+        depth = settings.get("n_layers", self.n_layers)
+        return _with_hidden(defaults, depth).with_params(settings)
 
     def prior_moments(self) -> dict[str, PriorMoments]:
-        """Each numeric parameter's prior, with the mean and standard deviation of a draw."""
+        """Each numeric parameter's prior, with the mean and standard deviation of a draw
+        (of a conditional parameter: of a draw in the trials that ask for it)."""
         priors = self.priors()
         out = {}
         for name, distribution in self.distributions().items():
@@ -128,6 +228,10 @@ class SearchSpace:
                 prior = priors[name]
                 mean, sd = prior.truncated_moments(low, high)
                 kind = f"N({prior.mu:.2f}, {prior.sigma:.2f}) rounded, in [{low}, {high}]"
+            elif _is_int(distribution):
+                mean, sd = _discrete_moments(_int_masses(low, high, log=distribution.log))
+                scale = "log-uniform" if distribution.log else "uniform"
+                kind = f"{scale} integers [{low}, {high}]"
             elif distribution.log:
                 # X = exp(U), U uniform on [ln low, ln high]: E[X] and E[X²] by integration.
                 log_width = math.log(high / low)
@@ -144,6 +248,7 @@ class SearchSpace:
         """JSON-ready description (stored in the study's user attributes)."""
         out: dict[str, Any] = {}
         priors = self.priors()
+        conditions = self.conditions()
         for name, distribution in self.distributions().items():
             entry: dict[str, Any] = {"distribution": type(distribution).__name__}
             entry.update({k: v for k, v in vars(distribution).items() if not k.startswith("_")})
@@ -159,6 +264,8 @@ class SearchSpace:
                     "truncated_mean": round(mean, 4),
                     "truncated_sd": round(sd, 4),
                 }
+            if name in conditions:
+                entry["only_when"] = conditions[name].describe()
             out[name] = entry
         return out
 
@@ -183,3 +290,23 @@ def _with_hidden(defaults: TrainConfig, n_layers: int) -> TrainConfig:
     """`defaults` with exactly `n_layers` hidden layers, so the trial's units fill them all."""
     hidden = (defaults.hidden + (1,) * n_layers)[:n_layers]
     return dataclasses.replace(defaults, hidden=hidden)
+
+
+def _is_int(distribution: BaseDistribution) -> bool:
+    from optuna.distributions import IntDistribution
+
+    return isinstance(distribution, IntDistribution)
+
+
+def _int_masses(low: int, high: int, *, log: bool) -> dict[int, float]:
+    """P(n) for each integer of [low, high] as Optuna's random sampling draws it: uniform,
+    or (log) a log-uniform draw on [low − 0.5, high + 0.5] rounded to the nearest integer."""
+    if not log:
+        return {n: 1 / (high - low + 1) for n in range(low, high + 1)}
+    total = math.log((high + 0.5) / (low - 0.5))
+    return {n: math.log((n + 0.5) / (n - 0.5)) / total for n in range(low, high + 1)}
+
+
+def _discrete_moments(masses: Mapping[int, float]) -> tuple[float, float]:
+    mean = sum(n * p for n, p in masses.items())
+    return mean, math.sqrt(sum((n - mean) ** 2 * p for n, p in masses.items()))

@@ -1,9 +1,9 @@
 """A study in its storage: created with a preset's settings or resumed, with the sampler
 and pruner those settings name, and its trials queued again when their worker dies.
 
-A study's settings — preset, budget, sampler seed, pruner, the priors — are its user
-attributes, so every worker, on any host, reads the same ones, and optuna-dashboard shows
-them.
+A study's settings — preset, budget, sampler and its seed, pruner, the priors — are its
+user attributes, so every worker, on any host, reads the same ones, and optuna-dashboard
+shows them.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from optuna.trial import TrialState
 from study.database import MAX_RETRY
 from study.errors import StudyError, redact
 from study.experimental import experimental_optuna
-from study.presets import Preset, get_preset
-from study.sampler import GaussianPriorSampler
+from study.presets import SAMPLERS, Preset, get_preset
+from study.sampler import GaussianPriorSampler, PriorThenTPESampler
+from study.space import SearchSpace
 
 # What the objective returns, as plots and optuna-dashboard name it.
 METRIC_NAME = "mean CV accuracy"
@@ -60,7 +61,7 @@ def create_or_resume(
     import secrets
 
     seed = secrets.randbelow(2**31) if seed is None else seed
-    sampler = GaussianPriorSampler(preset.space.priors(), seed=seed)
+    sampler = make_sampler(preset.sampler, preset.space, seed, preset.n_prior_trials)
     study = optuna.create_study(
         study_name=name,
         storage=storage,
@@ -73,6 +74,7 @@ def create_or_resume(
     settings = {
         "preset": preset.name,
         "budget": preset.n_trials if budget is None else budget,
+        "sampler": preset.sampler,
         "seed": seed,
         "pruner": preset.pruner,
         "priors": {
@@ -86,6 +88,8 @@ def create_or_resume(
             if not k.startswith(("n_units", "n_layers"))
         },
     }
+    if preset.sampler == "prior_then_tpe":
+        settings["n_prior_trials"] = preset.n_prior_trials
     for key, value in settings.items():
         study.set_user_attr(key, value)
     return study, True
@@ -108,7 +112,19 @@ def load_study(storage: RDBStorage, name: str) -> optuna.Study:
             f"study {name!r} was not made by mnist-study (no preset in its attributes)"
         )
     preset = get_preset(attrs["preset"])
-    sampler = GaussianPriorSampler(preset.space.priors(), seed=attrs["seed"])
+    # Studies stored before samplers were named all searched at random.
+    name_of_sampler = attrs.get("sampler", "random")
+    if name_of_sampler not in SAMPLERS:
+        raise StudyError(
+            f"study {name!r} names the sampler {name_of_sampler!r}, which this version of "
+            f"mnist-study does not have (it has {', '.join(SAMPLERS)})"
+        )
+    sampler = make_sampler(
+        name_of_sampler,
+        preset.space,
+        attrs["seed"],
+        attrs.get("n_prior_trials", preset.n_prior_trials),
+    )
     return optuna.load_study(
         study_name=name,
         storage=storage,
@@ -119,6 +135,15 @@ def load_study(storage: RDBStorage, name: str) -> optuna.Study:
 
 def study_preset(study: optuna.Study) -> Preset:
     return get_preset(study.user_attrs["preset"])
+
+
+def make_sampler(
+    name: str, space: SearchSpace, seed: int, n_prior_trials: int
+) -> optuna.samplers.BaseSampler:
+    """The sampler a preset or a stored study names (see `study.presets.SAMPLERS`)."""
+    if name == "prior_then_tpe":
+        return PriorThenTPESampler(space.priors(), seed=seed, n_prior_trials=n_prior_trials)
+    return GaussianPriorSampler(space.priors(), seed=seed)
 
 
 def make_pruner(name: str) -> optuna.pruners.BasePruner:

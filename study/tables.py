@@ -38,29 +38,39 @@ def train_table(result: KFoldResult) -> str:
 
 
 def space_summary(preset: Preset, draws: list[dict[str, Any]], seed: int) -> str:
-    """`space`'s table: each parameter's draws beside what its prior says."""
+    """`space`'s table: each parameter's draws beside what its prior says. A conditional
+    parameter is summed up over the draws that asked for it, and says how many did."""
     import statistics
 
     space = preset.space
     priors = space.priors()
     moments = space.prior_moments()
+    conditions = space.conditions()
+    width = max(13, *(len(name) + 1 for name in space.distributions()))
     lines = [
         f"preset {preset.name}: {len(draws)} draws, seed {seed}",
-        f"{'parameter':<13} {'mean':>10} {'sd':>10} {'min':>10} {'max':>10}   prior",
+        f"{'parameter':<{width}} {'mean':>10} {'sd':>10} {'min':>10} {'max':>10}   prior",
     ]
     for name, distribution in space.distributions().items():
-        values = [d[name] for d in draws]
+        values = [d[name] for d in draws if name in d]
+        condition = conditions.get(name)
+        asked = ""
+        if condition is not None:
+            asked = f"   (in {len(values)} of {len(draws)} draws: {condition.text()})"
+        if not values:
+            lines.append(f"{name:<{width}} never drawn{asked}")
+            continue
         if hasattr(distribution, "choices"):
             counts = ", ".join(f"{c} {values.count(c)}" for c in distribution.choices)
             expected = len(values) / len(distribution.choices)
-            lines.append(f"{name:<13} {counts}   uniform: {expected:.1f} each")
+            lines.append(f"{name:<{width}} {counts}   uniform: {expected:.1f} each{asked}")
             continue
         sd = statistics.pstdev(values) if len(values) > 1 else 0.0
         stats = (statistics.fmean(values), sd, min(values), max(values))
-        row = f"{name:<13} " + " ".join(f"{v:>10.4g}" for v in stats)
+        row = f"{name:<{width}} " + " ".join(f"{v:>10.4g}" for v in stats)
         prior = moments[name]
         shown = ".2f" if name in priors else ".4g"  # neuron counts: hundreds, not 1e-4
-        row += f"   {prior.kind}: mean {prior.mean:{shown}}, sd {prior.sd:{shown}}"
+        row += f"   {prior.kind}: mean {prior.mean:{shown}}, sd {prior.sd:{shown}}{asked}"
         lines.append(row)
     return "\n".join(lines)
 

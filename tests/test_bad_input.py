@@ -329,6 +329,61 @@ ROWS = [
         2,
         ("n_units_l0 = 100000000000: must be",),
     ),
+    # The wide preset's settings.
+    Row(
+        "params-input-dropout-1",
+        ("train", "--params", '{"input_dropout": 1}'),
+        2,
+        ("input_dropout = 1.0: must be a number in [0.0, 1.0)",),
+    ),
+    Row(
+        "params-max-norm-negative",
+        ("train", "--params", '{"max_norm": -1}'),
+        2,
+        ("max_norm = -1.0: must be a number in (0.0, 1000.0]",),
+    ),
+    Row(
+        "params-max-norm-not-a-number",
+        ("train", "--params", '{"max_norm": "big"}'),
+        2,
+        ("max_norm = 'big': must be a number",),
+    ),
+    Row(
+        "params-schedule-unknown",
+        ("train", "--params", '{"schedule": "step"}'),
+        2,
+        ("schedule = 'step': must be one of constant, cosine, one_cycle",),
+    ),
+    Row(
+        "params-warmup-1",
+        ("train", "--params", '{"warmup": 1}'),
+        2,
+        ("warmup = 1.0: must be a number in [0.0, 1.0)",),
+    ),
+    Row(
+        "params-label-smoothing-1",
+        ("train", "--params", '{"label_smoothing": 1}'),
+        2,
+        ("label_smoothing = 1.0: must be a number in [0.0, 1.0)",),
+    ),
+    Row(
+        "params-optimizer-unknown",
+        ("train", "--params", '{"optimizer": "rmsprop"}'),
+        2,
+        ("optimizer = 'rmsprop': must be one of adam, adamax, adamw, sgd",),
+    ),
+    Row(
+        "params-n-layers-past-the-units",
+        ("train", "--params", '{"n_layers": 3}'),
+        2,
+        ("n_layers = 3: must be in [1, 2], the layers whose units are known; give n_units_l2",),
+    ),
+    Row(
+        "params-n-layers-0",
+        ("train", "--params", '{"n_layers": 0}'),
+        2,
+        ("n_layers = 0: must be in [1, 2]",),
+    ),
     # Devices.
     Row("device-tpu", ("train", "--device", "tpu"), 2, ("device 'tpu'",)),
     Row(

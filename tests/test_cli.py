@@ -11,7 +11,12 @@ from pathlib import Path
 import pytest
 
 from model import data as mnist_data
+from model.checkpoint import load_checkpoint
+from model.data import Mnist, default_root
 from study.cli import build_parser, main
+from study.database import open_storage
+from study.presets import PRESETS
+from study.studies import load_study
 
 
 def run_cli(
@@ -137,3 +142,49 @@ def test_space_prints_one_configuration_per_line_from_the_real_sampler() -> None
     assert again.stdout == proc.stdout
     summary = run_cli("space", "--preset", "seed", "--sample", "200")
     assert "N(183.18, 88.54) rounded, in [1, 784]: mean 187.47, sd 83.89" in summary.stdout
+
+
+def test_space_wide_draws_shallow_and_deep_networks_and_first_layers_past_a_thousand() -> None:
+    proc = run_cli("space", "--preset", "wide", "--sample", "300", "--json")
+    assert proc.returncode == 0, proc.stderr
+    draws = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(draws) == 300
+    depths = [d["n_layers"] for d in draws]
+    assert any(depth <= 2 for depth in depths) and any(depth >= 3 for depth in depths)
+    assert sum(d["n_units_l0"] >= 1000 for d in draws) >= 60  # about 41 % expected: 123
+    wide = PRESETS["wide"]
+    for params in draws:
+        config = wide.space.configure(params, wide.defaults)  # a valid TrainConfig, or raises
+        assert len(config.hidden) == params["n_layers"]
+        assert config.hidden[0] == params["n_units_l0"]
+    # The table counts each conditional parameter over the draws that asked for it.
+    summary = run_cli("space", "--preset", "wide", "--sample", "300")
+    assert summary.returncode == 0, summary.stderr
+    deep = sum(depth == 4 for depth in depths)
+    assert f"(in {deep} of 300 draws: n_layers = 4)" in summary.stdout
+    assert "log-uniform integers [128, 4096]" in summary.stdout
+
+
+def test_a_wide_smoke_study_runs_retrains_and_reports_end_to_end(
+    tmp_path: Path, mnist: Mnist
+) -> None:
+    db = f"sqlite:///{tmp_path / 'optuna.db'}"
+    proc = run_cli(
+        "run", "--preset", "wide-smoke", "--n-trials", "3", "--seed", "3", "--workers", "1",
+        "--storage", db, "--root", str(default_root().resolve()), cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "report: reports/mnist-wide-smoke/index.html" in proc.stdout
+    study = load_study(open_storage(db, heartbeat=None), "mnist-wide-smoke")
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
+    metrics = json.loads((tmp_path / "runs" / "mnist-wide-smoke" / "metrics.json").read_text())
+    best = max(study.trials, key=lambda t: t.value)
+    assert metrics["trial"] == best.number and metrics["params"] == best.params
+    assert metrics["train_images"] == 2000 and metrics["test_images"] == 10_000
+    # The checkpoint holds the configuration the best trial's params make, depth and all.
+    _, config, _ = load_checkpoint(tmp_path / "runs" / "mnist-wide-smoke" / "best.pt")
+    wide_smoke = PRESETS["wide-smoke"]
+    assert config == wide_smoke.space.configure(best.params, wide_smoke.defaults)
+    assert len(config.hidden) == best.params["n_layers"]
+    page = (tmp_path / "reports" / "mnist-wide-smoke" / "index.html").read_text()
+    assert "the first 4 trials at random, then TPE; seed 3" in page

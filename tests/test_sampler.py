@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import pickle
@@ -19,14 +20,14 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from model.config import TrainConfig
-from study.presets import PRESETS
+from study.presets import PRESETS, WIDE_SPACE
 from study.sampler import (
     GaussianPriorSampler,
     PriorThenTPESampler,
     draw_from_prior,
     draw_params,
 )
-from study.space import GaussianPrior, SearchSpace, compression_priors
+from study.space import Condition, GaussianPrior, SearchSpace, compression_priors
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -43,7 +44,7 @@ N_SE = 5.0
 # c(α) = sqrt(-ln(α/2) / 2) with α = 0.001).
 KS_C_0999 = 1.9495
 # 0.999 quantiles of the chi-square distribution, by degrees of freedom.
-CHI2_0999 = {1: 10.828, 2: 13.816, 9: 27.877}
+CHI2_0999 = {1: 10.828, 2: 13.816, 3: 16.266, 9: 27.877}
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +112,25 @@ def test_every_preset_searches_the_space_tested_here() -> None:
         "seed": SPACE,
         "smoke": SPACE,
         "tiny": SPACE,
+        "wide": WIDE_SPACE,
+        # The wide space with narrow layers: the same parameters, the same draws otherwise.
+        "wide-smoke": dataclasses.replace(WIDE_SPACE, units_low=16, units_high=128),
     }
+    assert {name: (p.sampler, p.n_prior_trials) for name, p in PRESETS.items()} == {
+        "quick": ("random", 0), "seed": ("random", 0), "smoke": ("random", 0),
+        "tiny": ("random", 0), "wide": ("prior_then_tpe", 20), "wide-smoke": ("prior_then_tpe", 4),
+    }  # fmt: skip
+
+
+def test_the_reports_space_is_its_seven_parameters_whatever_the_model_adds() -> None:
+    """The model knows adamw, sgd, silu and more; the report's space names its own three
+    activations and two optimizers, so a study of it draws what it always drew."""
+    assert list(SPACE.distributions()) == [
+        "n_units_l0", "n_units_l1", "activation", "optimizer", "dropout", "lr", "weight_decay",
+    ]  # fmt: skip
+    assert SPACE.distributions()["optimizer"].choices == ("adam", "adamax")
+    assert SPACE.conditions() == {}
+    assert all("only_when" not in entry for entry in SPACE.describe().values())
 
 
 @pytest.mark.parametrize("name", ["n_units_l0", "n_units_l1"])
@@ -500,3 +519,143 @@ def test_a_retried_trial_after_the_prior_phase_draws_nothing_new() -> None:
     retry = study.ask()
     SPACE.suggest(retry, DEFAULTS)
     assert retry.params == failed.params
+
+
+# --- the wide space: depth, conditional parameters, log-uniform widths ----------------
+
+WIDE = PRESETS["wide"]
+WIDE_DRAWS = 2000  # through the real study and `suggest`: about 6 s
+
+
+@pytest.fixture(scope="module")
+def wide_draws() -> list[dict[str, Any]]:
+    return draw_params(WIDE.space, WIDE.defaults, WIDE_DRAWS, SEED)
+
+
+def test_a_wide_draw_asks_only_for_the_parameters_its_earlier_answers_call_for(
+    wide_draws: list[dict[str, Any]],
+) -> None:
+    distributions = WIDE.space.distributions()
+    always = {
+        "n_layers", "n_units_l0", "activation", "optimizer", "dropout", "input_dropout",
+        "use_max_norm", "weight_decay", "schedule", "batch_size", "label_smoothing",
+    }  # fmt: skip
+    for params in wide_draws:
+        depth = params["n_layers"]
+        expected = always | {f"n_units_l{i}" for i in range(depth)}
+        expected |= {"max_norm"} if params["use_max_norm"] else set()
+        expected |= {"sgd_lr"} if params["optimizer"] == "sgd" else {"lr"}
+        assert set(params) == expected, params
+        for name, value in params.items():
+            assert distributions[name]._contains(distributions[name].to_internal_repr(value))
+    # Every branch is taken: each depth, max-norm on and off, SGD and the Adam family.
+    assert {p["n_layers"] for p in wide_draws} == {1, 2, 3, 4}
+    assert {p["use_max_norm"] for p in wide_draws} == {False, True}
+    assert {p["optimizer"] for p in wide_draws} == {"adam", "adamw", "adamax", "sgd"}
+
+
+def test_every_wide_draw_configures_into_the_configuration_it_names(
+    wide_draws: list[dict[str, Any]],
+) -> None:
+    for params in wide_draws[:300]:
+        config = WIDE.space.configure(params, WIDE.defaults)
+        depth = params["n_layers"]
+        assert config.hidden == tuple(params[f"n_units_l{i}"] for i in range(depth))
+        assert config.max_norm == (params["max_norm"] if params["use_max_norm"] else None)
+        assert config.lr == params["sgd_lr" if params["optimizer"] == "sgd" else "lr"]
+        for name in ("activation", "optimizer", "dropout", "input_dropout", "weight_decay",
+                     "schedule", "batch_size", "label_smoothing"):  # fmt: skip
+            assert getattr(config, name) == params[name], name
+        # What the preset fixes stays fixed.
+        assert (config.subset, config.k, config.max_epochs, config.patience) == (None, 3, 30, 10)
+
+
+def test_configure_rebuilds_a_finished_wide_trial_whatever_depth_the_defaults_have() -> None:
+    two_deep = TrainConfig(hidden=(249, 36), max_epochs=30, k=3)
+    deep = {"n_layers": 4, "n_units_l0": 4096, "n_units_l1": 2048, "n_units_l2": 1024,
+            "n_units_l3": 128, "activation": "silu", "optimizer": "sgd", "dropout": 0.5,
+            "input_dropout": 0.2, "use_max_norm": True, "max_norm": 3.5, "sgd_lr": 0.05,
+            "weight_decay": 1e-4, "schedule": "one_cycle", "batch_size": 128,
+            "label_smoothing": 0.1}  # fmt: skip
+    config = WIDE.space.configure(deep, two_deep)
+    assert config.hidden == (4096, 2048, 1024, 128)
+    assert (config.optimizer, config.lr, config.max_norm) == ("sgd", 0.05, 3.5)
+    assert (config.schedule, config.batch_size, config.label_smoothing) == ("one_cycle", 128, 0.1)
+    shallow = {"n_layers": 1, "n_units_l0": 1500, "activation": "relu", "optimizer": "adamw",
+               "dropout": 0.1, "input_dropout": 0.0, "use_max_norm": False, "lr": 2e-3,
+               "weight_decay": 1e-2, "schedule": "cosine", "batch_size": 512,
+               "label_smoothing": 0.0}  # fmt: skip
+    config = WIDE.space.configure(shallow, two_deep)
+    assert config.hidden == (1500,)
+    assert (config.optimizer, config.lr, config.max_norm, config.weight_decay) == (
+        "adamw", 2e-3, None, 1e-2,
+    )  # fmt: skip
+    # The report's space still fills exactly its two layers.
+    assert SPACE.configure({"n_units_l0": 10, "n_units_l1": 5}, TrainConfig()).hidden == (10, 5)
+
+
+def test_wide_widths_are_log_uniform_integers_with_the_moments_the_space_states() -> None:
+    distribution = WIDE.space.distributions()["n_units_l0"]
+    assert isinstance(distribution, IntDistribution) and distribution.log
+    assert WIDE.space.priors() == {}
+    sampler = GaussianPriorSampler(WIDE.space.priors(), seed=SEED)
+    x = sample_many(sampler, "n_units_l0", distribution, N_DIRECT)
+    assert x.min() == 128 and x.max() == 4096
+    # Log-uniform on [127.5, 4096.5] before rounding; uniform on the linear scale is far off.
+    log_x = np.log(x)
+    assert ks_uniform(log_x, math.log(127.5), math.log(4096.5)) < ks_critical(len(x))
+    assert ks_uniform(x, 128, 4096) > 10 * ks_critical(len(x))
+    moments = WIDE.space.prior_moments()["n_units_l0"]
+    assert moments.kind == "log-uniform integers [128, 4096]"
+    # By integration, the continuous log-uniform on [127.5, 4096.5] has mean 1143.6.
+    assert moments.mean == pytest.approx(3969 / math.log(4096.5 / 127.5), abs=0.5)
+    assert x.mean() == pytest.approx(moments.mean, abs=N_SE * moments.sd / math.sqrt(len(x)))
+    assert x.std(ddof=1) == pytest.approx(moments.sd, abs=N_SE * moments.sd / math.sqrt(len(x)))
+    # A first layer of 1,000 units or more: P = ln(4096.5 / 999.5) / ln(4096.5 / 127.5).
+    p_wide = math.log(4096.5 / 999.5) / math.log(4096.5 / 127.5)
+    assert np.mean(x >= 1000) == pytest.approx(
+        p_wide, abs=N_SE * math.sqrt(p_wide * (1 - p_wide) / len(x))
+    )
+
+
+def test_depth_is_drawn_uniformly_and_deeper_layers_only_as_often_as_their_depth(
+    wide_draws: list[dict[str, Any]],
+) -> None:
+    depths = [p["n_layers"] for p in wide_draws]
+    assert chi_square_uniform(depths, (1, 2, 3, 4)) < CHI2_0999[3]
+    for i in range(4):
+        asked = sum(f"n_units_l{i}" in p for p in wide_draws)
+        assert asked == sum(d > i for d in depths)
+    assert WIDE.space.conditions()["n_units_l2"] == Condition("n_layers", (3, 4))
+    assert "n_units_l0" not in WIDE.space.conditions()
+    described = WIDE.space.describe()
+    assert described["n_units_l3"]["only_when"] == {"parent": "n_layers", "values": [4]}
+    assert described["sgd_lr"]["only_when"] == {"parent": "optimizer", "values": ["sgd"]}
+    assert described["max_norm"]["only_when"] == {"parent": "use_max_norm", "values": [True]}
+    assert described["n_units_l0"]["log"] is True and "prior" not in described["n_units_l0"]
+
+
+def test_prior_then_tpe_keeps_to_the_conditional_wide_space_after_its_prior_trials() -> None:
+    """TPE, grouped, models each depth's parameters together: its draws keep to the same
+    rules as the prior's (units only below the depth, lr or sgd_lr by optimizer)."""
+    space, defaults = PRESETS["wide-smoke"].space, PRESETS["wide-smoke"].defaults
+
+    def wide_target(trial: optuna.Trial) -> float:
+        config = space.suggest(trial, defaults)
+        return -abs(len(config.hidden) - 3) - abs(math.log(config.lr / 3e-3))
+
+    sampler = PriorThenTPESampler(space.priors(), seed=SEED, n_prior_trials=N_PRIOR)
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    study.optimize(wide_target, n_trials=N_PRIOR + 16)
+    params = [t.params for t in study.trials]
+    assert params[:N_PRIOR] == draw_params(space, defaults, N_PRIOR, SEED)
+    later = params[N_PRIOR:]
+    assert later != draw_params(space, defaults, N_PRIOR + 16, SEED)[N_PRIOR:]
+    for p in later:
+        assert {k for k in p if k.startswith("n_units_l")} == {
+            f"n_units_l{i}" for i in range(p["n_layers"])
+        }
+        assert ("sgd_lr" in p) == (p["optimizer"] == "sgd") != ("lr" in p)
+        assert ("max_norm" in p) == p["use_max_norm"]
+    # It learnt: three layers, the optimum's depth, more often than the prior's one in four.
+    assert sum(p["n_layers"] == 3 for p in later[-8:]) >= 4

@@ -21,6 +21,7 @@ from study.errors import StorageError, StudyError, redact
 from study.objective import Objective
 from study.presets import PRESETS
 from study.resilient_storage import RETRIED_CALLS, ResilientRDBStorage
+from study.sampler import GaussianPriorSampler, PriorThenTPESampler
 from study.studies import create_or_resume, fail_stale_trials, load_study, requeue
 from tests.conftest import synthetic_data
 
@@ -44,6 +45,58 @@ def test_a_new_study_stores_its_settings_and_priors(db: str) -> None:
     assert attrs["priors"]["n_units_l1"] == {"mu": 42.7995, "sigma": 10.0}
     assert attrs["space"]["dropout"]["low"] == 0.3
     assert study.direction == optuna.study.StudyDirection.MAXIMIZE
+
+
+def test_a_wide_study_stores_its_sampler_and_loads_it_again_with_the_same_seed_and_n(
+    db: str,
+) -> None:
+    storage = open_storage(db, create=True)
+    study, _ = create_or_resume(storage, "w", PRESETS["wide"], seed=7)
+    attrs = study.user_attrs
+    assert (attrs["sampler"], attrs["seed"], attrs["n_prior_trials"]) == ("prior_then_tpe", 7, 20)
+    assert (attrs["preset"], attrs["budget"], attrs["pruner"]) == ("wide", 60, "median")
+    assert attrs["priors"] == {}  # log-uniform widths: no Gaussian prior anywhere
+    assert attrs["space"]["n_layers"] == {"distribution": "IntDistribution", "log": False,
+                                          "step": 1, "low": 1, "high": 4}  # fmt: skip
+    assert attrs["space"]["n_units_l1"]["only_when"] == {"parent": "n_layers", "values": [2, 3, 4]}
+    assert attrs["training"]["schedule"] == "cosine" and attrs["training"]["subset"] is None
+    sampler = load_study(storage, "w").sampler
+    assert isinstance(sampler, PriorThenTPESampler)
+    assert (sampler.seed, sampler.n_prior_trials) == (7, 20)
+    # What is stored, not what the preset says now, decides: a study keeps its sampler.
+    study.set_user_attr("n_prior_trials", 5)
+    assert load_study(storage, "w").sampler.n_prior_trials == 5
+
+
+def test_a_random_search_study_stores_its_sampler_by_name(db: str) -> None:
+    storage = open_storage(db, create=True)
+    study, _ = create_or_resume(storage, "s", PRESETS["seed"], seed=3)
+    assert study.user_attrs["sampler"] == "random"
+    assert "n_prior_trials" not in study.user_attrs
+    sampler = load_study(storage, "s").sampler
+    assert type(sampler) is GaussianPriorSampler and sampler.seed == 3
+
+
+def test_a_study_stored_before_samplers_were_named_loads_as_random_search(db: str) -> None:
+    storage = open_storage(db, create=True)
+    create_or_resume(storage, "old", PRESETS["smoke"], seed=4)
+    with sqlite3.connect(db.removeprefix("sqlite:///")) as connection:  # as older ones were
+        connection.execute("DELETE FROM study_user_attributes WHERE key = 'sampler'")
+    assert "sampler" not in load_study(storage, "old").user_attrs
+    sampler = load_study(storage, "old").sampler
+    assert type(sampler) is GaussianPriorSampler and sampler.seed == 4
+    # And it resumes as it was: no sampler attribute is invented for it.
+    study, created = create_or_resume(storage, "old", PRESETS["smoke"])
+    assert not created and type(study.sampler) is GaussianPriorSampler
+    assert "sampler" not in study.user_attrs
+
+
+def test_a_study_naming_an_unknown_sampler_is_one_clear_error(db: str) -> None:
+    storage = open_storage(db, create=True)
+    study, _ = create_or_resume(storage, "s", PRESETS["smoke"], seed=4)
+    study.set_user_attr("sampler", "cmaes")
+    with pytest.raises(StudyError, match=r"names the sampler 'cmaes'.* random, prior_then_tpe"):
+        load_study(storage, "s")
 
 
 def test_resuming_keeps_the_study_and_a_new_budget_replaces_the_old(db: str) -> None:

@@ -29,6 +29,7 @@ from study.budget import count_trials
 from study.database import open_storage
 from study.errors import StorageError, StudyError
 from study.presets import PRESETS
+from study.sampler import draw_params
 from study.studies import create_or_resume, load_study
 from tests.pgserver import PASSWORD, PgServer
 
@@ -190,6 +191,28 @@ def test_three_workers_share_one_budget_without_repeats_or_lock_errors(
     assert_shared_without_repeats(db, "shared", budget=12, workers=3)
     assert len({t.user_attrs["worker"] for t in trials(db, "shared")}) >= 2
     assert_clean_logs(*logs)
+
+
+def test_two_workers_on_a_wide_study_draw_the_prior_first_then_tpe_and_never_the_same_trial(
+    sqlite_db: str, tmp_path: Path
+) -> None:
+    """Prior then TPE across processes: which sampler a trial gets depends on its number
+    alone, so two workers still give the first N trials exactly the prior's draws, and
+    after them TPE's, none repeated."""
+    preset = PRESETS["wide-smoke"]
+    n_prior, budget = preset.n_prior_trials, preset.n_trials
+    new_study(sqlite_db, "wide", budget=budget, seed=6, preset="wide-smoke")
+    logs = run_workers_to_the_end(sqlite_db, "wide", 2, tmp_path)
+    assert_shared_without_repeats(sqlite_db, "wide", budget=budget, workers=2)
+    assert_clean_logs(*logs)
+    done = sorted(trials(sqlite_db, "wide"), key=lambda t: t.number)
+    assert {t.state for t in done} <= {TrialState.COMPLETE, TrialState.PRUNED}
+    assert len({t.user_attrs["worker"] for t in done}) == 2
+    prior = draw_params(preset.space, preset.defaults, len(done), 6)
+    assert [t.params for t in done[:n_prior]] == prior[:n_prior]
+    for trial in done[n_prior:]:  # TPE's: not what the prior would have drawn for it
+        assert trial.params != prior[trial.number]
+        assert trial.params["dropout"] != prior[trial.number]["dropout"]
 
 
 def test_eight_workers_on_sqlite_with_tiny_trials_never_see_a_lock_or_a_false_stale(
