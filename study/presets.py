@@ -124,6 +124,7 @@ PRESETS: dict[str, Preset] = {
             space=WIDE_SPACE,
             sampler="prior_then_tpe",
             n_prior_trials=20,
+            ensemble=True,
         ),
         Preset(
             name="wide-smoke",
@@ -136,6 +137,7 @@ PRESETS: dict[str, Preset] = {
             space=dataclasses.replace(WIDE_SPACE, units_low=16, units_high=128),
             sampler="prior_then_tpe",
             n_prior_trials=4,
+            ensemble=True,
         ),
     )
 }

@@ -181,6 +181,14 @@ def test_a_wide_smoke_study_runs_retrains_and_reports_end_to_end(
     best = max(study.trials, key=lambda t: t.value)
     assert metrics["trial"] == best.number and metrics["params"] == best.params
     assert metrics["train_images"] == 2000 and metrics["test_images"] == 10_000
+    # A scheduled configuration retrains for its schedule's whole length, and the preset
+    # also measures its fold networks together.
+    assert metrics["epochs"] == 3 and metrics["epochs_rule"].startswith("the cosine")
+    assert metrics["ensemble"]["networks"] == 2
+    assert metrics["ensemble"]["fold_accuracies"] == pytest.approx(
+        best.user_attrs["fold_accuracies"], abs=1e-6
+    )
+    assert 0.1 < metrics["ensemble"]["test_accuracy"] <= 1
     # The checkpoint holds the configuration the best trial's params make, depth and all.
     _, config, _ = load_checkpoint(tmp_path / "runs" / "mnist-wide-smoke" / "best.pt")
     wide_smoke = PRESETS["wide-smoke"]
