@@ -40,6 +40,7 @@ from study.retrain import best_finished_trial, retrain_best
 from study.stored_paths import resolve_path
 from study.studies import create_or_resume, load_study
 from tests.conftest import synthetic_data
+from tests.test_cli import run_cli
 from viz.curves import pruner_means
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -353,15 +354,7 @@ def test_the_dashboard_binds_this_machine_only_unless_told_and_then_warns(
 
 
 def run_study_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "MNIST_ROOT": str(default_root().resolve())}
-    return subprocess.run(
-        [sys.executable, "-m", "study", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_cli(*args, "--root", str(default_root().resolve()), cwd=cwd)
 
 
 SCHEDULED = {
