@@ -7,10 +7,13 @@ import dataclasses
 import datetime
 import itertools
 import json
+import os
 import re
 import shutil
 import signal
 import statistics
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -320,3 +323,43 @@ def test_a_result_record_keeps_the_metrics_and_names_its_file_by_what_device_and
     assert main([str(source), "--what", "x", "--out", str(tmp_path / "other")]) == 2
     assert main([str(source), "--what", "Bad Name", "--out", str(tmp_path / "other")]) == 2
     assert not (tmp_path / "other").exists()
+
+
+GPU_CHECK = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.sh"
+
+
+def _gpu_check(out: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["bash", str(GPU_CHECK), str(out)],
+        env={**os.environ, "PYTHON": sys.executable, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_gpu_check_skips_the_wide_study_in_one_line_when_its_time_is_not_left(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "out"
+    done = _gpu_check(
+        out, GPU_CHECK_STUDY_ONLY="1", GPU_CHECK_STUDIES="wide", GPU_CHECK_SECONDS="100"
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    studies = (out / "studies.txt").read_text()
+    assert 'seed study not run: GPU_CHECK_STUDIES="wide"' in studies
+    skipped = re.search(r"^wide study not run: (\d+) s left, it needs 240 ", studies, re.M)
+    assert skipped and int(skipped[1]) <= 100, studies
+    assert "$ mnist-study" not in studies
+    # Nothing but the two logs: no record, no tar of a study that did not run.
+    assert sorted(p.name for p in out.iterdir()) == ["check.txt", "studies.txt"]
+    check = (out / "check.txt").read_text()
+    assert "== set-up ==" in check and check.count("not run: GPU_CHECK_STUDY_ONLY=1") == 2
+    assert "wide study not run" in done.stdout  # the summary repeats it
+
+
+def test_gpu_check_refuses_an_unknown_study_before_anything_runs(tmp_path: Path) -> None:
+    done = _gpu_check(tmp_path / "out", GPU_CHECK_STUDIES="seed huge")
+    assert done.returncode == 2
+    assert done.stderr.strip() == "GPU_CHECK_STUDIES: no study 'huge' (seed, wide)"
+    assert not (tmp_path / "out").exists()
