@@ -120,6 +120,7 @@ PRESETS: dict[str, Preset] = {
                 subset=None, batch_size=256, max_epochs=30, patience=10, k=3, schedule="cosine"
             ),
             n_trials=60,
+            # Chosen by measurement: benchmarks/results-pruners-cpu-2026-11-27.json (README).
             pruner="median",
             space=WIDE_SPACE,
             sampler="prior_then_tpe",

@@ -363,3 +363,91 @@ def test_gpu_check_refuses_an_unknown_study_before_anything_runs(tmp_path: Path)
     assert done.returncode == 2
     assert done.stderr.strip() == "GPU_CHECK_STUDIES: no study 'huge' (seed, wide)"
     assert not (tmp_path / "out").exists()
+
+
+# --- pruners for the wide preset (benchmarks/pruners.py) ------------------------------
+
+
+def test_pruner_benchmark_runs_the_same_study_under_each_pruner_and_its_record_adds_up(
+    mnist: Mnist, tmp_path: Path
+) -> None:
+    from benchmarks import pruners
+
+    out = tmp_path / "pruners.json"
+    assert pruners.main(["--quick", "--seeds", "3", "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    protocol = pruners.QUICK
+    assert record["protocol"] == dataclasses.asdict(protocol)
+    assert "threads" in record["machine"] and record["torch"] == torch.__version__
+    assert [(r["pruner"], r["seed"]) for r in record["runs"]] == [
+        ("none", 3), ("median", 3), ("hyperband", 3),
+    ]  # fmt: skip
+    cap = protocol.k * protocol.max_epochs
+    for run in record["runs"]:
+        ends = run["trials_by_end"]
+        # The same budget for each, and every trial's end accounted for once.
+        assert run["trials"] == protocol.n_trials
+        assert [e["number"] for e in ends] == list(range(protocol.n_trials))
+        assert run["complete"] + run["pruned"] + run["diverged"] == protocol.n_trials
+        assert Counter(e["state"] for e in ends) == {
+            s: n for s in ("complete", "pruned", "diverged") if (n := run[s])
+        }
+        assert run["fold_epoch_cap"] == protocol.n_trials * cap
+        assert run["fold_epochs"] == sum(e["fold_epochs"] for e in ends) <= run["fold_epoch_cap"]
+        assert [e["fold_epochs_so_far"] for e in ends] == list(
+            itertools.accumulate(e["fold_epochs"] for e in ends)
+        )
+        assert all(0 < e["fold_epochs"] <= cap for e in ends)
+        elapsed = [e["elapsed_s"] for e in ends]
+        assert elapsed == sorted(elapsed) and 0 < elapsed[-1] <= run["wall_seconds"]
+        # The best is the best complete trial's value, and best-so-far climbs to it.
+        values = {e["number"]: e["value"] for e in ends if e["state"] == "complete"}
+        assert run["best_value"] == max(values.values())
+        assert values[run["best_trial"]] == run["best_value"]
+        running = [e["best_so_far"] for e in ends if e["best_so_far"] is not None]
+        assert running == sorted(running) and running[-1] == run["best_value"]
+        assert run["fold_epochs_to_best"] <= run["fold_epochs"]
+        # A trial that ran to its end (patience 6 of 6 epochs: none stops early) trained
+        # every fold for every epoch.
+        for e in ends:
+            if e["state"] == "complete":
+                assert (e["stopped_at_epoch"], e["fold_epochs"]) == (protocol.max_epochs, cap)
+    by_pruner = {r["pruner"]: r for r in record["runs"]}
+    assert by_pruner["none"]["pruned"] == 0
+    # The pruners act where their settings (study.studies.make_pruner) let them: the
+    # median one after 4 complete trials, from epoch 4; Hyperband at its rungs, 2 · 3^r
+    # epochs; a pruned trial trained no fold past the epoch it was stopped at.
+    median_pruned = [e for e in by_pruner["median"]["trials_by_end"] if e["state"] == "pruned"]
+    assert all(e["number"] >= 4 and e["stopped_at_epoch"] >= 4 for e in median_pruned)
+    hyperband_pruned = [
+        e for e in by_pruner["hyperband"]["trials_by_end"] if e["state"] == "pruned"
+    ]
+    assert all(e["stopped_at_epoch"] in (2, 6) for e in hyperband_pruned)
+    for e in median_pruned + hyperband_pruned:
+        assert e["fold_epochs"] <= protocol.k * e["stopped_at_epoch"]
+    assert median_pruned or hyperband_pruned, "neither pruner pruned a trial of the quick study"
+    # Same sampler and seed: the first trials (drawn from the priors, judged by no pruner
+    # yet) are the same configurations with the same results under every pruner.
+    firsts = {r["pruner"]: r["trials_by_end"][0] for r in record["runs"]}
+    assert len({(e["state"], e["value"]) for e in firsts.values()}) == 1
+    # The comparison at common points is read off those same trajectories.
+    [comparison] = record["comparisons"]
+    assert comparison["at_seconds"] == min(r["wall_seconds"] for r in record["runs"])
+    assert comparison["target"] == min(r["best_value"] for r in record["runs"])
+    for pruner, c in comparison["pruners"].items():
+        run = by_pruner[pruner]
+        assert c["seconds_to_target"] <= run["seconds_to_best"]
+        assert c["fold_epochs_to_target"] <= run["fold_epochs_to_best"]
+        assert c["best_at_seconds"] is None or c["best_at_seconds"] <= run["best_value"]
+    fastest = min(record["runs"], key=lambda r: r["wall_seconds"])
+    assert comparison["pruners"][fastest["pruner"]]["best_at_seconds"] == fastest["best_value"]
+
+
+def test_pruner_benchmark_help_names_its_knobs(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import pruners
+
+    with pytest.raises(SystemExit) as exit_:
+        pruners.main(["--help"])
+    assert exit_.value.code == 0
+    usage = capsys.readouterr().out
+    assert all(flag in usage for flag in ("--seeds", "--trials", "--quick", "--json"))
