@@ -28,6 +28,7 @@ from pathlib import Path
 import optuna
 from optuna.storages import RDBStorage
 
+from model.config import parameter_count
 from model.data import ensure_mnist, load_mnist, to_device
 from model.device import resolve_device
 from study.artifacts import artifact_dir, open_artifact_store
@@ -55,6 +56,13 @@ class WorkerOptions:
     speed: SpeedOptions = field(default_factory=SpeedOptions)
 
 
+# What one stacked trial may hold on a GPU before the default stacks fewer: its k
+# networks' weights, gradients, two Adam moments and early stopping's best copy, 20 bytes
+# a parameter, at the widest network its space can draw (the stack is padded to it).
+STACK_BYTES_PER_PARAMETER = 20
+GPU_STACK_BYTES = 16e9
+
+
 def default_trials_per_worker(device_type: str, preset: Preset) -> int:
     """How many trials a worker stacks when not told.
 
@@ -62,12 +70,18 @@ def default_trials_per_worker(device_type: str, preset: Preset) -> int:
     (benchmarks/README.md: 1.1× at full batch, nothing measurable at mini-batch). On a
     GPU a lone trial leaves the chip waiting on launches, so trials are stacked: 8 at
     full batch (the seed protocol's 40 networks over 48,000 images hold about 22 GB), 16
-    at mini-batch. Not yet measured on a GPU: the GPU check records the rate at this
-    default.
+    at mini-batch — fewer where the space's widest trial would make the stack's weights
+    and optimizer state pass `GPU_STACK_BYTES` (`wide`: 4 trials of 3 networks of up to
+    4 × 4,096 units, 3.2 GB each). Not yet measured on a GPU: the GPU check records the
+    rate at this default.
     """
     if device_type != "cuda":
         return 1
-    return 8 if preset.defaults.full_batch else 16
+    most = 8 if preset.defaults.full_batch else 16
+    space = preset.space
+    widest = parameter_count((space.units_high,) * space.n_layers)
+    per_trial = preset.defaults.k * widest * STACK_BYTES_PER_PARAMETER
+    return max(1, min(most, int(GPU_STACK_BYTES // per_trial)))
 
 
 def run_worker(options: WorkerOptions, log: Callable[[str], None] = print) -> int:

@@ -614,3 +614,18 @@ def test_optunas_fallback_warning_about_a_lost_connection_is_not_shown(db: str) 
     finally:
         logger.removeHandler(handler)
     assert seen == ["something else"]
+
+
+def test_a_gpu_worker_stacks_as_many_trials_as_the_widest_network_of_its_space_allows() -> None:
+    from study.worker import default_trials_per_worker
+
+    assert {name: default_trials_per_worker("cpu", p) for name, p in PRESETS.items()} == {
+        name: 1 for name in PRESETS
+    }
+    gpu = {name: default_trials_per_worker("cuda", p) for name, p in PRESETS.items()}
+    # The report's space at full batch, then at mini-batches; wide's widest trial is 3
+    # networks of 784-4096-4096-4096-4096-10 (53.6 M parameters, 20 bytes each): 3.2 GB,
+    # so 16 GB hold 4 of them.
+    assert gpu == {
+        "quick": 16, "seed": 8, "smoke": 16, "tiny": 8, "wide": 4, "wide-smoke": 16,
+    }  # fmt: skip
