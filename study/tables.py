@@ -16,11 +16,19 @@ if TYPE_CHECKING:
 def train_table(result: KFoldResult) -> str:
     """`train`'s table: the configuration, one row per fold, the mean."""
     config = result.config
+    # The settings past the report's, named only where they are on.
+    extras = [
+        f"input_dropout {config.input_dropout:g}" if config.input_dropout else "",
+        f"max_norm {config.max_norm:g}" if config.max_norm is not None else "",
+        f"schedule {config.schedule}" if config.schedule != "constant" else "",
+        f"label_smoothing {config.label_smoothing:g}" if config.label_smoothing else "",
+    ]
     lines = [
         f"{'-'.join(map(str, (784, *config.hidden, 10)))} {config.activation} "
         f"dropout {config.dropout:g} {config.optimizer} lr {config.lr:g} "
         f"weight_decay {config.weight_decay:g} "
-        f"batch {'full' if config.full_batch else config.batch_size}",
+        f"batch {'full' if config.full_batch else config.batch_size}"
+        + "".join(f" {extra}" for extra in extras if extra),
         f"{'fold':>4}  {'accuracy':>8}  {'val loss':>8}  {'best epoch':>10}  {'epochs':>6}",
     ]
     for j in range(config.k):
