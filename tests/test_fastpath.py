@@ -307,14 +307,22 @@ def cuda_copy(data: DeviceData) -> DeviceData:
 
 
 @needs_cuda
+@pytest.mark.parametrize(
+    "trials", [STACKED_TRIALS, FEATURE_TRIALS_ADAM], ids=["constant", "schedules-and-max-norm"]
+)
 @pytest.mark.parametrize("batch_size", [None, 200], ids=["full-batch", "mini-batch"])
-def test_cuda_graph_epochs_give_the_eager_numbers(batch_size: int | None) -> None:
+def test_cuda_graph_epochs_give_the_eager_numbers(
+    batch_size: int | None, trials: list[TrainConfig]
+) -> None:
     """Whole epochs captured and replayed, for a stack of trials of different widths that
-    stop at different epochs (so the stack shrinks and is captured again)."""
+    stop at different epochs (so the stack shrinks and is captured again); the schedules'
+    rates and the max-norm caps are read on the device, so replays follow them too."""
     data = cuda_copy(synthetic_data(2400, learnable=False))
     configs = [
-        dataclasses.replace(c, dropout=0.0, batch_size=batch_size, max_epochs=40, patience=3)
-        for c in STACKED_TRIALS
+        dataclasses.replace(
+            c, dropout=0.0, input_dropout=0.0, batch_size=batch_size, max_epochs=40, patience=3
+        )
+        for c in trials
     ]
     eager = train_trials(configs, data, precision="fp32")
     graphed = train_trials(configs, data, precision="fp32", graphs=True)
@@ -339,13 +347,12 @@ def test_cuda_graph_epochs_with_dropout_reach_the_eager_accuracy(mnist: Mnist) -
 
 
 @needs_cuda
-def test_stacked_trials_on_cuda_match_each_trained_alone() -> None:
+@pytest.mark.parametrize("trials", [STACKED_TRIALS, FEATURE_TRIALS], ids=["report", "wide"])
+def test_stacked_trials_on_cuda_match_each_trained_alone(trials: list[TrainConfig]) -> None:
     """Each trial draws from its own CUDA generator, so stacked or alone it sees the same
-    initial weights, batch order and dropout masks."""
+    initial weights, batch order and dropout masks (input masks included)."""
     data = cuda_copy(synthetic_data(2400))
-    configs = [
-        dataclasses.replace(c, batch_size=200, max_epochs=6, patience=9) for c in STACKED_TRIALS
-    ]
+    configs = [dataclasses.replace(c, batch_size=200, max_epochs=6, patience=9) for c in trials]
     stacked = train_trials(configs, data, precision="fp32")
     for config, result in zip(configs, stacked, strict=True):
         alone = train_kfold(config, data, precision="fp32")
