@@ -310,6 +310,7 @@ def _retrain_and_print(
         precision=precision,
         ensemble=ensemble,
         on_epoch=_count_bar(epochs, "retrain"),
+        on_fold_epoch=_count_bar(config.max_epochs, "folds") if ensemble else None,
     )
     _print_final(outcome, json_out)
 
@@ -434,6 +435,7 @@ def _retrain_params(args: argparse.Namespace, device: torch.device) -> int:
         precision=args.precision,
         ensemble=ensemble,
         on_epoch=_count_bar(config.max_epochs, "train"),
+        on_fold_epoch=_count_bar(config.max_epochs, "folds") if ensemble else None,
     )
     _print_final(outcome, args.json)
     return 0

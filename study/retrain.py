@@ -28,7 +28,7 @@ from optuna.trial import FrozenTrial, TrialState
 from model.checkpoint import save_checkpoint
 from model.config import TrainConfig
 from model.data import load_mnist, to_device
-from model.kfold import train_kfold
+from model.kfold import Progress, train_kfold
 from model.retrain import classification_metrics, predict, predict_ensemble, train_final
 from study.errors import StudyError
 from study.presets import get_preset
@@ -80,6 +80,7 @@ def retrain_best(
     precision: str | None = None,
     ensemble: bool = False,
     on_epoch: Callable[[int], None] | None = None,
+    on_fold_epoch: Callable[[int], None] | None = None,
 ) -> RetrainOutcome:
     """Train the best trial's configuration on all its images, test it, write its files."""
     trial = best_finished_trial(study)
@@ -103,6 +104,7 @@ def retrain_best(
         precision=precision,
         ensemble=ensemble,
         on_epoch=on_epoch,
+        on_fold_epoch=on_fold_epoch,
     )
     study.set_user_attr("test_accuracy", outcome.metrics["test_accuracy"])
     if ensemble:
@@ -126,10 +128,12 @@ def train_and_test(
     precision: str | None = None,
     ensemble: bool = False,
     on_epoch: Callable[[int], None] | None = None,
+    on_fold_epoch: Callable[[int], None] | None = None,
 ) -> RetrainOutcome:
     """Train `config` on all its images for `epochs`, measure the test set once (and the
     fold ensemble's, with `ensemble`), and write the checkpoint and `metrics.json` (whose
-    keys start with `head`) under `out_dir`."""
+    keys start with `head`) under `out_dir`. `on_epoch` and `on_fold_epoch` hear of the
+    epochs of each training as they end."""
     mnist = load_mnist(data_root)
     data = to_device(mnist.train_images, mnist.train_labels, device)
     final = train_final(config, data, epochs, precision=precision, on_epoch=on_epoch)
@@ -151,7 +155,8 @@ def train_and_test(
         "train_accuracy": final.train_accuracy,
     }
     if ensemble:
-        folds = train_kfold(config, data, precision=precision)
+        heard = None if on_fold_epoch is None else _epochs_to(on_fold_epoch)
+        folds = train_kfold(config, data, precision=precision, on_progress=heard)
         if folds.diverged or folds.model is None:
             raise StudyError(f"cross-validating the configuration again: {folds.diverged}")
         voted = classification_metrics(predict_ensemble(folds.model, test.x), test.y)
@@ -177,3 +182,13 @@ def train_and_test(
     partial.write_text(json.dumps(metrics, indent=1))
     partial.replace(metrics_path)
     return RetrainOutcome(None, metrics, checkpoint, metrics_path)
+
+
+def _epochs_to(on_epoch: Callable[[int], None]) -> Callable[[Progress], bool]:
+    """A k-fold progress callback that passes on the epoch and never halts."""
+
+    def on_progress(progress: Progress) -> bool:
+        on_epoch(progress.epoch)
+        return False
+
+    return on_progress
