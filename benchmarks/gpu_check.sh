@@ -141,6 +141,20 @@ fi
 in_study_dir() { (cd "$1" && shift && MNIST_ROOT="$repo/data" "$@"); }
 # Wall seconds since `date +%s.%N` printed $1.
 since() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.3f", b - a }'; }
+# `mnist-study ARGS --timeout $seconds` in folder $1, stopped as Ctrl-C would `margin`
+# seconds past its timeout; sets `wall` (its wall seconds) and `status` on failure.
+timed_run() {
+  local dir=$1 started run_status
+  shift
+  echo "\$ mnist-study $* --timeout $seconds"
+  started=$(date +%s.%N)
+  in_study_dir "$dir" timeout -s INT -k 20 $((seconds + margin)) \
+    "$py" -m study "$@" --timeout "$seconds"
+  run_status=$?
+  wall=$(since "$started")
+  echo "study exit status: $run_status, wall ${wall} s"
+  [ "$run_status" = 0 ] || status=1
+}
 
 : > "$out/studies.txt"
 if [ -z "${studies// /}" ]; then
@@ -197,14 +211,7 @@ else
         echo "no study: ${seconds} s left for it"
         status=1
       else
-        echo "\$ mnist-study ${run_args[*]} --timeout $seconds"
-        started=$(date +%s.%N)
-        in_study_dir "$study_dir" timeout -s INT -k 20 $((seconds + margin)) \
-          "$py" -m study "${run_args[@]}" --timeout "$seconds"
-        run_status=$?
-        wall=$(since "$started")
-        echo "study exit status: $run_status, wall ${wall} s"
-        [ "$run_status" = 0 ] || status=1
+        timed_run "$study_dir" "${run_args[@]}"
         # A study stopped before its budget is retrained and recorded all the same (the
         # record says partial); the record comes before the report, which may run late.
         in_study_dir "$study_dir" timeout 100 "$py" -m study retrain --storage "$url" \
@@ -264,14 +271,7 @@ else
       url="sqlite:///$study_dir/optuna.db"
       run_args=(run --preset "$preset" --storage "$url" --workers-per-device "$workers"
                 --no-retrain --trials-per-worker "$per_worker")
-      echo "\$ mnist-study ${run_args[*]} --timeout $seconds"
-      started=$(date +%s.%N)
-      in_study_dir "$study_dir" timeout -s INT -k 20 $((seconds + margin)) \
-        "$py" -m study "${run_args[@]}" --timeout "$seconds"
-      run_status=$?
-      wall=$(since "$started")
-      echo "study exit status: $run_status, wall ${wall} s"
-      [ "$run_status" = 0 ] || status=1
+      timed_run "$study_dir" "${run_args[@]}"
       # The retrain measures the fold ensemble too: the wide presets ask for it.
       in_study_dir "$study_dir" timeout 150 "$py" -m study retrain --storage "$url" \
         --study "$study" || status=1
