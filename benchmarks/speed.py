@@ -46,10 +46,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from model.config import TrainConfig, parameter_count
 from model.data import DeviceData, default_root, load_mnist, to_device
-from model.kfold import split_folds, train_kfold, train_trials
+from model.kfold import GRAPH_WARMUP_EPOCHS, split_folds, train_kfold, train_trials
 from model.network import layer_sizes
 
-# Dense TF32 tensor-core peak of an H100 SXM, without sparsity.
+# Dense TF32 tensor-core peak of an H100 SXM, without sparsity; an H200 has the same
+# tensor cores and clocks (more and faster memory), so the same peak.
 H100_TF32_PEAK = 495e12
 REPORT_BEST = TrainConfig(
     hidden=(249, 36), activation="relu", dropout=0.35, optimizer="adam", lr=5.4e-3,
@@ -257,7 +258,11 @@ def sync(device: torch.device) -> None:
 
 
 def run_cases(
-    device: torch.device, data: DeviceData, rounds: int, epochs: dict[str, int]
+    device: torch.device,
+    data: DeviceData,
+    rounds: int,
+    epochs: dict[str, int],
+    on_row: Callable[[dict[str, Any]], None] = lambda row: None,
 ) -> list[dict[str, Any]]:
     results = []
     for name, batch_size in (("full batch", None), ("mini-batch 256", 256)):
@@ -301,6 +306,7 @@ def run_cases(
         if device.type == "cuda":
             row["fraction_of_tf32_peak"] = row["mnist-study"]["flop_per_s"] / H100_TF32_PEAK
         results.append(row)
+        on_row(row)
         _print_case(row)
     return results
 
@@ -462,6 +468,7 @@ def run_stacking(
     epochs: int,
     rounds: int,
     graphs: bool,
+    on_row: Callable[[dict[str, Any]], None] = lambda row: None,
 ) -> list[dict[str, Any]]:
     """Trials per second for B trials of a protocol trained three ways, in one run:
     stacked (`train_trials`), one after another (`train_kfold`, as one trial per worker
@@ -470,7 +477,8 @@ def run_stacking(
 
     The configurations are the seed study's first draws. Useful FLOP/s counts each
     network's own (unpadded) parameters: 6 · samples · parameters per model-epoch.
-    On a GPU with `graphs`, the stacked way also runs with whole epochs as CUDA graphs.
+    On a GPU with `graphs`, the stacked way also runs with whole epochs as CUDA graphs,
+    timed over its replays alone (`_graph_replays`).
     """
     draws = seed_draws(max(sizes))
     rows = []
@@ -485,8 +493,8 @@ def run_stacking(
                 "one at a time": functools.partial(_one_at_a_time, chosen, data),
             }
             if graphs and device.type == "cuda":
-                ways["stacked, CUDA graphs"] = functools.partial(
-                    train_trials, chosen, data, graphs=True
+                ways["stacked, CUDA graph replays"] = functools.partial(
+                    _graph_replays, chosen, data, epochs
                 )
             if b == sizes[0]:
                 ways["naive (first trial)"] = functools.partial(
@@ -514,8 +522,27 @@ def run_stacking(
                     )
             row["stacked_vs_one_at_a_time"] = times["one at a time"] / times["stacked"]
             rows.append(row)
+            on_row(row)
             _print_stacking(row)
     return rows
+
+
+def _graph_replays(configs: list[TrainConfig], data: DeviceData, epochs: int) -> SelfTimed:
+    """Seconds of `epochs` replayed epochs alone: a run of the warm-up and capture
+    epochs plus `epochs` more, less a run of the warm-up and capture alone. Timed whole,
+    a short run would measure the capture, not the replays that a study's long trials
+    are made of."""
+    lead = GRAPH_WARMUP_EPOCHS + 1  # eager warm-up epochs, then the captured one
+
+    def timed(max_epochs: int) -> float:
+        chosen = [dataclasses.replace(c, max_epochs=max_epochs) for c in configs]
+        sync(data.device)
+        started = time.perf_counter()
+        train_trials(chosen, data, graphs=True)
+        sync(data.device)
+        return time.perf_counter() - started
+
+    return SelfTimed(max(0.0, timed(lead + epochs) - timed(lead)))
 
 
 def _one_at_a_time(configs: list[TrainConfig], data: DeviceData) -> None:
@@ -626,31 +653,51 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", type=Path, help="also write the results as JSON")
     args = parser.parse_args(argv)
+
+    def save() -> None:
+        """Written after every case, whole or not at all: a run stopped by its time limit
+        keeps every number it measured."""
+        if args.json:
+            partial = args.json.with_name(f".{args.json.name}.partial")
+            partial.write_text(json.dumps(out, indent=1))
+            partial.replace(args.json)
+
+    def keep(section: str) -> Callable[[dict[str, Any]], None]:
+        out[section] = []
+
+        def on_row(row: dict[str, Any]) -> None:
+            out[section].append(row)
+            save()
+
+        return on_row
+
     device = torch.device(args.device)
     mnist = load_mnist(default_root())
     data = to_device(mnist.train_images, mnist.train_labels, device)
     out: dict[str, Any] = {"machine": machine(), "torch": torch.__version__}
     if args.what in ("cases", "all"):
-        out["cases"] = run_cases(
+        run_cases(
             device,
             data,
             args.rounds,
             {"full batch": args.full_epochs, "mini-batch 256": args.mb_epochs},
+            on_row=keep("cases"),
         )
     if args.what in ("estimate", "all"):
         print(f"\nestimate of the seed preset: {args.trials} trials drawn by its sampler")
         out["estimate"] = run_estimate(device, data, args.trials, args.max_minutes)
+        save()
     if args.what in ("scaling", "all"):
         print("\nscaling")
         out["scaling"] = run_scaling(device, data, args.scaling_epochs)
+        save()
     if args.what in ("stacking", "all"):
         print("\ntrials stacked")
         sizes = [int(b) for b in args.stack_sizes.split(",")]
-        out["stacking"] = run_stacking(
-            device, data, sizes, args.stack_epochs, args.rounds, args.graphs
+        run_stacking(
+            device, data, sizes, args.stack_epochs, args.rounds, args.graphs, keep("stacking")
         )
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=1))
+    save()
     return 0
 
 

@@ -28,3 +28,14 @@ def resolve_device(name: str | None) -> torch.device:
             f"device {name!r}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}"
         )
     return torch.device("cuda", index)
+
+
+def use_device(name: str | None) -> torch.device:
+    """`resolve_device`, and a GPU made this thread's current CUDA device: a CUDA graph
+    is captured on the current device, and cuBLAS handles, streams and generators are
+    made there, so a worker on cuda:1 that left cuda:0 current would capture on the wrong
+    one."""
+    device = resolve_device(name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device

@@ -26,6 +26,7 @@ results are frozen at its stop epoch, so the numbers do not depend on `sync_ever
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -49,6 +50,8 @@ from model.steps import (
 )
 
 CURVES = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -299,6 +302,10 @@ class _Trainer:
         self.graphs = graphs
         self.graph: torch.cuda.CUDAGraph | None = None
         self.eager_epochs = 0
+        # Warm-up epochs before a capture run on a side stream, as torch asks. One for the
+        # trainer's life: the caching allocator reuses a block only on the stream that
+        # allocated it, so a new stream each epoch would hold a second set of buffers.
+        self.side_stream = torch.cuda.Stream(data.device) if graphs else None
         self.started = time.perf_counter()
         first = configs[0]
         device = data.device
@@ -372,8 +379,7 @@ class _Trainer:
             if self.graph is not None:
                 self.graph.replay()
             elif self.graphs:
-                # Warm-up before a capture runs on a side stream, as torch asks.
-                side = torch.cuda.Stream(self.data.device)
+                side = self.side_stream
                 side.wait_stream(torch.cuda.current_stream(self.data.device))
                 with torch.cuda.stream(side):
                     self._epoch(patience)
@@ -446,18 +452,28 @@ class _Trainer:
 
     def _capture(self, patience: int) -> torch.cuda.CUDAGraph | None:
         """The epoch as a CUDA graph, after `GRAPH_WARMUP_EPOCHS` eager ones (which set
-        up cuBLAS, autograd and the allocator); None, and eager epochs from then on, where
-        this torch cannot capture each trial's own generator."""
+        up cuBLAS, autograd and the allocator); None where it cannot be captured, and the
+        stack trains on in eager epochs, which give the same numbers: a capture that fails
+        must cost a study its speed, never its trials."""
         graph = torch.cuda.CUDAGraph()
         try:
             for generator in self.streams.generators:
                 graph.register_generator_state(generator)
-        except (AttributeError, RuntimeError):
+            torch.cuda.synchronize(self.data.device)
+            # A failed capture leaves the epoch's tensors as they were: captured kernels
+            # are recorded, not run, so the eager epoch that follows starts clean.
+            with torch.cuda.graph(graph):
+                self._epoch(patience)
+        except (AttributeError, RuntimeError) as exc:
             self.graphs = False
+            _log.warning(
+                "CUDA graph capture failed (%s: %s); this stack of %d trial(s) trains on in "
+                "eager epochs",
+                type(exc).__name__,
+                str(exc).splitlines()[0] if str(exc) else "",
+                len(self.live),
+            )
             return None
-        torch.cuda.synchronize(self.data.device)
-        with torch.cuda.graph(graph):
-            self._epoch(patience)
         return graph
 
     def _compact(self, keep: list[int]) -> None:

@@ -197,7 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout",
         type=_positive_float,
         metavar="SEC",
-        help="after SEC seconds, finish the running trials and stop; rerun to resume",
+        help="end by SEC seconds: workers start no stack of trials that they expect to end "
+        "later (by the longest they have run), and after SEC finish the trials in hand and "
+        "stop; rerun to resume",
     )
     run.add_argument(
         "--no-retrain", action="store_true",
@@ -228,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_heartbeat(worker)
     worker.add_argument("--worker-id", help=argparse.SUPPRESS)
     worker.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
+    # Unix time from `run --timeout`: the worker claims no stack it expects to end later.
+    worker.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
     worker.add_argument("--quiet", action="store_true", help="no per-trial log lines")
     _add_artifacts(worker)
     _add_speed(worker)
@@ -300,12 +304,15 @@ def _add_speed(parser: argparse.ArgumentParser, *, compile_flag: bool = True) ->
         "default: tf32 on a GPU, fp32 on the CPU",
     )  # fmt: skip
     if compile_flag:
-        parser.add_argument(
+        # Both capture CUDA graphs of their own, one inside the other; never shown to work
+        # together, so refused rather than left to fail on a GPU.
+        graphs = parser.add_mutually_exclusive_group()
+        graphs.add_argument(
             "--compile", action="store_true",
             help="compile the training step with torch.compile (on a GPU as CUDA graphs); "
             "it pays off on long GPU runs, not on the CPU",
         )  # fmt: skip
-        parser.add_argument(
+        graphs.add_argument(
             "--cuda-graphs", action="store_true",
             help="on a GPU, capture each whole epoch (steps, validation, early stopping) "
             "as one CUDA graph and replay it; ignored on the CPU",

@@ -189,7 +189,11 @@ def run(args: argparse.Namespace) -> int:
         print("interrupted: the study is saved; run the same command to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
     if outcome.timed_out:
-        print(f"stopped after --timeout {args.timeout:g} s; run again to resume", file=sys.stderr)
+        print(
+            f"stopped by --timeout {args.timeout:g} s after {outcome.seconds:.0f} s; "
+            "run again to resume",
+            file=sys.stderr,
+        )
         return 0
     if not outcome.counts.done:
         workers = ", ".join(f"w{i}" for i in outcome.failed_workers) or "all"
@@ -220,6 +224,7 @@ def worker(args: argparse.Namespace) -> int:
         parent_pid=args.parent_pid,
         artifacts=args.artifacts,
         speed=_speed(args),
+        deadline=args.deadline,
     )
     ran = run_worker(
         options, log=lambda line: print(f"mnist-study worker: {line}", file=sys.stderr)

@@ -4,8 +4,9 @@ The workers are ordinary `mnist-study worker` processes — the same program a u
 by hand on another host — each pinned to one device; on the CPU they share the cores out.
 They run in their own process sessions, so Ctrl-C reaches only this process, which passes
 one SIGINT to each worker: a worker stops mid-trial and queues that trial again, leaving
-the study ready to resume. `--timeout` instead asks workers (SIGUSR1) to finish the trial
-in hand and start no other. The storage URL reaches the workers through the environment,
+the study ready to resume. `--timeout` is a deadline the workers know from the start: they
+claim no stack of trials that they expect to end past it; at the deadline `run` asks the
+workers still going (SIGUSR1) to finish the trials in hand and start no other. The storage URL reaches the workers through the environment,
 never their command lines, where `ps` would show a password.
 """
 
@@ -113,7 +114,10 @@ def run_study(options: RunOptions, log: Callable[[str], None]) -> RunOutcome:
     log(f"{len(plan)} worker(s): " + ", ".join(f"{d} ({t} threads)" for d, t in plan))
 
     started = time.monotonic()
-    workers = [_spawn(options, device, threads, i) for i, (device, threads) in enumerate(plan)]
+    deadline = None if options.timeout is None else time.time() + options.timeout
+    workers = [
+        _spawn(options, device, threads, i, deadline) for i, (device, threads) in enumerate(plan)
+    ]
     interrupted = timed_out = False
     try:
         counts = _watch(study, workers, started, options.timeout)
@@ -121,6 +125,10 @@ def run_study(options: RunOptions, log: Callable[[str], None]) -> RunOutcome:
             timed_out = True
             _signal_all(workers, signal.SIGUSR1)
             counts = _watch(study, workers, started, None)
+        elif options.timeout is not None and not counts.done:
+            # Every worker left before the deadline, each because its next stack would
+            # have ended past it (exit 0); a worker that failed is reported as such.
+            timed_out = all(w.returncode == 0 for w in workers)
     except KeyboardInterrupt:
         interrupted = True
         log("stopping workers; their running trials are queued again")
@@ -132,7 +140,9 @@ def run_study(options: RunOptions, log: Callable[[str], None]) -> RunOutcome:
     )
 
 
-def _spawn(options: RunOptions, device: str, threads: int, index: int) -> subprocess.Popen:
+def _spawn(
+    options: RunOptions, device: str, threads: int, index: int, deadline: float | None
+) -> subprocess.Popen:
     command = [
         sys.executable, "-m", "study", "worker",
         "--study", options.study,
@@ -146,6 +156,8 @@ def _spawn(options: RunOptions, device: str, threads: int, index: int) -> subpro
     ]  # fmt: skip
     if options.artifacts is not None:
         command += ["--artifacts", str(options.artifacts)]
+    if deadline is not None:
+        command += ["--deadline", f"{deadline:.3f}"]
     command += options.speed.worker_flags()
     env = {**os.environ, STORAGE_ENV: options.storage}
     return subprocess.Popen(command, env=env, start_new_session=True)

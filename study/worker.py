@@ -30,7 +30,7 @@ from optuna.storages import RDBStorage
 
 from model.config import parameter_count
 from model.data import ensure_mnist, load_mnist, to_device
-from model.device import resolve_device
+from model.device import use_device
 from study.artifacts import artifact_dir, open_artifact_store
 from study.budget import count_trials
 from study.database import DEFAULT_HEARTBEAT, open_storage
@@ -54,6 +54,9 @@ class WorkerOptions:
     parent_pid: int | None = None
     artifacts: Path | None = None
     speed: SpeedOptions = field(default_factory=SpeedOptions)
+    deadline: float | None = None
+    """Unix time by which the worker's last stack should have ended (`run --timeout`):
+    it claims no stack that it expects to end later (`StackClock`)."""
 
 
 # What one stacked trial may hold on a GPU before the default stacks fewer: its k
@@ -89,7 +92,7 @@ def run_worker(options: WorkerOptions, log: Callable[[str], None] = print) -> in
     storage = open_storage(options.storage, heartbeat=options.heartbeat)
     study = load_study(storage, options.study)
     preset = study_preset(study)
-    device = resolve_device(options.device)
+    device = use_device(options.device)
     if options.threads:
         import torch
 
@@ -116,6 +119,7 @@ def run_worker(options: WorkerOptions, log: Callable[[str], None] = print) -> in
         artifacts=store,
         speed=options.speed,
     )
+    clock = StackClock(options.deadline, recent_stack_seconds(study, device.type, per_claim))
     # Filters on the handlers, which see the records of every optuna.* logger.
     for handler in logging.getLogger("optuna").handlers:
         handler.addFilter(stop.keep_log_record)
@@ -129,13 +133,18 @@ def run_worker(options: WorkerOptions, log: Callable[[str], None] = print) -> in
             if counts.unclaimed <= 0 and counts.waiting == 0:
                 time.sleep(POLL_S)  # the rest is running elsewhere; stay in case it dies
                 continue
+            if not clock.room_for_a_stack(time.time()):
+                log(clock.why_stopping(time.time()))
+                break
             objective.in_hand = []
             try:
                 trials = _claim(study, storage, per_claim)
                 objective.in_hand = [t.number for t in trials]
+                started = time.monotonic()
                 with _Heartbeats(storage, trials):
                     # A training error (a GPU out of memory, say) fails these trials alone.
                     objective.run_trials(study, trials)
+                clock.record(time.monotonic() - started)
             except Exception as exc:
                 # A storage out of reach for good can surface from Optuna's own clean-up
                 # as another error; the user is owed the storage's one line.
@@ -150,6 +159,60 @@ def run_worker(options: WorkerOptions, log: Callable[[str], None] = print) -> in
             log(f"trial {number} was interrupted and is queued again")
         raise
     return ran
+
+
+# How much longer than the longest stack seen the next one is allowed to take before the
+# deadline: stacks vary with the trials drawn (one trial at the epoch cap sets the length).
+STACK_TIME_SAFETY = 1.25
+
+
+@dataclass
+class StackClock:
+    """Whether a worker has time for another stack before its deadline.
+
+    An interrupted stack is thrown away (its trials are queued again and start over), so
+    near the deadline a worker claims only what it expects to finish: a stack is expected
+    to take as long as the longest this worker ran, or, before its first, the longest
+    the study's recent trials on this kind of device took (`recent_stack_seconds`),
+    times `STACK_TIME_SAFETY`. With nothing to go by, it claims.
+    """
+
+    deadline: float | None
+    longest: float | None = None
+
+    def record(self, seconds: float) -> None:
+        self.longest = seconds if self.longest is None else max(self.longest, seconds)
+
+    def expected(self) -> float | None:
+        return None if self.longest is None else self.longest * STACK_TIME_SAFETY
+
+    def room_for_a_stack(self, now: float) -> bool:
+        expected = self.expected()
+        return self.deadline is None or expected is None or now + expected <= self.deadline
+
+    def why_stopping(self, now: float) -> str:
+        assert self.deadline is not None
+        return (
+            f"starting no more trials: a stack is expected to take {self.expected():.0f} s "
+            f"and {max(0.0, self.deadline - now):.0f} s are left before the deadline"
+        )
+
+
+def recent_stack_seconds(study: optuna.Study, device_type: str, per_claim: int) -> float | None:
+    """The longest any of the study's last `2 × per_claim` finished trials on a
+    `device_type` device took, from its stack's start to its end (the trial's `seconds`):
+    the time a stack takes here, before this worker has run one."""
+    from optuna.trial import TrialState
+
+    ended = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    seconds = [
+        float(t.user_attrs["seconds"])
+        for t in ended
+        if "seconds" in t.user_attrs
+        and str(t.user_attrs.get("device", "")).split(":")[0] == device_type
+    ]
+    recent = seconds[-2 * per_claim :]
+    return max(recent) if recent else None
 
 
 def _claim(study: optuna.Study, storage: RDBStorage, most: int) -> list[optuna.Trial]:

@@ -250,6 +250,18 @@ ROWS = [
         2,
         ("--trials-per-worker: 'three' is not a whole number",),
     ),
+    Row(
+        "compile-with-cuda-graphs",
+        ("run", "--compile", "--cuda-graphs"),
+        2,
+        ("argument --cuda-graphs: not allowed with argument --compile",),
+    ),
+    Row(
+        "cuda-graphs-with-compile",
+        ("worker", "--study", "s", "--cuda-graphs", "--compile"),
+        2,
+        ("argument --compile: not allowed with argument --cuda-graphs",),
+    ),
     # train --params.
     Row("params-bad-json", ("train", "--params", "{not json"), 2, ("bad JSON: Expecting prop",)),
     Row("params-not-an-object", ("train", "--params", "[1, 2]"), 2, ("must be a JSON object",)),

@@ -304,6 +304,35 @@ def test_stacking_benchmark_times_each_way_and_counts_only_unpadded_flops(
         )
 
 
+def test_the_benchmarks_file_keeps_every_finished_case_when_a_later_one_is_cut_short(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, mnist: Mnist
+) -> None:
+    """The GPU check stops the benchmarks at their time limit: what was measured by then
+    must be in the file, not lost with the rest."""
+    monkeypatch.setattr(
+        speed, "STACK_PROTOCOLS", {"tiny full batch": TrainConfig(subset=300, batch_size=None, k=3)}
+    )
+    timed = speed._alternate
+    calls = []
+
+    def cut_short(*args: object, **kwargs: object) -> dict[str, float]:
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as the time limit's signal would
+        return timed(*args, **kwargs)
+
+    monkeypatch.setattr(speed, "_alternate", cut_short)
+    out = tmp_path / "benchmarks.json"
+    args = ["stacking", "--device", "cpu", "--stack-sizes", "1,2", "--stack-epochs", "1",
+            "--rounds", "1", "--json", str(out)]  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        speed.main(args)
+    written = json.loads(out.read_text())
+    assert [(r["protocol"], r["trials"]) for r in written["stacking"]] == [("tiny full batch", 1)]
+    assert written["stacking"][0]["stacked"]["seconds"] > 0
+    assert [p.name for p in tmp_path.iterdir()] == ["benchmarks.json"]  # no partial left
+
+
 def test_a_result_record_keeps_the_metrics_and_names_its_file_by_what_device_and_date(
     tmp_path: Path,
 ) -> None:

@@ -6,6 +6,7 @@ Imports nothing of Optuna: `benchmarks/gpu_check.sh` runs this file on a GPU mac
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 
@@ -17,6 +18,7 @@ from model.config import ACTIVATIONS, SCHEDULES, TrainConfig
 from model.cpu_step import CpuStep, _cross_entropy_and_grad
 from model.data import DeviceData, Mnist, to_device
 from model.dropout import keep_mask
+from model import kfold
 from model.kfold import initial_model, net_shape, train_kfold, train_trials
 from model.network import StackedFFNN
 from model.steps import (
@@ -534,3 +536,103 @@ def test_hand_written_loss_and_gradient_are_cross_entropy_with_label_smoothing(
     if smoothing:  # it is not plain cross-entropy
         plain = F.cross_entropy(logits[0].detach(), y[0]).item()
         assert abs(loss[0].item() - plain) > 1e-3
+
+
+# Trials as the seed study draws them (dropout 0.3–0.5, Adam or Adamax, all three of its
+# activations, L2 penalties), stacked: the graphs' gate before a study must test these.
+SEED_LIKE_TRIALS = [
+    TrainConfig(hidden=(183, 43), activation="relu", dropout=0.35, optimizer="adam", lr=5e-3,
+                weight_decay=1e-4, seed=21),
+    TrainConfig(hidden=(90, 36), activation="leaky_relu", dropout=0.5, optimizer="adamax",
+                lr=2e-3, weight_decay=1e-5, seed=22),
+    TrainConfig(hidden=(250, 50), activation="hardswish", dropout=0.3, optimizer="adam",
+                lr=1e-3, weight_decay=1e-3, seed=23),
+]  # fmt: skip
+
+
+@needs_cuda
+def test_cuda_graph_epochs_of_seed_trials_with_dropout_reach_the_eager_accuracy(
+    mnist: Mnist, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The seed study's own kind of stack under graphs: dropout on, both optimizers, the
+    report's activations, full batch, trials that stop at different epochs (so the stack
+    shrinks and is captured again). Replays draw other masks, so the accuracy is compared,
+    not the numbers; and a capture must not have fallen back to eager epochs."""
+    data = to_device(mnist.train_images, mnist.train_labels, "cuda")
+    configs = [
+        dataclasses.replace(c, subset=12_000, batch_size=None, max_epochs=300, patience=10, k=5)
+        for c in SEED_LIKE_TRIALS
+    ]
+    eager = train_trials(configs, data)
+    with caplog.at_level("WARNING", logger="model.kfold"):
+        graphed = train_trials(configs, data, graphs=True)
+    assert not [r for r in caplog.records if "capture failed" in r.getMessage()]
+    assert len({max(r.epochs_run) for r in graphed}) > 1  # the stack did shrink
+    for a, b in zip(graphed, eager, strict=True):
+        assert a.diverged is None
+        assert a.mean_accuracy == pytest.approx(b.mean_accuracy, abs=0.01)
+
+
+class _FailingCapture:
+    """Stands in for `torch.cuda.graph`: the capture raises, as a kernel that cannot be
+    captured makes it do."""
+
+    def __init__(self, graph: object) -> None:
+        pass
+
+    def __enter__(self) -> None:
+        raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def test_a_failed_capture_trains_the_stack_on_in_eager_epochs_with_one_log_line(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No trial may fail because a capture did: the stack goes on eagerly, after one
+    warning. CUDA is faked (its streams and graphs), so that the trainer's graph path runs
+    on the CPU up to the capture, which raises."""
+
+    class FakeStream:
+        def __init__(self, device: object = None) -> None:
+            pass
+
+        def wait_stream(self, other: object) -> None:
+            pass
+
+    class FakeGraph:
+        def register_generator_state(self, generator: torch.Generator) -> None:
+            pass
+
+    streams_made: list[FakeStream] = []
+
+    def make_stream(device: object = None) -> FakeStream:
+        streams_made.append(FakeStream())
+        return streams_made[-1]
+
+    monkeypatch.setattr(torch.cuda, "Stream", make_stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", _FailingCapture)
+
+    data = synthetic_data(600)
+    configs = [dataclasses.replace(c, max_epochs=12, patience=20) for c in STACKED_TRIALS]
+    with caplog.at_level("WARNING", logger="model.kfold"):
+        trainer = kfold._Trainer(configs, data, "fp32", compile=False, graphs=True)
+        graphed = trainer.run(1, None, None)
+    eager = train_trials(configs, data)
+    failures = [r for r in caplog.records if "capture failed" in r.getMessage()]
+    assert len(failures) == 1
+    assert "RuntimeError: operation not permitted" in failures[0].getMessage()
+    assert "more detail" not in failures[0].getMessage()  # one line
+    # One side stream for the trainer's life, not one per warm-up epoch.
+    assert len(streams_made) == 1
+    assert len(graphed) == len(configs)
+    for a, b in zip(graphed, eager, strict=True):
+        assert a.diverged is None and not a.halted
+        assert a.epochs_run == [12] * a.config.k  # every epoch ran, past the failed capture
+        # StackedAdam against the per-trial optimizers: Adam both, rounded differently.
+        assert a.mean_accuracy == pytest.approx(b.mean_accuracy, abs=0.05)

@@ -101,3 +101,19 @@ def test_without_cpu_affinity_the_core_count_is_used(
     monkeypatch.delattr(os, "sched_getaffinity", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: cpu_count)
     assert plan_workers(None, 2) == [("cpu", threads), ("cpu", threads)]
+
+
+def test_a_worker_on_a_second_gpu_makes_it_the_current_device(
+    machine: SetMachine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CUDA graphs capture on the current device: a worker on cuda:1 must make it current,
+    and a CPU worker must not touch CUDA."""
+    from model.device import use_device
+
+    machine(gpus=2, cores=8)
+    made_current: list[torch.device] = []
+    monkeypatch.setattr(torch.cuda, "set_device", made_current.append)
+    assert use_device("cuda:1") == torch.device("cuda", 1)
+    assert made_current == [torch.device("cuda", 1)]
+    assert use_device("cpu") == torch.device("cpu")
+    assert made_current == [torch.device("cuda", 1)]

@@ -530,3 +530,61 @@ def test_ctrl_c_on_run_stops_it_and_the_same_command_resumes(
     counts = count_trials(load_study(open_storage(db, heartbeat=None), "stopped"))
     assert (counts.finished, counts.failed, counts.retried) == (6, 0, len(queued)), counts
     assert (counts.running, counts.waiting) == (0, 0), counts
+
+
+def test_the_stack_clock_claims_only_what_it_expects_to_finish_by_the_deadline() -> None:
+    from study.worker import STACK_TIME_SAFETY, StackClock
+
+    assert StackClock(None, 50.0).room_for_a_stack(1e9)  # no deadline: always
+    assert StackClock(100.0, None).room_for_a_stack(99.0)  # nothing to go by: claims
+    clock = StackClock(100.0, 10.0)
+    assert clock.room_for_a_stack(100.0 - 10.0 * STACK_TIME_SAFETY)
+    assert not clock.room_for_a_stack(100.0 - 10.0 * STACK_TIME_SAFETY + 0.01)
+    clock.record(4.0)  # a shorter stack does not lower the expectation
+    assert clock.expected() == 10.0 * STACK_TIME_SAFETY
+    clock.record(20.0)
+    assert clock.expected() == 20.0 * STACK_TIME_SAFETY
+    assert "25 s" in clock.why_stopping(90.0) and "10 s are left" in clock.why_stopping(90.0)
+
+
+def test_a_fresh_worker_expects_the_longest_of_the_study_s_recent_trials_on_its_device() -> None:
+    from study.worker import recent_stack_seconds
+
+    study = optuna.create_study(direction="maximize")
+    for seconds, device, state in [
+        (90.0, "cuda:0", TrialState.COMPLETE),  # too old: 2 × 2 = 4 recent trials count
+        (12.0, "cuda:1", TrialState.COMPLETE),
+        (30.0, "cpu", TrialState.COMPLETE),  # another kind of device
+        (15.0, "cuda:0", TrialState.PRUNED),
+        (8.0, "cuda:0", TrialState.COMPLETE),
+        (500.0, "cuda:0", TrialState.FAIL),  # interrupted: its time says nothing
+        (9.0, "cuda:0", TrialState.COMPLETE),
+    ]:
+        trial = study.ask()
+        trial.set_user_attr("seconds", seconds)
+        trial.set_user_attr("device", device)
+        study.tell(trial, 0.5 if state == TrialState.COMPLETE else None, state=state)
+    assert recent_stack_seconds(study, "cuda", per_claim=2) == 15.0
+    assert recent_stack_seconds(study, "cpu", per_claim=2) == 30.0
+    assert recent_stack_seconds(optuna.create_study(), "cuda", per_claim=2) is None
+
+
+def test_run_with_a_timeout_ends_by_it_without_interrupting_a_trial(
+    sqlite_db: str, tmp_path: Path
+) -> None:
+    """`--timeout` is a deadline the workers plan by: each stops claiming stacks once the
+    next would end past it, so nothing is interrupted, failed or queued again, and the
+    study is left ready to resume."""
+    log = tmp_path / "run.log"
+    args = ("run", "--preset", "tiny", "--seed", "3", "--n-trials", "1000", "--workers", "2",
+            "--trials-per-worker", "2", "--heartbeat", HEARTBEAT, "--timeout", "10",
+            "--no-retrain")  # fmt: skip
+    assert mnist_study(*args, db=sqlite_db, log=log).wait(timeout=WAIT_S) == 0, log.read_text()
+    text = log.read_text()
+    assert "stopped by --timeout 10 s" in text
+    assert "starting no more trials: a stack is expected to take" in text
+    assert_clean_logs(log)
+    done = trials(sqlite_db, "mnist-tiny")
+    states = {t.state for t in done}
+    assert states <= {TrialState.COMPLETE, TrialState.PRUNED}, states
+    assert 2 <= len(done) < 1000
