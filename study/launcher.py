@@ -6,8 +6,9 @@ They run in their own process sessions, so Ctrl-C reaches only this process, whi
 one SIGINT to each worker: a worker stops mid-trial and queues that trial again, leaving
 the study ready to resume. `--timeout` is a deadline the workers know from the start: they
 claim no stack of trials that they expect to end past it; at the deadline `run` asks the
-workers still going (SIGUSR1) to finish the trials in hand and start no other. The storage URL reaches the workers through the environment,
-never their command lines, where `ps` would show a password.
+workers still going (SIGUSR1) to finish the trials in hand and start no other. The storage
+URL reaches the workers through the environment, never their command lines, where `ps`
+would show a password.
 """
 
 from __future__ import annotations

@@ -14,11 +14,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from model import kfold
 from model.config import ACTIVATIONS, SCHEDULES, TrainConfig
 from model.cpu_step import CpuStep, _cross_entropy_and_grad
 from model.data import DeviceData, Mnist, to_device
 from model.dropout import keep_mask
-from model import kfold
 from model.kfold import initial_model, net_shape, train_kfold, train_trials
 from model.network import StackedFFNN
 from model.steps import (
