@@ -7,9 +7,15 @@ time it measured around `mnist-study run`. The file is `<preset>-study-<gpu>-<da
 (`seed-study-h100-2026-11-28.json`: the GPU as `h100`, `h200`, or `cpu`; the date in UTC),
 committed beside the other benchmark results. It holds what happened and nothing more: a
 study stopped before its budget says `partial`, and no figure is carried over to the
-trials that did not run. The rate counts every finished trial of the study against
-`--wall-seconds`, so the wall time must cover all of them: record a fresh study, not one
-resumed across runs.
+trials that did not run.
+
+A study that is resumed run after run (the seed study, one device lease at a time) is
+recorded after each: `--finished-before` says how many trials had finished when this run
+began, so the rate counts this run's trials against this run's wall time, and
+`--run-started` logs the run in the study itself (its `timed_runs` attribute, which the
+database carries to the next lease), so the record adds up every run's wall time. A
+trial interrupted before it ended is thrown-away work: `trial_seconds_lost` is the time
+this run's failed trials had trained.
 
 The trials, the budget and the best trial come from the storage (`count_trials`,
 `load_study`), the test accuracy and the retrain's epochs from the `metrics.json` that
@@ -52,7 +58,15 @@ FIELDS = (
     "retrain_epochs",
     "budget",
     "partial",
+    "trials_before",
+    "trials_this_run",
+    "trial_seconds_lost",
+    "wall_seconds_all_runs",
+    "runs",
 )
+
+# The study attribute that logs each timed run of a study resumed run after run.
+RUNS_ATTR = "timed_runs"
 
 
 class RecordError(Exception):
@@ -136,6 +150,29 @@ def read_metrics(study: optuna.Study) -> dict[str, Any] | None:
         raise RecordError(f"cannot read the retrain's metrics {path}: {exc}") from None
 
 
+def seconds_lost(study: optuna.Study, since: datetime.datetime | None) -> float:
+    """Seconds that the failed trials started at or after `since` (all, if None) had
+    trained when they failed: interrupted work, queued again to start over."""
+    from optuna.trial import TrialState
+
+    return sum(
+        (t.datetime_complete - t.datetime_start).total_seconds()
+        for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+        if t.datetime_start is not None
+        and t.datetime_complete is not None
+        and (since is None or t.datetime_start >= since)
+    )
+
+
+def log_run(study: optuna.Study, run: dict[str, Any]) -> list[dict[str, Any]]:
+    """Add `run` to the study's log of timed runs (a run logged again, by its `started`,
+    replaces its entry); the log, oldest first."""
+    runs = [r for r in study.user_attrs.get(RUNS_ATTR, []) if r["started"] != run["started"]]
+    runs = sorted([*runs, run], key=lambda r: r["started"])
+    study.set_user_attr(RUNS_ATTR, runs)
+    return runs
+
+
 def study_record(
     study: optuna.Study,
     *,
@@ -144,8 +181,11 @@ def study_record(
     trials_per_worker: int,
     precision: str | None,
     cuda_graphs: bool = False,
+    finished_before: int = 0,
+    run_started: float | None = None,
 ) -> tuple[dict[str, Any], str]:
-    """The record of `study` (the fields of FIELDS), and the slug of its device."""
+    """The record of `study` (the fields of FIELDS), and the slug of its device. With
+    `run_started` (Unix time), the run is also logged in the study (`log_run`)."""
     import torch
 
     from model.steps import resolve_precision
@@ -163,13 +203,41 @@ def study_record(
         precision = resolve_precision(precision, torch.device(device))
     except ValueError as exc:  # tf32 named for a study that ran on the CPU
         raise RecordError(f"--precision: {exc}") from None
-    metrics = read_metrics(study)
+    if not 0 <= finished_before <= counts.finished:
+        raise RecordError(
+            f"--finished-before {finished_before}: the study has {counts.finished} finished "
+            "trials, so it must be between 0 and that"
+        )
     best = counts.best
+    # A retrain of a trial that is no longer the best (the study went on after it, with a
+    # larger budget) measured another network: the record has no test figure, as before
+    # any retrain. Its metrics may also be gone with the folder of an earlier device lease.
+    stale = best is not None and study.user_attrs.get("retrained_trial", best.number) != best.number
+    metrics = None if stale else read_metrics(study)
     if metrics is not None and best is not None and metrics.get("trial") != best.number:
         # A retrain from before later trials beat it: its test accuracy is another network's.
         raise RecordError(
             f"the retrain's metrics are of trial {metrics.get('trial')}, the best trial is "
             f"{best.number}: retrain again (mnist-study retrain), then record"
+        )
+    this_run = counts.finished - finished_before
+    # Optuna stamps trials with the local time, naive.
+    since = None if run_started is None else datetime.datetime.fromtimestamp(run_started)
+    lost = seconds_lost(study, since)
+    runs = list(study.user_attrs.get(RUNS_ATTR, []))
+    if run_started is not None:
+        runs = log_run(
+            study,
+            {
+                "started": datetime.datetime.fromtimestamp(
+                    run_started, datetime.timezone.utc
+                ).isoformat(timespec="seconds"),
+                "device": name,
+                "wall_seconds": wall_seconds,
+                "trials_before": finished_before,
+                "trials_after": counts.finished,
+                "trial_seconds_lost": lost,
+            },
         )
     record = {
         "device": name,
@@ -181,7 +249,7 @@ def study_record(
         "trials_finished": counts.finished,
         "trials_complete": counts.complete,
         "wall_seconds": wall_seconds,
-        "trials_per_minute": counts.finished / wall_seconds * 60,
+        "trials_per_minute": this_run / wall_seconds * 60,
         "mean_epochs": mean_epochs(trials),
         "best_trial": None if best is None else {"number": best.number, "params": best.params},
         "best_cv_accuracy": None if best is None else best.value,
@@ -189,6 +257,12 @@ def study_record(
         "retrain_epochs": None if metrics is None else metrics["epochs"],
         "budget": counts.budget,
         "partial": counts.finished < counts.budget,
+        "trials_before": finished_before,
+        "trials_this_run": this_run,
+        "trial_seconds_lost": lost,
+        # Without a log (a study run once), this run is all there was.
+        "wall_seconds_all_runs": sum(r["wall_seconds"] for r in runs) if runs else wall_seconds,
+        "runs": runs,
     }
     return record, slug
 
@@ -233,6 +307,15 @@ def main(argv: list[str] | None = None) -> int:
         "--cuda-graphs", type=int, choices=(0, 1), default=0,
         help="1 if the run captured whole epochs as CUDA graphs (run --cuda-graphs)",
     )  # fmt: skip
+    parser.add_argument(
+        "--finished-before", type=int, default=0, metavar="N",
+        help="trials the study had finished when this run began (default: 0, a fresh study)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--run-started", type=float, metavar="UNIX",
+        help="when this run began (Unix time): log the run in the study, whose record then "
+        "adds up every logged run's wall time, and count its lost trial-seconds",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder to write")
     args = parser.parse_args(argv)
 
@@ -242,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
 
     prog = parser.prog
     try:
-        storage = open_storage(args.storage, heartbeat=None, write=False)
+        storage = open_storage(args.storage, heartbeat=None, write=args.run_started is not None)
         names = [args.study] if args.study else list_studies(storage)
         if len(names) != 1:
             raise StudyError(f"name the study with --study; the storage holds: {names}")
@@ -254,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
             trials_per_worker=args.trials_per_worker,
             precision=args.precision or None,
             cuda_graphs=bool(args.cuda_graphs),
+            finished_before=args.finished_before,
+            run_started=args.run_started,
         )
     except (StudyError, RecordError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
@@ -265,8 +350,11 @@ def main(argv: list[str] | None = None) -> int:
     path = write_record(args.out, record_name(study.user_attrs["preset"], slug, today), record)
     print(
         f"{path}: {record['trials_finished']}/{record['budget']} trials "
-        f"({record['trials_complete']} complete) in {record['wall_seconds']:.0f} s, "
-        f"{record['trials_per_minute']:.2f} per minute, on {record['device']}"
+        f"({record['trials_complete']} complete; {record['trials_this_run']} in this run, "
+        f"{record['trials_before']} before it) in {record['wall_seconds']:.0f} s "
+        f"({record['wall_seconds_all_runs']:.0f} s over {max(1, len(record['runs']))} run(s)), "
+        f"{record['trials_per_minute']:.2f} per minute, "
+        f"{record['trial_seconds_lost']:.0f} trial-seconds lost, on {record['device']}"
         + (" (partial)" if record["partial"] else "")
         + f"; best CV {_figure(record['best_cv_accuracy'])}, "
         f"test {_figure(record['test_accuracy'])}"

@@ -252,7 +252,11 @@ def status(args: argparse.Namespace) -> int:
         print(
             json.dumps(
                 {
-                    name: {"preset": study.user_attrs.get("preset"), **counts.as_dict()}
+                    name: {
+                        "preset": study.user_attrs.get("preset"),
+                        **counts.as_dict(),
+                        "retrained_trial": study.user_attrs.get("retrained_trial"),
+                    }
                     for name, (study, counts) in report.items()
                 }
             )

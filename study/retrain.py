@@ -107,6 +107,8 @@ def retrain_best(
         on_fold_epoch=on_fold_epoch,
     )
     study.set_user_attr("test_accuracy", outcome.metrics["test_accuracy"])
+    # Which trial that figure is of: a study resumed later may find a better one.
+    study.set_user_attr("retrained_trial", trial.number)
     if ensemble:
         study.set_user_attr("ensemble_test_accuracy", outcome.metrics["ensemble"]["test_accuracy"])
     # Relative to the storage's folder, so that the study still finds them when the folder

@@ -14,11 +14,14 @@ import signal
 import statistics
 import subprocess
 import sys
+import tarfile
 from collections import Counter
 from pathlib import Path
 
+import optuna
 import pytest
 import torch
+from optuna.trial import TrialState
 
 from benchmarks import speed, study_record
 from benchmarks.speed import (
@@ -241,6 +244,56 @@ def test_record_of_a_study_stopped_before_its_budget_says_partial_and_does_not_e
     assert record["test_accuracy"] == metrics["test_accuracy"]
 
 
+def test_a_study_resumed_run_after_run_is_recorded_per_run_and_adds_up_its_runs(
+    tiny_study: Path, tmp_path: Path
+) -> None:
+    """The seed study crosses device leases: each run's record counts its own trials
+    against its own wall time, logs itself in the study (so the next lease's database has
+    it), adds up every run's wall time, and counts the work its interrupted trials lost."""
+    moved = tmp_path / "moved"
+    shutil.copytree(tiny_study, moved)
+    url = storage_url(moved)
+    create_or_resume(open_storage(url), STUDY, PRESETS["tiny"], budget=10)
+    first_started = datetime.datetime(2026, 12, 1, 10, 0, 0).timestamp()
+    first = record_of(
+        moved, tmp_path / "first", "--wall-seconds", "40", "--workers", "2",
+        "--finished-before", "1", "--run-started", str(first_started),
+    )  # fmt: skip
+    assert (first["trials_before"], first["trials_this_run"]) == (1, 2)
+    assert first["trials_per_minute"] == 2 / 40 * 60
+    assert first["wall_seconds_all_runs"] == 40
+    assert [r["trials_after"] for r in first["runs"]] == [3]
+
+    # The second run: one trial interrupted after 7.5 s of training (failed, queued
+    # again), and one more finished.
+    study = load_study(open_storage(url), STUDY)
+    start = datetime.datetime.now().replace(microsecond=0)
+    study.add_trial(
+        optuna.trial.FrozenTrial(
+            number=0, state=TrialState.FAIL, value=None, values=None,
+            datetime_start=start, datetime_complete=start + datetime.timedelta(seconds=7.5),
+            params={}, distributions={}, user_attrs={}, system_attrs={},
+            intermediate_values={}, trial_id=0,
+        )
+    )  # fmt: skip
+    second = record_of(
+        moved, tmp_path / "second", "--wall-seconds", "25", "--workers", "2",
+        "--finished-before", "3", "--run-started", str(start.timestamp() - 1),
+    )  # fmt: skip
+    assert (second["trials_before"], second["trials_this_run"]) == (3, 1)
+    assert second["trial_seconds_lost"] == 7.5
+    assert second["wall_seconds_all_runs"] == 65
+    assert [(r["trials_before"], r["trials_after"]) for r in second["runs"]] == [(1, 3), (3, 4)]
+    # The first run's log entry is its own: the later failure is not counted in it.
+    assert second["runs"][0]["trial_seconds_lost"] == 0
+    assert tuple(second) == study_record.FIELDS
+    # A count of trials the study never had is refused in one line, nothing written.
+    assert study_record.main(["--storage", url, "--out", str(tmp_path / "x"),
+                              "--wall-seconds", "1", "--workers", "1",
+                              "--finished-before", "9"]) == 2  # fmt: skip
+    assert not (tmp_path / "x").exists()
+
+
 def test_record_refuses_a_wall_time_that_is_not_positive_in_one_line(
     tiny_study: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -363,34 +416,83 @@ def _gpu_check(out: Path, **env: str) -> subprocess.CompletedProcess[str]:
         env={**os.environ, "PYTHON": sys.executable, **env},
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
     )
 
 
-def test_gpu_check_skips_the_wide_study_in_one_line_when_its_time_is_not_left(
+def test_gpu_check_carries_a_study_across_calls_and_retrains_it_once_it_is_whole(
+    tmp_path: Path, mnist: Mnist
+) -> None:
+    """Three calls, as three device leases would make them: each resumes the database the
+    last one handed back (the session commits it between them), adds up the trials with
+    none repeated and says how many the call before had finished; the call that finds the
+    study whole retrains its best trial and brings back the report's pictures."""
+    committed = tmp_path / "results" / "optuna.db"
+    committed.parent.mkdir()
+    env = {"GPU_CHECK_STUDIES": "seed", "SEED_STUDY_PRESET": "tiny", "SEED_STUDY_WORKERS": "1",
+           "SEED_STUDY_TRIALS_PER_WORKER": "2", "SEED_STUDY_DB": str(committed)}  # fmt: skip
+    records = []
+    # 155 s: a run's call then leaves less than the 150 s that a retrain is given (the
+    # set-up, the workers' start and six trials take more than 5 s), so the retrain waits
+    # for the third call, as it does when a lease's call ends with the study whole.
+    for call, (budget, seconds) in enumerate((("6", "155"), ("12", "155"), ("", "200"))):
+        out = tmp_path / f"call{call}"
+        done = _gpu_check(out, SEED_STUDY_BUDGET=budget, GPU_CHECK_SECONDS=seconds, **env)
+        assert done.returncode == 0, done.stdout + (out / "studies.txt").read_text()
+        shutil.copy(out / "seed-study.db", committed)  # what the session commits
+        records += [json.loads(p.read_text()) for p in out.glob("tiny-study-*.json")]
+    assert [(r["trials_before"], r["trials_this_run"], r["budget"]) for r in records] == [
+        (0, 6, 6), (6, 6, 12),
+    ]  # fmt: skip
+    assert [(r["trials_before"], r["trials_after"]) for r in records[1]["runs"]] == [
+        (0, 6), (6, 12),
+    ]  # fmt: skip
+    assert records[1]["wall_seconds_all_runs"] == pytest.approx(
+        records[0]["wall_seconds"] + records[1]["wall_seconds"]
+    )
+    assert all(r["trial_seconds_lost"] == 0 for r in records)
+    study = load_study(open_storage(f"sqlite:///{committed}", heartbeat=None), "mnist-tiny")
+    finished = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+    assert sorted(t.number for t in finished) == list(range(12))
+    assert len({tuple(sorted(t.params.items())) for t in finished}) == 12
+    # The third call found it whole: a retrain of the best trial, and no run to record.
+    assert study.user_attrs["retrained_trial"] == study.best_trial.number
+    third = tmp_path / "call2"
+    assert sorted(p.name for p in third.iterdir()) == [
+        "check.txt", "seed-study.db", "seed-study.tar", "studies.txt",
+    ]  # fmt: skip
+    studies = (third / "studies.txt").read_text()
+    assert "resumed from" in studies and "12/12 trials finished" in studies
+    assert "$ mnist-study run" not in studies
+    with tarfile.open(third / "seed-study.tar") as tar:
+        names = set(tar.getnames())
+    assert {"runs/mnist-tiny/metrics.json", "reports/mnist-tiny/receptive_fields.png",
+            "reports/mnist-tiny/gradient_ascent.png"} <= names  # fmt: skip
+
+
+def test_gpu_check_starts_the_wide_study_only_after_the_seed_study_is_whole(
     tmp_path: Path,
 ) -> None:
     out = tmp_path / "out"
     done = _gpu_check(
-        out, GPU_CHECK_STUDY_ONLY="1", GPU_CHECK_STUDIES="wide", GPU_CHECK_SECONDS="100"
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+        out, SEED_STUDY_DB=str(tmp_path / "none.db"), GPU_CHECK_SECONDS="30"
+    )  # fmt: skip
+    assert done.returncode == 1  # the seed study had no time to run
     studies = (out / "studies.txt").read_text()
-    assert 'seed study not run: GPU_CHECK_STUDIES="wide"' in studies
-    skipped = re.search(r"^wide study not run: (\d+) s left, it needs 240 ", studies, re.M)
-    assert skipped and int(skipped[1]) <= 100, studies
+    assert re.search(r"^seed study not run: \d+ s left, it needs 90$", studies, re.M), studies
+    assert "wide study not run: the seed study is not yet whole and retrained" in studies
     assert "$ mnist-study" not in studies
-    # Nothing but the two logs: no record, no tar of a study that did not run.
     assert sorted(p.name for p in out.iterdir()) == ["check.txt", "studies.txt"]
-    check = (out / "check.txt").read_text()
-    assert "== set-up ==" in check and check.count("not run: GPU_CHECK_STUDY_ONLY=1") == 2
     assert "wide study not run" in done.stdout  # the summary repeats it
 
 
-def test_gpu_check_refuses_an_unknown_study_before_anything_runs(tmp_path: Path) -> None:
+def test_gpu_check_refuses_an_unknown_study_or_call_before_anything_runs(tmp_path: Path) -> None:
     done = _gpu_check(tmp_path / "out", GPU_CHECK_STUDIES="seed huge")
     assert done.returncode == 2
     assert done.stderr.strip() == "GPU_CHECK_STUDIES: no study 'huge' (seed, wide)"
+    done = _gpu_check(tmp_path / "out", GPU_CHECK_CALL="everything")
+    assert done.returncode == 2
+    assert done.stderr.strip() == "GPU_CHECK_CALL: no call 'everything' (studies, tests)"
     assert not (tmp_path / "out").exists()
 
 
