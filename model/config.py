@@ -237,7 +237,9 @@ def parameter_count(hidden: tuple[int, ...]) -> int:
 def _as_int(name: str, value: Any, *, null_ok: bool = False) -> Any:
     if value is None and null_ok:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+    # (Infinity has no integer to compare with: int() would raise, not refuse.)
+    whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    if isinstance(value, bool) or not whole:
         accepted = "a whole number" + (" or null" if null_ok else "")
         raise ConfigError(f"{name} = {value!r}: must be {accepted}")
     return int(value)

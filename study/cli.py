@@ -434,10 +434,15 @@ def _add_root(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_preset(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
+    chosen = parser.add_mutually_exclusive_group()
+    chosen.add_argument(
         "--preset",
-        default=DEFAULT_PRESET,
         choices=list(PRESETS),
-        help=f"training settings and defaults (default: {DEFAULT_PRESET}); "
-        + "; ".join(f"{p.name}: {p.summary}" for p in PRESETS.values()),
+        help=f"a shipped study file (default: {DEFAULT_PRESET}; `run` resuming --study: the "
+        "file the study stores); " + "; ".join(f"{p.name}: {p.summary}" for p in PRESETS.values()),
     )
+    chosen.add_argument(
+        "--space", type=Path, metavar="FILE",
+        help="a study file of your own instead: TOML, the search space in W&B's sweep "
+        "vocabulary (README: Studies as files); the study stores it",
+    )  # fmt: skip

@@ -23,7 +23,7 @@ from study.errors import (
     redact,
 )
 from study.params import parse_params
-from study.presets import get_preset
+from study.presets import DEFAULT_PRESET, get_preset
 from study.tables import space_summary, status_block, train_table
 
 if TYPE_CHECKING:
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
     from model.kfold import Progress
     from study.objective import SpeedOptions
+    from study.presets import Preset
     from study.retrain import RetrainOutcome
 
 
@@ -56,7 +57,7 @@ def data(args: argparse.Namespace) -> int:
 
 
 def train(args: argparse.Namespace) -> int:
-    preset = get_preset(args.preset)
+    preset = _preset(args)
     config = preset.defaults.with_params(parse_params(args.params))
 
     from model.device import resolve_device
@@ -102,6 +103,37 @@ def _epoch_bar(max_epochs: int) -> Callable[[Progress], bool]:
     return on_progress
 
 
+def _preset(args: argparse.Namespace, storage_url: str | None = None) -> Preset:
+    """The study file `--space` names, else the shipped preset `--preset` names; with
+    neither, the file that the existing study `--study` in `storage_url` stores (so a
+    study made from a file resumes without it), else the default preset."""
+    if args.space is not None:
+        from study.study_file import read_study_file
+
+        return read_study_file(args.space)
+    if args.preset is not None:
+        return get_preset(args.preset)
+    if storage_url is not None and getattr(args, "study", None):
+        stored = _stored_preset(storage_url, args.study)
+        if stored is not None:
+            return stored
+    return get_preset(DEFAULT_PRESET)
+
+
+def _stored_preset(storage_url: str, name: str) -> Preset | None:
+    """The settings the study `name` stores, or None where there is no such study yet."""
+    from study.database import open_storage, sqlite_file
+    from study.studies import list_studies, preset_of
+
+    database = sqlite_file(storage_url)
+    if database is not None and not database.exists():
+        return None  # `run` creates it
+    storage = open_storage(storage_url, heartbeat=None, write=False)
+    if name not in list_studies(storage):
+        return None
+    return preset_of(name, storage.get_study_user_attrs(storage.get_study_id_from_name(name)))
+
+
 def _storage_url(args: argparse.Namespace) -> str:
     if args.storage is not None and not args.storage.strip():
         raise UsageError("--storage is empty: give a database URL such as sqlite:///optuna.db")
@@ -130,7 +162,7 @@ def space(args: argparse.Namespace) -> int:
     from study.sampler import draw_params
 
     _quiet_optuna()
-    preset = get_preset(args.preset)
+    preset = _preset(args)
     draws = draw_params(preset.space, preset.defaults, args.sample, args.seed)
     if args.json:
         for params in draws:
@@ -142,7 +174,7 @@ def space(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     storage_url = _storage_url(args)
-    preset = get_preset(args.preset)
+    preset = _preset(args, storage_url)
 
     from model.data import check_mnist
     from model.device import resolve_device
@@ -256,6 +288,7 @@ def status(args: argparse.Namespace) -> int:
                         "preset": study.user_attrs.get("preset"),
                         **counts.as_dict(),
                         "retrained_trial": study.user_attrs.get("retrained_trial"),
+                        "study_file": study.user_attrs.get("study_file"),
                     }
                     for name, (study, counts) in report.items()
                 }
@@ -298,6 +331,7 @@ def _retrain_and_print(
 ) -> None:
     from model.data import require_mnist
     from study.retrain import best_finished_trial, final_epochs, retrain_best, study_slug
+    from study.studies import study_preset
 
     # What would stop the retrain stops it before its progress line, so that an error
     # is the only line.
@@ -305,7 +339,7 @@ def _retrain_and_print(
     require_mnist(data_root)
     out_dir = out_dir or Path("runs") / study_slug(study.study_name)
     check_writable(out_dir)
-    preset = get_preset(study.user_attrs["preset"])
+    preset = study_preset(study)
     if ensemble is None:
         ensemble = preset.ensemble
     config = preset.space.configure(trial.params, preset.defaults)

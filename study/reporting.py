@@ -25,8 +25,8 @@ from model.retrain import predict
 from study.artifacts import open_artifact_store, read_curves
 from study.budget import count_trials
 from study.errors import redact
-from study.presets import get_preset
 from study.stored_paths import resolve_path
+from study.studies import STUDY_FILE, study_preset
 from viz.curves import learning_curves_figure
 from viz.gradient_ascent import PLAIN, REGULARISED, gradient_ascent
 from viz.grid import image_grid_png
@@ -55,7 +55,7 @@ def build_report(
     `network` is `retrained_network(study)` when the caller has already loaded it.
     """
     attrs = study.user_attrs
-    preset = get_preset(attrs["preset"])
+    preset = study_preset(study)
     counts = count_trials(study)
     trials = study.get_trials(deepcopy=False)
     best = counts.best
@@ -124,11 +124,24 @@ def build_report(
                     name,
                     values,
                     {n: m / total for n, m in mass.items()},
-                    f"prior N({prior.mu:.2f}, {prior.sigma:.2f}) in [{low}, {high}]",
+                    f"the file's q_normal, compression rule: N({prior.mu:.2f}, "
+                    f"{prior.sigma:.2f}) rounded, redrawn until in [{low}, {high}]",
                 ),
             )
         )
 
+    stored = attrs.get(STUDY_FILE)
+    sections.append(
+        Section(
+            "The study file",
+            "What this study searches and how it trains, as the study stores it: any worker "
+            "rebuilds the study from this text alone (`mnist-study run --space FILE` made it).",
+            text=stored,
+            message=None
+            if stored is not None
+            else f"made before studies stored their file: preset {preset.name!r} of its version",
+        )
+    )
     summary = _summary(study, preset.name, preset.summary, counts, metrics, storage_url)
     return write_report(out_dir, f"mnist-study: {study.study_name}", summary, sections, images)
 

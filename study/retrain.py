@@ -31,8 +31,8 @@ from model.data import load_mnist, to_device
 from model.kfold import Progress, train_kfold
 from model.retrain import classification_metrics, predict, predict_ensemble, train_final
 from study.errors import StudyError
-from study.presets import get_preset
 from study.stored_paths import store_path
+from study.studies import study_preset
 
 CHECKPOINT = "best.pt"
 METRICS = "metrics.json"
@@ -84,7 +84,7 @@ def retrain_best(
 ) -> RetrainOutcome:
     """Train the best trial's configuration on all its images, test it, write its files."""
     trial = best_finished_trial(study)
-    preset = get_preset(study.user_attrs["preset"])
+    preset = study_preset(study)
     config = preset.space.configure(trial.params, preset.defaults)
     epochs, rule = final_epochs(config, trial.user_attrs.get("best_epochs"))
     head = {

@@ -55,9 +55,9 @@ class GaussianPrior:
         return 0.5 * (math.erf(hi) - math.erf(lo))
 
 
-def compression_priors(n_layers: int) -> list[GaussianPrior]:
-    """The report's priors for each of `n_layers` hidden layers."""
-    r = N_CLASSES / N_INPUTS
+def compression_priors(n_layers: int, r: float = N_CLASSES / N_INPUTS) -> list[GaussianPrior]:
+    """The report's priors for each of `n_layers` hidden layers, at compression rate `r`
+    (the report's: outputs over inputs)."""
     return [
         GaussianPrior(mu=N_INPUTS * r ** (n / (n_layers + 1)), sigma=N_INPUTS * r ** (n / n_layers))
         for n in range(1, n_layers + 1)
@@ -111,13 +111,16 @@ class SearchSpace:
     # Log-uniform widths instead of the compression priors: the priors shrink every
     # layer towards the 10 outputs, the opposite of what a search for wide layers wants.
     units_log: bool = False
+    # The compression priors' rate (the report's: 10 outputs over 784 inputs).
+    compression_r: float = N_CLASSES / N_INPUTS
     # The report's three and two, named here: an activation or optimizer added to the
-    # model is not searched until a space names it.
+    # model is not searched until a space names it. Empty (or None, below): not searched,
+    # the preset's setting stands.
     activations: tuple[str, ...] = ("relu", "leaky_relu", "hardswish")
     optimizers: tuple[str, ...] = ("adam", "adamax")
-    dropout: tuple[float, float] = (0.3, 0.5)
-    lr: tuple[float, float] = (1e-4, 1e-2)
-    weight_decay: tuple[float, float] = (1e-5, 1e-3)
+    dropout: tuple[float, float] | None = (0.3, 0.5)
+    lr: tuple[float, float] | None = (1e-4, 1e-2)
+    weight_decay: tuple[float, float] | None = (1e-5, 1e-3)
     # SGD's steps are lr times the gradient, not about lr as Adam's are, so it wants
     # larger rates: with this range set, an SGD trial draws `sgd_lr` instead of `lr`.
     sgd_lr: tuple[float, float] | None = None
@@ -152,18 +155,23 @@ class SearchSpace:
             out[f"n_units_l{i}"] = IntDistribution(
                 self.units_low, self.units_high, log=self.units_log
             )
-        out["activation"] = CategoricalDistribution(self.activations)
-        out["optimizer"] = CategoricalDistribution(self.optimizers)
-        out["dropout"] = FloatDistribution(*self.dropout)
+        if self.activations:
+            out["activation"] = CategoricalDistribution(self.activations)
+        if self.optimizers:
+            out["optimizer"] = CategoricalDistribution(self.optimizers)
+        if self.dropout is not None:
+            out["dropout"] = FloatDistribution(*self.dropout)
         if self.input_dropout is not None:
             out["input_dropout"] = FloatDistribution(*self.input_dropout)
         if self.max_norm is not None:
             out["use_max_norm"] = CategoricalDistribution((False, True))
             out["max_norm"] = FloatDistribution(*self.max_norm)
-        out["lr"] = FloatDistribution(*self.lr, log=True)
+        if self.lr is not None:
+            out["lr"] = FloatDistribution(*self.lr, log=True)
         if self.sgd_lr is not None:
             out["sgd_lr"] = FloatDistribution(*self.sgd_lr, log=True)
-        out["weight_decay"] = FloatDistribution(*self.weight_decay, log=True)
+        if self.weight_decay is not None:
+            out["weight_decay"] = FloatDistribution(*self.weight_decay, log=True)
         if self.schedules:
             out["schedule"] = CategoricalDistribution(self.schedules)
         if self.batch_sizes:
@@ -180,7 +188,7 @@ class SearchSpace:
                 out[f"n_units_l{i}"] = Condition("n_layers", tuple(range(i + 1, self.n_layers + 1)))
         if self.max_norm is not None:
             out["max_norm"] = Condition("use_max_norm", (True,))
-        if self.sgd_lr is not None:
+        if self.sgd_lr is not None and self.lr is not None:
             out["lr"] = Condition("optimizer", tuple(o for o in self.optimizers if o != "sgd"))
             out["sgd_lr"] = Condition("optimizer", ("sgd",))
         return out
@@ -190,7 +198,8 @@ class SearchSpace:
         widths)."""
         if self.units_log:
             return {}
-        return {f"n_units_l{i}": prior for i, prior in enumerate(compression_priors(self.n_layers))}
+        priors = compression_priors(self.n_layers, self.compression_r)
+        return {f"n_units_l{i}": prior for i, prior in enumerate(priors)}
 
     def suggest(self, trial: optuna.trial.BaseTrial, defaults: TrainConfig) -> TrainConfig:
         """Ask `trial` for every parameter its earlier answers call for, and lay them over

@@ -1,9 +1,10 @@
 """A study in its storage: created with a preset's settings or resumed, with the sampler
 and pruner those settings name, and its trials queued again when their worker dies.
 
-A study's settings — preset, budget, sampler and its seed, pruner, the priors — are its
-user attributes, so every worker, on any host, reads the same ones, and optuna-dashboard
-shows them.
+A study's settings — the study file it was made from (its whole text), the preset's
+name, budget, sampler and its seed, pruner, the priors — are its user attributes, so every
+worker, on any host, rebuilds the same study from the database alone, and
+optuna-dashboard shows them.
 """
 
 from __future__ import annotations
@@ -17,12 +18,16 @@ from optuna.trial import TrialState
 from study.database import MAX_RETRY
 from study.errors import StudyError, redact
 from study.experimental import experimental_optuna
-from study.presets import SAMPLERS, Preset, get_preset
+from study.presets import PRESETS, SAMPLERS, Preset, get_preset
 from study.sampler import GaussianPriorSampler, PriorThenTPESampler
 from study.space import SearchSpace
+from study.study_file import StudyFileError, differences, parse_study
 
 # What the objective returns, as plots and optuna-dashboard name it.
 METRIC_NAME = "mean CV accuracy"
+# The study's file (its text) and the text's hash, among its user attributes.
+STUDY_FILE = "study_file"
+STUDY_FILE_SHA256 = "study_file_sha256"
 
 
 def create_or_resume(
@@ -40,11 +45,28 @@ def create_or_resume(
     existing = _study_names(storage)
     if name in existing:
         attrs = _study_attrs(storage, name)
-        if attrs.get("preset") != preset.name:
+        made_with = attrs.get("preset")
+        if made_with != preset.name:
+            shipped = made_with in PRESETS and not differences(
+                attrs.get(STUDY_FILE, PRESETS[made_with].text), PRESETS[made_with].text
+            )
+            how = (
+                f"--preset {made_with}"
+                if shipped
+                else "its own study file (or leave --space and --preset out: run reads it "
+                "from the study)"
+            )
             raise StudyError(
-                f"study {name!r} was made with preset {attrs.get('preset')!r}, not "
-                f"{preset.name!r}: resume it with --preset {attrs.get('preset')}, or give "
-                "another --study name"
+                f"study {name!r} was made with preset {made_with!r}, not {preset.name!r}: "
+                f"resume it with {how}, or give another --study name"
+            )
+        changed = differences(attrs[STUDY_FILE], preset.text) if STUDY_FILE in attrs else []
+        if changed:
+            raise StudyError(
+                f"study {name!r} was made from another study file; it differs in "
+                f"{'; '.join(changed[:3])}{' …' if len(changed) > 3 else ''}: resume it "
+                "with its own file (or leave --space and --preset out: run reads it from "
+                "the study), or give another --study name"
             )
         if seed is not None and seed != attrs.get("seed"):
             raise StudyError(
@@ -90,6 +112,9 @@ def create_or_resume(
     }
     if preset.sampler == "prior_then_tpe":
         settings["n_prior_trials"] = preset.n_prior_trials
+    # The file itself: every worker, on any host, rebuilds the study from it alone.
+    settings[STUDY_FILE] = preset.text
+    settings[STUDY_FILE_SHA256] = preset.sha256
     for key, value in settings.items():
         study.set_user_attr(key, value)
     return study, True
@@ -111,7 +136,7 @@ def load_study(storage: RDBStorage, name: str) -> optuna.Study:
         raise StudyError(
             f"study {name!r} was not made by mnist-study (no preset in its attributes)"
         )
-    preset = get_preset(attrs["preset"])
+    preset = preset_of(name, attrs)
     # Studies stored before samplers were named all searched at random.
     name_of_sampler = attrs.get("sampler", "random")
     if name_of_sampler not in SAMPLERS:
@@ -134,7 +159,18 @@ def load_study(storage: RDBStorage, name: str) -> optuna.Study:
 
 
 def study_preset(study: optuna.Study) -> Preset:
-    return get_preset(study.user_attrs["preset"])
+    """The study's settings: rebuilt from the study file it stores (older studies store
+    only their preset's name)."""
+    return preset_of(study.study_name, study.user_attrs)
+
+
+def preset_of(name: str, attrs: dict[str, Any]) -> Preset:
+    if STUDY_FILE not in attrs:
+        return get_preset(attrs["preset"])
+    try:
+        return parse_study(attrs[STUDY_FILE], attrs["preset"], where=f"study {name!r}'s file")
+    except StudyFileError as exc:
+        raise StudyError(f"{exc} (stored by another version of mnist-study?)") from None
 
 
 def make_sampler(

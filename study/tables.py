@@ -88,6 +88,13 @@ def status_block(name: str, study: optuna.Study, counts: StudyCounts) -> str:
     attrs = study.user_attrs
     lines = [
         f"study {name}: preset {attrs.get('preset')}, seed {attrs.get('seed')}",
+    ]
+    space = attrs.get("space")
+    if isinstance(space, dict):
+        # The stored space's parameters; the whole file: `status --json`, or the report.
+        stored = " (stored study file)" if "study_file" in attrs else ""
+        lines.append(f"  space   {', '.join(space)}{stored}")
+    lines += [
         f"  trials  {counts.finished}/{counts.budget} finished ({counts.complete} complete, "
         f"{counts.pruned} pruned, {counts.failed} failed), {counts.running} running, "
         f"{counts.waiting} queued, {counts.retried} retried",

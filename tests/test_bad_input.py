@@ -195,6 +195,55 @@ def corrupted_labels(folder: Path, shared: Shared) -> dict[str, str]:
     return _mnist_copy(folder, shared, TEST_LABELS, bytes(labels))
 
 
+# A valid study file, which the bad-file rows break one way each.
+GOOD_STUDY_FILE = """
+[study]
+n_trials = 2
+[train]
+subset = 1000
+max_epochs = 2
+k = 2
+[parameters.units]
+distribution = "q_normal"
+rule = "compression"
+q = 1
+min = 1
+max = 784
+[parameters.activation]
+values = ["relu", "hardswish"]
+[parameters.optimizer]
+values = ["adam"]
+[parameters.dropout]
+distribution = "uniform"
+min = 0.3
+max = 0.5
+[parameters.lr]
+distribution = "log_uniform_values"
+min = 1e-4
+max = 1e-2
+"""
+
+
+def study_file(content: str | bytes, name: str = "my.toml") -> Setup:
+    """Writes `content` as the study file `name`: the good file with one change."""
+
+    def write(folder: Path, shared: Shared) -> None:
+        data = content.encode() if isinstance(content, str) else content
+        (folder / name).write_bytes(data)
+
+    return write
+
+
+def changed(old: str, new: str) -> str:
+    assert old in GOOD_STUDY_FILE
+    return GOOD_STUDY_FILE.replace(old, new, 1)
+
+
+def study_file_row(row_id: str, content: str | bytes, *says: str) -> Row:
+    return Row(row_id, ("run", "--space", "my.toml"), 2, ("study file my.toml", *says) if
+               row_id != "file-syntax" else says, setup=study_file(content))  # fmt: skip
+
+
 # --- the table ----------------------------------------------------------------------------
 
 
@@ -562,6 +611,84 @@ ROWS = [
             "run `mnist-study data --refetch` to fetch it again",
         ),
         setup=corrupted_labels,
+    ),
+    # Study files (`--space FILE`): each refused in one line, before anything is written.
+    study_file_row(
+        "file-unknown-key",
+        changed("n_trials = 2", "n_trials = 2\nbudget = 9"),
+        "[study]: unknown key 'budget'",
+    ),
+    study_file_row(
+        "file-wrong-type",
+        changed("n_trials = 2", 'n_trials = "two"'),
+        "[study] n_trials = 'two': must be a whole number",
+    ),
+    study_file_row(
+        "file-min-over-max",
+        changed("min = 0.3", "min = 0.6"),
+        "parameters.dropout: min = 0.6 is greater than max = 0.5",
+    ),
+    study_file_row(
+        "file-rate-out-of-range",
+        changed('rule = "compression"', 'rule = "compression"\nr = 0'),
+        "parameters.units.r = 0: must be a number in (0, 1)",
+    ),
+    study_file_row(
+        "file-sigma-on-compression",
+        changed('rule = "compression"', 'rule = "compression"\nsigma = -1'),
+        "parameters.units.sigma: the compression rule gives each layer its own",
+    ),
+    study_file_row(
+        "file-empty-values",
+        changed('values = ["adam"]', "values = []"),
+        "parameters.optimizer.values: must be a list of at least one value",
+    ),
+    study_file_row(
+        "file-unknown-activation",
+        changed('"relu", "hardswish"', '"relu", "swish"'),
+        "parameters.activation:",
+        "swish",
+    ),
+    study_file_row(
+        "file-unknown-optimizer",
+        changed('values = ["adam"]', 'values = ["lion"]'),
+        "parameters.optimizer:",
+        "lion",
+    ),
+    study_file_row(
+        "file-condition-on-nothing",
+        changed("max = 1e-2", 'max = 1e-2\nwhen = { parameter = "momentum", values = [1] }'),
+        "parameters.lr.when: this parameter is always asked for",
+    ),
+    study_file_row(
+        "file-dropout-the-trainer-refuses",
+        changed("max = 0.5", "max = 1.0"),
+        "parameters.dropout:",
+        "dropout",
+    ),
+    study_file_row("file-lr-zero", changed("min = 1e-4", "min = 0"), "parameters.lr:", "lr"),
+    study_file_row(
+        "file-syntax", changed("k = 2", "k = = 2"), "study file my.toml: TOML syntax", "line 7"
+    ),
+    Row(
+        "file-missing",
+        ("space", "--space", "none.toml", "--sample", "2"),
+        2,
+        ("study file none.toml: no such file",),
+    ),
+    Row(
+        "file-a-directory",
+        ("run", "--space", "."),
+        2,
+        ("study file .: is a directory, not a TOML file",),
+    ),
+    study_file_row("file-not-utf8", GOOD_STUDY_FILE.encode() + b"# \xff\n", "not UTF-8 text"),
+    Row(
+        "file-and-preset",
+        ("run", "--space", "my.toml", "--preset", "seed"),
+        2,
+        ("argument --preset: not allowed with argument --space",),
+        setup=study_file(GOOD_STUDY_FILE),
     ),
     Row(
         "mnist-corrupted-run",

@@ -20,7 +20,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from model.config import TrainConfig
-from study.presets import PRESETS, WIDE_SPACE
+from study.presets import PRESETS
 from study.sampler import (
     GaussianPriorSampler,
     PriorThenTPESampler,
@@ -104,6 +104,28 @@ def sample_many(
             for i in range(n)
         ]
     )
+
+
+# The wide presets' space as the code spelled it before the presets became files
+# (study/presets/wide.toml must say the same).
+WIDE_SPACE = SearchSpace(
+    min_layers=1,
+    n_layers=4,
+    units_low=128,
+    units_high=4096,
+    units_log=True,
+    activations=("relu", "leaky_relu", "hardswish", "silu"),
+    optimizers=("adam", "adamw", "adamax", "sgd"),
+    dropout=(0.0, 0.6),
+    lr=(1e-4, 1e-2),
+    sgd_lr=(1e-3, 0.3),
+    weight_decay=(1e-6, 1e-2),
+    input_dropout=(0.0, 0.3),
+    max_norm=(1.0, 5.0),
+    schedules=("cosine", "one_cycle"),
+    batch_sizes=(64, 128, 256, 512),
+    label_smoothing=(0.0, 0.1),
+)
 
 
 def test_every_preset_searches_the_space_tested_here() -> None:

@@ -31,6 +31,8 @@ class Section:
     """File name of an image in the `images` given to `write_report`."""
     message: str | None = None
     """Shown instead of a picture that could not be drawn, saying why."""
+    text: str | None = None
+    """Shown as it is, in a fixed-width block (a file)."""
 
 
 _STYLE = """
@@ -42,6 +44,7 @@ table.summary td { padding: 0.15rem 1rem 0.15rem 0; vertical-align: top; }
 table.summary td:first-child { color: #555; white-space: nowrap; }
 p.note { color: #444; max-width: 60rem; } p.message { color: #a33; }
 img { max-width: 100%; }
+pre { background: #f6f6f6; padding: 0.8rem; overflow-x: auto; font-size: 0.85rem; }
 """
 
 
@@ -75,6 +78,8 @@ def write_report(
             parts.append(f'<p class="note">{html.escape(section.note)}</p>')
         if section.message:
             parts.append(f'<p class="message">{html.escape(section.message)}</p>')
+        if section.text is not None:
+            parts.append(f"<pre>{html.escape(section.text)}</pre>")
         if section.figure is not None:
             parts.append(
                 section.figure.to_html(

@@ -1,0 +1,308 @@
+"""Studies as files: the shipped presets draw what the code drew before they were files,
+a user's file means what W&B's sweep vocabulary says, and a bad file is one line."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
+
+from model.data import default_root
+from model.kfold import train_kfold
+from study.presets import PRESETS
+from study.sampler import draw_params
+from study.studies import make_sampler
+from study.study_file import StudyFileError, differences, parse_study
+from tests.conftest import synthetic_data
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+# 30 draws (seed 7) per preset and its settings, written by the code that built the
+# presets in Python, just before they became files.
+BEFORE = json.loads((Path(__file__).parent / "preset_draws.json").read_text())
+
+
+@pytest.mark.parametrize("name", sorted(BEFORE))
+def test_each_shipped_preset_draws_and_sets_exactly_what_the_code_did(name: str) -> None:
+    preset = PRESETS[name]
+    before = BEFORE[name]
+    sampler = make_sampler(preset.sampler, preset.space, 7, preset.n_prior_trials)
+    assert draw_params(preset.space, preset.defaults, 30, 7, sampler=sampler) == before["draws"]
+    settings = before["settings"]
+    assert preset.summary == settings["summary"]
+    assert (preset.n_trials, preset.pruner, preset.sampler, preset.n_prior_trials,
+            preset.ensemble) == (settings["n_trials"], settings["pruner"], settings["sampler"],
+                                 settings["n_prior_trials"], settings["ensemble"])  # fmt: skip
+    defaults = {**preset.defaults.params(), "batch_size": preset.defaults.batch_size,
+                "subset": preset.defaults.subset, "max_epochs": preset.defaults.max_epochs,
+                "patience": preset.defaults.patience, "k": preset.defaults.k,
+                "fold_seed": preset.defaults.fold_seed, "seed": preset.defaults.seed,
+                "warmup": preset.defaults.warmup}  # fmt: skip
+    assert defaults == settings["defaults"]
+    assert json.loads(json.dumps(preset.space.describe())) == settings["space"]
+    assert preset.name == name and preset.text.startswith("#")
+
+
+# --- what a file means ----------------------------------------------------------------
+
+SEED_TEXT = PRESETS["seed"].text
+
+
+def test_a_study_file_s_comments_and_layout_are_no_difference_its_settings_are() -> None:
+    reflowed = "# another comment\n" + SEED_TEXT.replace("min = 0.3", "min    =    0.3")
+    assert differences(SEED_TEXT, reflowed) == []
+    assert differences(SEED_TEXT, SEED_TEXT.replace("max = 0.5", "max = 0.45")) == [
+        "parameters.dropout.max: 0.5 → 0.45"
+    ]
+
+
+def test_a_constant_is_not_searched_and_sets_the_training_value() -> None:
+    text = SEED_TEXT.replace('values = ["adam", "adamax"]', 'value = "adamax"')
+    preset = parse_study(text, "fixed")
+    assert "optimizer" not in preset.space.distributions()
+    assert preset.defaults.optimizer == "adamax"
+    for params in draw_params(preset.space, preset.defaults, 20, 3):
+        assert "optimizer" not in params
+        assert preset.space.configure(params, preset.defaults).optimizer == "adamax"
+
+
+def test_a_third_layer_on_the_compression_rule_gets_the_report_s_formula() -> None:
+    preset = parse_study(SEED_TEXT.replace("value = 2", "value = 3"), "three")
+    priors = preset.space.priors()
+    r = 10 / 784
+    for n, name in enumerate(("n_units_l0", "n_units_l1", "n_units_l2"), start=1):
+        assert priors[name].mu == pytest.approx(784 * r ** (n / 4), rel=1e-12)
+        assert priors[name].sigma == pytest.approx(784 * r ** (n / 3), rel=1e-12)
+    # q_normal with min and max: redrawn until inside them, so no draw falls outside.
+    narrow = parse_study(SEED_TEXT.replace("min = 1\nmax = 784", "min = 40\nmax = 200"), "n")
+    draws = draw_params(narrow.space, narrow.defaults, 200, 5)
+    assert {40 <= d[f"n_units_l{i}"] <= 200 for d in draws for i in (0, 1)} == {True}
+    # Layer 2's prior, N(42.80, 10.00), has no mass to speak of in [150, 200].
+    with pytest.raises(StudyFileError, match=r"n_units_l1's prior N\(42.80, 10.00\) puts"):
+        parse_study(SEED_TEXT.replace("min = 1\nmax = 784", "min = 150\nmax = 200"), "n")
+
+
+def test_a_conditional_parameter_must_say_when_it_is_asked_as_the_space_implies() -> None:
+    wide = PRESETS["wide"].text
+    unsaid = wide.replace('when = { parameter = "optimizer", values = ["sgd"] }\n', "")
+    with pytest.raises(StudyFileError, match=r"parameters.sgd_lr: asked only when optimizer "
+                       r"= sgd: say so with when = \{ parameter = \"optimizer\", values = "
+                       r"\[\"sgd\"\] \}"):  # fmt: skip
+        parse_study(unsaid, "wide")
+    wrong = wide.replace('values = ["sgd"] }', 'values = ["adam"] }')
+    with pytest.raises(StudyFileError, match=r"parameters\.sgd_lr\.when: this space asks for "
+                       r"it when optimizer = sgd"):  # fmt: skip
+        parse_study(wrong, "wide")
+
+
+def test_probabilities_are_refused_rather_than_ignored() -> None:
+    text = SEED_TEXT.replace('values = ["adam", "adamax"]',
+                             'values = ["adam", "adamax"]\nprobabilities = [0.9, 0.1]')  # fmt: skip
+    with pytest.raises(StudyFileError, match="probabilities: not supported"):
+        parse_study(text, "p")
+
+
+# --- random files: each trains one tiny trial or is refused in one line ----------------
+
+
+def to_toml(data: dict[str, Any]) -> str:
+    """The few TOML shapes a study file has: tables of scalars, lists and inline tables."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, float) and not math.isfinite(v):
+            return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f"{json.dumps(k)} = {value(x)}" for k, x in v.items()) + " }"
+        return repr(v)
+
+    lines: list[str] = []
+
+    def table(name: str, body: dict[str, Any]) -> None:
+        lines.append(f"[{name}]")
+        nested = {k: v for k, v in body.items() if isinstance(v, dict) and name == "parameters"}
+        for key, v in body.items():
+            if key not in nested:
+                lines.append(f"{json.dumps(key)} = {value(v)}")
+        for key, v in nested.items():
+            table(f"parameters.{json.dumps(key)}", v)
+
+    for name, body in data.items():
+        if isinstance(body, dict):
+            table(json.dumps(name) if name != "parameters" else name, body)
+        else:
+            lines.insert(0, f"{json.dumps(name)} = {value(body)}")
+    return "\n".join(lines) + "\n"
+
+
+BASE = {
+    "study": {"n_trials": 3, "sampler": "random", "pruner": "none"},
+    "train": {"subset": 40, "batch_size": 10, "max_epochs": 2, "patience": 2, "k": 2},
+    "parameters": {
+        "n_layers": {"distribution": "int_uniform", "min": 1, "max": 3},
+        "units": {"distribution": "q_normal", "rule": "compression", "q": 1, "min": 1,
+                  "max": 784},
+        "activation": {"values": ["relu", "silu"]},
+        "optimizer": {"values": ["adam", "sgd"]},
+        "dropout": {"distribution": "uniform", "min": 0.0, "max": 0.5},
+        "lr": {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-2,
+               "when": {"parameter": "optimizer", "values": ["adam"]}},
+        "sgd_lr": {"distribution": "log_uniform_values", "min": 1e-3, "max": 0.3,
+                   "when": {"parameter": "optimizer", "values": ["sgd"]}},
+        "weight_decay": {"value": 0.0},
+        "use_max_norm": {"values": [False, True]},
+        "max_norm": {"distribution": "uniform", "min": 1.0, "max": 3.0,
+                     "when": {"parameter": "use_max_norm", "values": [True]}},
+        "batch_size": {"values": [10, 20]},
+    },
+}  # fmt: skip
+LEAF = (
+    st.integers(-3, 5000) | st.floats(allow_nan=True) | st.floats(-1, 2) | st.booleans()
+    | st.sampled_from(["relu", "adam", "sgd", "uniform", "q_normal", "compression", "all",
+                       "full", "int_uniform", "log_uniform_values", "x"])
+    | st.lists(st.integers(0, 600) | st.sampled_from(["relu", "adam"]), max_size=3)
+)  # fmt: skip
+KEYS = sorted({"value", "values", "distribution", "min", "max", "q", "mu", "sigma", "r",
+               "rule", "when", "probabilities", "n_trials", "k", "subset", "max_epochs",
+               "batch_size", "dropout", "lr", "sampler", "pruner", "nonsense"})  # fmt: skip
+
+
+@st.composite
+def study_files(draw: st.DrawFn) -> dict[str, Any]:
+    """The base file, then up to three changes: a key set to a random value, removed, or
+    a whole parameter table dropped; so files valid and almost valid."""
+    data = copy.deepcopy(BASE)
+    for _ in range(draw(st.integers(0, 3))):
+        section = draw(st.sampled_from(["study", "train", "parameters"]))
+        if section == "parameters":
+            name = draw(st.sampled_from(sorted(data["parameters"])))
+            target = data["parameters"][name]
+            if draw(st.booleans()) and len(data["parameters"]) > 1:
+                del data["parameters"][name]
+                continue
+        else:
+            target = data[section]
+        key = draw(st.sampled_from(KEYS))
+        if draw(st.integers(0, 3)) == 0:
+            target.pop(key, None)
+        else:
+            target[key] = draw(LEAF)
+    return data
+
+
+@settings(max_examples=150, deadline=None, database=None)
+@given(data=study_files())
+def test_random_study_files_train_a_tiny_trial_or_are_refused_in_one_line(
+    data: dict[str, Any],
+) -> None:
+    text = to_toml(data)
+    try:
+        preset = parse_study(text, "random")
+    except StudyFileError as exc:
+        message = str(exc)
+        assert "\n" not in message and message.startswith("the study file: "), message
+        event("refused")
+        return
+    event("trained")
+    sampler = make_sampler(preset.sampler, preset.space, 1, preset.n_prior_trials)
+    [params] = draw_params(preset.space, preset.defaults, 1, 1, sampler=sampler)
+    config = preset.space.configure(params, preset.defaults)
+    result = train_kfold(
+        dataclasses.replace(config, subset=None, k=2), TINY, on_progress=lambda _: True
+    )
+    assert len(result.fold_accuracies) == 2
+
+
+TINY = synthetic_data(40)
+
+
+# --- a study from a user's file, joined by a worker that has no file ------------------
+
+USER_FILE = """
+[study]
+summary = "three layers on the compression rule, a narrower dropout"
+n_trials = 4
+[train]
+subset = 1000
+batch_size = "full"
+max_epochs = 2
+patience = 2
+k = 2
+[parameters.n_layers]
+value = 3
+[parameters.units]
+distribution = "q_normal"
+rule = "compression"
+q = 1
+min = 1
+max = 784
+[parameters.activation]
+values = ["relu", "hardswish"]
+[parameters.optimizer]
+value = "adam"
+[parameters.dropout]
+distribution = "uniform"
+min = 0.35
+max = 0.45
+[parameters.lr]
+distribution = "log_uniform_values"
+min = 1e-4
+max = 1e-2
+"""
+
+
+def test_a_study_from_a_file_runs_and_a_worker_without_the_file_joins_its_space(
+    tmp_path: Path, mnist: object
+) -> None:
+    def mnist_study(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "study", *args, "--root", str(default_root().resolve())],
+            cwd=cwd, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+
+    (tmp_path / "mine.toml").write_text(USER_FILE)
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    ran = mnist_study("run", "--space", "mine.toml", "--storage", url, "--workers", "2",
+                      "--no-retrain", cwd=tmp_path)  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    assert "study mnist-mine: preset mine" in ran.stdout
+
+    # Another host: no file, only the database, and a larger budget.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    study = optuna.load_study(study_name="mnist-mine", storage=url)
+    study.set_user_attr("budget", 6)
+    joined = mnist_study("worker", "--study", "mnist-mine", "--storage", url, cwd=elsewhere)
+    assert joined.returncode == 0, joined.stderr
+    trials = optuna.load_study(study_name="mnist-mine", storage=url).get_trials()
+    assert len(trials) == 6
+    preset = parse_study(USER_FILE, "mine")
+    expected = draw_params(preset.space, preset.defaults, 6, study.user_attrs["seed"])
+    assert [t.params for t in trials] == expected  # the same space, the same seeded draws
+    assert {tuple(sorted(t.params)) for t in trials} == {
+        ("activation", "dropout", "lr", "n_units_l0", "n_units_l1", "n_units_l2")
+    }
+    assert study.user_attrs["study_file"] == USER_FILE
+
+    # Resuming with another file is refused, naming the difference; nothing runs.
+    (tmp_path / "mine.toml").write_text(USER_FILE.replace("max = 0.45", "max = 0.5"))
+    refused = mnist_study("run", "--space", "mine.toml", "--storage", url, "--n-trials", "8",
+                          cwd=tmp_path)  # fmt: skip
+    assert refused.returncode == 2
+    assert "it differs in parameters.dropout.max: 0.45 → 0.5" in refused.stderr
+    assert len(optuna.load_study(study_name="mnist-mine", storage=url).get_trials()) == 6
