@@ -37,11 +37,10 @@ import torch
 from model.config import TrainConfig
 from model.data import DeviceData
 from model.network import NetShape, StackedFFNN, narrow
+from model.optimizers import Optimizer, make_optimizer
 from model.steps import (
     AutogradStep,
-    Optimizer,
     TrialStreams,
-    make_optimizer,
     make_step,
     matmul_precision,
     resolve_precision,
