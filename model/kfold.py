@@ -15,13 +15,9 @@ How fast, measured 2026-11-27 (benchmarks/README.md, README.md's Results):
 
 Data flow, per trial: the training images already sit on the device (`DeviceData`);
 `split_folds` picks the same k folds for every configuration; the k networks live in one
-`StackedFFNN`, and each step (`model.steps`) advances all of them at once.
-
-Early stopping never waits on the host inside the epoch loop. Each fold's best
-validation loss, best epoch, patience counter and best weights are device tensors updated
-with `torch.where`; the host reads them back only every `sync_every` epochs to learn
-whether every fold has stopped. A fold that stopped keeps being computed until then (its
-results are frozen at its stop epoch, so the numbers do not depend on `sync_every`).
+`StackedFFNN`, and each step (`model.steps`) advances all of them at once. Each fold
+stops early on its own, without the epoch loop waiting on the host
+(`model.early_stopping`).
 """
 
 from __future__ import annotations
@@ -36,20 +32,18 @@ import torch
 
 from model.config import TrainConfig
 from model.data import DeviceData
-from model.network import NetShape, StackedFFNN, narrow
+from model.early_stopping import FoldState
+from model.network import NetShape, StackedFFNN
+from model.optimizers import Optimizer, make_optimizer
 from model.steps import (
     AutogradStep,
-    Optimizer,
     TrialStreams,
-    make_optimizer,
     make_step,
     matmul_precision,
     resolve_precision,
     tile,
     train_epoch,
 )
-
-CURVES = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
 
 _log = logging.getLogger(__name__)
 
@@ -71,8 +65,9 @@ class KFoldResult:
 
     Epoch numbers are 1-based. A fold's accuracy and loss are its validation figures at
     its best epoch (lowest validation loss), whose weights `model` holds. `curves` has,
-    per fold, one value per epoch that fold ran, for each name in `CURVES` (training
-    figures are the epoch's running means, with dropout on).
+    per fold, one value per epoch that fold ran, for each name in
+    `model.early_stopping.CURVES` (training figures are the epoch's running means, with
+    dropout on).
     `diverged` names the fold and epoch whose loss became NaN or infinite; `halted` says
     the caller's `on_progress` stopped the run.
     """
@@ -334,7 +329,7 @@ class _Trainer:
             capturable=graphs,
         )
         self._build(model, optimizer, streams)
-        self.state = _FoldState(model, first.max_epochs, device)
+        self.state = FoldState(model, first.max_epochs, device)
 
     def _build(self, model: StackedFFNN, optimizer: Optimizer, streams: TrialStreams) -> None:
         self.model = model
@@ -417,12 +412,12 @@ class _Trainer:
                 ]
             for position, halted in ended:
                 trial = self.live[position]
-                result = self.state.result(
-                    position,
-                    self.configs[trial],
-                    self.data.device,
-                    time.perf_counter() - self.started,
-                    halted,
+                result = KFoldResult(
+                    config=self.configs[trial],
+                    seconds=time.perf_counter() - self.started,
+                    device=str(self.data.device),
+                    halted=halted,
+                    **self.state.outcome(position),
                 )
                 results[trial] = result
                 if on_result is not None:
@@ -487,114 +482,3 @@ class _Trainer:
         # A new stack has new shapes: warm up and capture it afresh.
         self.graph = None
         self.eager_epochs = 0
-
-
-class _FoldState:
-    """Each network's early-stopping bookkeeping, as device tensors of shape (n,)."""
-
-    def __init__(self, model: StackedFFNN, max_epochs: int, device: torch.device) -> None:
-        n = model.n
-        self.model = model
-        self.best_loss = torch.full((n,), math.inf, device=device)
-        self.best_accuracy = torch.zeros(n, device=device)
-        self.best_epoch = torch.zeros(n, dtype=torch.int64, device=device)
-        self.bad_epochs = torch.zeros(n, dtype=torch.int64, device=device)
-        self.stop_epoch = torch.full((n,), max_epochs, dtype=torch.int64, device=device)
-        self.active = torch.ones(n, dtype=torch.bool, device=device)
-        self.diverged_epoch = torch.zeros(n, dtype=torch.int64, device=device)
-        self.best_params = [p.detach().clone() for p in model.parameters()]
-        # Rows: CURVES; filled per epoch.
-        self.curves = torch.full((max_epochs, len(CURVES), n), math.nan, device=device)
-        # Epochs booked: on the device, counted up by each (maybe replayed) epoch; and
-        # as the host last read it.
-        self.epoch = torch.zeros((), dtype=torch.int64, device=device)
-        self.epochs_done = 0
-
-    def select(self, model: StackedFFNN, index: torch.Tensor) -> _FoldState:
-        """The bookkeeping of networks `index`, for their new stack `model`."""
-        kept = object.__new__(_FoldState)
-        kept.model = model
-        for name in (
-            "best_loss",
-            "best_accuracy",
-            "best_epoch",
-            "bad_epochs",
-            "stop_epoch",
-            "active",
-            "diverged_epoch",
-        ):
-            setattr(kept, name, getattr(self, name).index_select(0, index))
-        kept.best_params = [
-            narrow(best, index, p.shape)
-            for best, p in zip(self.best_params, model.parameters(), strict=True)
-        ]
-        kept.curves = self.curves.index_select(2, index)
-        kept.epoch = self.epoch.clone()
-        kept.epochs_done = self.epochs_done
-        return kept
-
-    def record(
-        self,
-        epoch: torch.Tensor,
-        train_loss: torch.Tensor,
-        train_accuracy: torch.Tensor,
-        val_loss: torch.Tensor,
-        val_accuracy: torch.Tensor,
-        patience: int,
-    ) -> None:
-        """Book epoch `epoch` (1-based, a 0-d int64 device tensor) for the networks still
-        active; no host sync. Every update is in place, so that a CUDA graph that captured
-        this call reads and writes the same tensors when it is replayed."""
-        row = torch.stack([train_loss, train_accuracy, val_loss, val_accuracy])
-        self.curves.index_copy_(0, (epoch - 1).view(1), row.unsqueeze(0))
-        finite = torch.isfinite(train_loss) & torch.isfinite(val_loss)
-        newly_diverged = self.active & ~finite
-        self.diverged_epoch.copy_(torch.where(newly_diverged, epoch, self.diverged_epoch))
-        improved = self.active & finite & (val_loss < self.best_loss)
-        self.best_loss.copy_(torch.where(improved, val_loss, self.best_loss))
-        self.best_accuracy.copy_(torch.where(improved, val_accuracy, self.best_accuracy))
-        self.best_epoch.copy_(torch.where(improved, epoch, self.best_epoch))
-        self.bad_epochs.copy_(torch.where(improved, 0, self.bad_epochs + 1))
-        with torch.no_grad():
-            for best, param in zip(self.best_params, self.model.parameters(), strict=True):
-                best.copy_(torch.where(improved.view(-1, 1, 1), param, best))
-        stopping = self.active & ((self.bad_epochs >= patience) | newly_diverged)
-        self.stop_epoch.copy_(torch.where(stopping, epoch, self.stop_epoch))
-        self.active &= ~stopping
-
-    def result(
-        self,
-        position: int,
-        config: TrainConfig,
-        device: torch.device,
-        seconds: float,
-        halted: bool,
-    ) -> KFoldResult:
-        """The trial at `position` in the stack: its folds' figures and best weights."""
-        networks = self.model.trial(position)
-        k = config.k
-        model = self.model.select([position], self.best_params)
-        stop = self.stop_epoch[networks].clamp(max=self.epochs_done).tolist()
-        curves = self.curves[:, :, networks].cpu()
-        per_fold = {
-            name: [curves[: stop[j], row, j].tolist() for j in range(k)]
-            for row, name in enumerate(CURVES)
-        }
-        diverged = None
-        for j, epoch in enumerate(self.diverged_epoch[networks].tolist()):
-            if epoch:
-                diverged = f"fold {j + 1} loss became non-finite at epoch {epoch}"
-                break
-        return KFoldResult(
-            config=config,
-            fold_accuracies=self.best_accuracy[networks].tolist(),
-            fold_losses=self.best_loss[networks].tolist(),
-            best_epochs=self.best_epoch[networks].tolist(),
-            epochs_run=stop,
-            curves=per_fold,
-            seconds=seconds,
-            device=str(device),
-            diverged=diverged,
-            halted=halted,
-            model=model,
-        )

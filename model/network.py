@@ -245,6 +245,13 @@ def narrow(tensor: torch.Tensor, index: torch.Tensor, shape: Sequence[int]) -> t
     return picked[:, : shape[1], : shape[2]].contiguous()
 
 
+def per_network(model: StackedFFNN, values: Sequence[float]) -> torch.Tensor:
+    """One value per trial as an (n, 1, 1) tensor over the stack's networks."""
+    like = model.weights[0]
+    column = torch.tensor(list(values), dtype=like.dtype, device=like.device)
+    return column.repeat_interleave(model.k).view(-1, 1, 1)
+
+
 def _activation_runs(names: Sequence[str], k: int) -> list[tuple[str, int, int]]:
     """(activation, first network, one past the last) for each run of equal activations."""
     runs: list[tuple[str, int, int]] = []

@@ -17,9 +17,9 @@ from model.config import N_CLASSES, TrainConfig
 from model.data import DeviceData
 from model.kfold import net_shape, steps_per_epoch, training_subset
 from model.network import FFNN, StackedFFNN
+from model.optimizers import make_optimizer
 from model.steps import (
     TrialStreams,
-    make_optimizer,
     make_step,
     matmul_precision,
     resolve_precision,

@@ -1,5 +1,6 @@
 """One training step for all k stacked networks, and what a training loop sets up around
-it: the optimizer, the precision, the seeded random stream, one epoch of steps.
+it: the precision, the seeded random stream, one epoch of steps. The optimizer a step
+calls is made in `model.optimizers`.
 
 A step takes an (n, B, 784) batch with its (n, B) labels — or a (k, B, 784) one, fold
 j's rows for network j of every trial — updates every network once and returns each
@@ -15,18 +16,20 @@ them.
 from __future__ import annotations
 
 import contextlib
-import math
-from collections.abc import Iterator, Sequence
-from typing import NamedTuple
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from model.config import PRECISIONS, SGD_MOMENTUM, TrainConfig
+from model.config import PRECISIONS
 from model.cpu_step import CpuStep
 from model.data import DeviceData
 from model.dropout import keep_mask
-from model.network import StackedFFNN, narrow
+from model.network import StackedFFNN, per_network
+
+if TYPE_CHECKING:
+    from model.optimizers import Optimizer
 
 
 class AutogradStep:
@@ -256,271 +259,3 @@ class TrialStreams:
                 for g in self.generators
             ]
         )
-
-
-def make_optimizer(
-    model: StackedFFNN,
-    configs: list[TrainConfig],
-    *,
-    total_steps: int,
-    capturable: bool = False,
-) -> Optimizer:
-    """Each trial's optimizer over its networks, its learning rate following its
-    `schedule` over `total_steps` steps (`lr_factors`), and its max-norm cap applied
-    after every step (`MaxNorm`).
-
-    The rules act element by element (or, max-norm, unit by unit), so on a stack each
-    network has its own optimizer state in effect. Each trial gets torch's own optimizer
-    over its networks (`TrialOptimizers`); a stack whose steps a CUDA graph will capture
-    (`capturable`) gets `StackedAdam` instead: one update for the whole stack, its step
-    count on the device (Adam and Adamax only).
-    """
-    if capturable:
-        return StackedAdam(model, configs, total_steps)
-    return TrialOptimizers(model, configs, total_steps)
-
-
-def lr_factors(schedule: str, warmup: float, total_steps: int) -> torch.Tensor:
-    """The learning rate of each of `total_steps` steps (0-based s, T steps in all) as a
-    fraction of the configured one (float64, on the CPU):
-
-    - constant: 1 (the report's);
-    - cosine: a linear warm-up over the first W = round(warmup · T) steps, (s + 1) / W,
-      then 0.5 · (1 + cos(π (s − W) / (T − W))), down towards 0 at the last step;
-    - one_cycle (torch's `OneCycleLR` shape, learning rate only): from 1/25 up to 1 along
-      a half cosine over the first R = round(0.3 · T) steps, then down along a half
-      cosine to 1/25 · 10⁻⁴.
-
-    W and R are at most T − 1, so every schedule ends on its way down.
-    """
-    steps = torch.arange(total_steps, dtype=torch.float64)
-    if schedule == "constant":
-        return torch.ones(total_steps, dtype=torch.float64)
-    if schedule == "cosine":
-        rise = min(round(warmup * total_steps), total_steps - 1)
-        up = (steps + 1) / max(rise, 1)
-        down = 0.5 * (1 + torch.cos(math.pi * (steps - rise) / (total_steps - rise)))
-        return torch.where(steps < rise, up, down)
-    if schedule == "one_cycle":
-        start, end = 1 / 25, 1 / 25 / 1e4
-        rise = min(round(0.3 * total_steps), total_steps - 1)
-        up = start + (1 - start) * 0.5 * (1 - torch.cos(math.pi * steps / max(rise, 1)))
-        down = end + (1 - end) * 0.5 * (
-            1 + torch.cos(math.pi * (steps - rise) / (total_steps - rise))
-        )
-        return torch.where(steps < rise, up, down)
-    raise ValueError(f"schedule {schedule!r}")
-
-
-def per_network(model: StackedFFNN, values: Sequence[float]) -> torch.Tensor:
-    """One value per trial as an (n, 1, 1) tensor over the stack's networks."""
-    like = model.weights[0]
-    column = torch.tensor(list(values), dtype=like.dtype, device=like.device)
-    return column.repeat_interleave(model.k).view(-1, 1, 1)
-
-
-class MaxNorm:
-    """The dropout paper's max-norm constraint: after each step, every hidden unit's
-    incoming weights (a column of a hidden layer's (n, fan_in, fan_out) weight) are
-    scaled down to an L2 norm of at most the network's cap, in place (no host sync, so a
-    CUDA graph may capture it). Networks without a cap have an infinite one. A padded
-    column is zero and stays zero."""
-
-    def __init__(self, model: StackedFFNN, caps: Sequence[float | None]) -> None:
-        self.weights = list(model.weights)[:-1]
-        self.cap = per_network(model, [math.inf if c is None else c for c in caps])
-
-    @classmethod
-    def of(cls, model: StackedFFNN, configs: Sequence[TrainConfig]) -> MaxNorm | None:
-        caps = [c.max_norm for c in configs]
-        return None if all(c is None for c in caps) else cls(model, caps)
-
-    @torch.no_grad()
-    def __call__(self) -> None:
-        for weight in self.weights:
-            norms = torch.linalg.vector_norm(weight, dim=1, keepdim=True)
-            weight.mul_((self.cap / norms).clamp_(max=1.0))
-
-
-class TrialOptimizers:
-    """torch's Adam (fused), AdamW (fused), Adamax (multi-tensor) or SGD with Nesterov
-    momentum (multi-tensor) for each trial, over its k networks: the leading slice of
-    every stacked tensor, which is contiguous, so each trial's update is one fused pass.
-    A trial's padding has zero gradients and stays zero.
-
-    Measured on the project's 2-core CPU: one step for two trials of the quick preset
-    (6 networks, 784-249-36-10) took 0.8 ms as fused Adam and 17 ms as `StackedAdam`'s
-    element-wise sequence, which made stacked mini-batch training half as fast as one
-    trial at a time (benchmarks/README.md). A mini-batch step of the report's network
-    took 0.28 ms fused against 1.09 ms unfused.
-    """
-
-    def __init__(self, model: StackedFFNN, configs: list[TrainConfig], total_steps: int) -> None:
-        self.model = model
-        self.configs = list(configs)
-        self.total_steps = total_steps
-        self.views = [
-            [p.detach()[model.trial(t)] for p in model.parameters()] for t in range(len(configs))
-        ]
-        self.optimizers = [
-            _torch_optimizer(views, config)
-            for views, config in zip(self.views, configs, strict=True)
-        ]
-        # Each trial's learning rate for each step; None where it stays constant.
-        self.rates: list[list[float] | None] = [
-            None
-            if c.schedule == "constant"
-            else (c.lr * lr_factors(c.schedule, c.warmup, total_steps)).tolist()
-            for c in configs
-        ]
-        self.steps_done = 0
-        self.max_norm = MaxNorm.of(model, configs)
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for param in self.model.parameters():
-            param.grad = None
-
-    def step(self) -> None:
-        params = list(self.model.parameters())
-        # Past the schedule's end (a caller training longer than it said) the last rate holds.
-        at = min(self.steps_done, self.total_steps - 1)
-        for t, (views, optimizer) in enumerate(zip(self.views, self.optimizers, strict=True)):
-            # The step may have made new gradient tensors (autograd): see them through.
-            for view, param in zip(views, params, strict=True):
-                view.grad = param.grad[self.model.trial(t)]
-            rates = self.rates[t]
-            if rates is not None:
-                for group in optimizer.param_groups:
-                    group["lr"] = rates[at]
-            optimizer.step()
-        self.steps_done += 1
-        if self.max_norm is not None:
-            self.max_norm()
-
-    def select(self, model: StackedFFNN, keep: list[int], index: torch.Tensor) -> TrialOptimizers:
-        """The optimizers of the trials at positions `keep`, where they stand, on `model`
-        (their stack)."""
-        kept = TrialOptimizers(model, [self.configs[t] for t in keep], self.total_steps)
-        kept.steps_done = self.steps_done
-        for new, t in enumerate(keep):
-            old_views, old = self.views[t], self.optimizers[t]
-            for old_view, view in zip(old_views, kept.views[new], strict=True):
-                if old_view in old.state:
-                    kept.optimizers[new].state[view] = {
-                        name: narrow_like(value, view)
-                        for name, value in old.state[old_view].items()
-                    }
-        return kept
-
-
-def _torch_optimizer(params: list[torch.Tensor], config: TrainConfig) -> torch.optim.Optimizer:
-    lr, decay = config.lr, config.weight_decay
-    if config.optimizer == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=decay, fused=True)
-    if config.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=decay, fused=True)
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(
-            params, lr=lr, momentum=SGD_MOMENTUM, nesterov=True, weight_decay=decay, foreach=True
-        )
-    # Adamax has no fused kernel; the multi-tensor one is the fastest there is.
-    return torch.optim.Adamax(params, lr=lr, weight_decay=decay, foreach=True)
-
-
-def narrow_like(value: object, like: torch.Tensor) -> object:
-    """Optimizer state cut to a narrower stack's shape: a tensor shaped as a parameter is
-    cut to `like`'s (its corner holds the trial; the rest is padding); anything else
-    (the step count) is copied."""
-    if isinstance(value, torch.Tensor) and value.dim() == like.dim() == 3:
-        return value[:, : like.shape[1], : like.shape[2]].clone()
-    return value.clone() if isinstance(value, torch.Tensor) else value
-
-
-class StackedAdam:
-    """Adam and Adamax (torch's formulas, L2 penalty added to the gradient) over a stack
-    whose trials each have their own rule, learning rate and penalty.
-
-    Every quantity is a tensor over the whole stack, with the per-network settings as
-    (n, 1, 1) tensors, so a step is a fixed sequence of element-wise operations per
-    parameter tensor whatever the mix of trials: no loop over networks, and nothing read
-    back to the host (the step count lives on the device too, ready for graph capture).
-    A padded zero weight has zero gradient and zero moments, so its update is 0/(0 + ε)
-    (Adam) or 0/ε (Adamax): exactly zero.
-    """
-
-    BETAS = (0.9, 0.999)
-    EPS = 1e-8
-
-    def __init__(self, model: StackedFFNN, configs: list[TrainConfig], total_steps: int) -> None:
-        unsupported = {c.optimizer for c in configs} - {"adam", "adamax"}
-        if unsupported:
-            raise ValueError(f"StackedAdam steps adam and adamax, not {', '.join(unsupported)}")
-        device = model.weights[0].device
-        dtype = model.weights[0].dtype
-        self.params = list(model.parameters())
-        self.weight_decay = per_network(model, [c.weight_decay for c in configs])
-        self.adamax = per_network(model, [float(c.optimizer == "adamax") for c in configs]).bool()
-        # Each network's learning rate at every step, (T, n, 1, 1): the step count on the
-        # device indexes it, so a captured step follows the schedule when replayed.
-        self.rates = _stacked_rates(model, configs, total_steps)
-        self.step_count = torch.zeros((), dtype=dtype, device=device)
-        self.first = [torch.zeros_like(p) for p in self.params]
-        self.second = [torch.zeros_like(p) for p in self.params]
-        self.max_norm = MaxNorm.of(model, configs)
-        self._configs = list(configs)
-
-    @torch.no_grad()
-    def step(self) -> None:
-        beta1, beta2 = self.BETAS
-        at = self.step_count.long().clamp(max=self.rates.shape[0] - 1)
-        lr = self.rates.index_select(0, at.view(1)).squeeze(0)
-        self.step_count += 1
-        step_size = lr / (1 - beta1**self.step_count)
-        root_correction = torch.sqrt(1 - beta2**self.step_count)
-        for param, first, second in zip(self.params, self.first, self.second, strict=True):
-            grad = param.grad.addcmul(param, self.weight_decay)
-            first.lerp_(grad, 1 - beta1)
-            adam_second = second * beta2 + (1 - beta2) * grad * grad
-            adamax_second = torch.maximum(second * beta2, grad.abs() + self.EPS)
-            second.copy_(torch.where(self.adamax, adamax_second, adam_second))
-            denominator = torch.where(
-                self.adamax, second, second.sqrt() / root_correction + self.EPS
-            )
-            param.sub_(step_size * first / denominator)
-        if self.max_norm is not None:
-            self.max_norm()
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for param in self.params:
-            param.grad = None
-
-    def select(self, model: StackedFFNN, keep: list[int], index: torch.Tensor) -> StackedAdam:
-        """This optimizer's state for the trials at positions `keep` (networks `index`),
-        on `model` (their stack)."""
-        kept = object.__new__(StackedAdam)
-        kept.params = list(model.parameters())
-        kept.rates = self.rates.index_select(1, index)
-        kept.weight_decay = self.weight_decay.index_select(0, index)
-        kept.adamax = self.adamax.index_select(0, index)
-        kept.step_count = self.step_count.clone()
-        shapes = [p.shape for p in kept.params]
-        kept.first = [narrow(m, index, s) for m, s in zip(self.first, shapes, strict=True)]
-        kept.second = [narrow(v, index, s) for v, s in zip(self.second, shapes, strict=True)]
-        kept.max_norm = MaxNorm.of(model, [self._configs[t] for t in keep])
-        kept._configs = [self._configs[t] for t in keep]
-        return kept
-
-
-def _stacked_rates(
-    model: StackedFFNN, configs: list[TrainConfig], total_steps: int
-) -> torch.Tensor:
-    """(T, n, 1, 1): each network's learning rate at each of the T steps."""
-    like = model.weights[0]
-    per_trial = torch.stack(
-        [c.lr * lr_factors(c.schedule, c.warmup, total_steps) for c in configs], dim=1
-    )
-    rates = per_trial.repeat_interleave(model.k, dim=1)
-    return rates.to(like.device, like.dtype).view(total_steps, -1, 1, 1)
-
-
-Optimizer = TrialOptimizers | StackedAdam

@@ -21,15 +21,8 @@ from model.data import DeviceData, Mnist, to_device
 from model.dropout import keep_mask
 from model.kfold import KFoldResult, initial_model, net_shape, train_kfold, train_trials
 from model.network import StackedFFNN
-from model.steps import (
-    AutogradStep,
-    StackedAdam,
-    TrialOptimizers,
-    lr_factors,
-    make_optimizer,
-    make_step,
-    resolve_precision,
-)
+from model.optimizers import StackedAdam, TrialOptimizers, lr_factors, make_optimizer
+from model.steps import AutogradStep, make_step, resolve_precision
 from tests.conftest import synthetic_data
 from tests.reference import PlainTrainer, draw_step_masks, fold_masks, lr_factor, network_from
 
