@@ -9,7 +9,6 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,6 +23,7 @@ from study.errors import (
 )
 from study.params import parse_params
 from study.presets import DEFAULT_PRESET, get_preset
+from study.progress import count_bar, epoch_bar
 from study.tables import space_summary, status_block, train_table
 
 if TYPE_CHECKING:
@@ -31,7 +31,6 @@ if TYPE_CHECKING:
     import torch
     from optuna.storages import BaseStorage
 
-    from model.kfold import Progress
     from study.objective import SpeedOptions
     from study.presets import Preset
     from study.retrain import RetrainOutcome
@@ -75,7 +74,7 @@ def train(args: argparse.Namespace) -> int:
     result = train_kfold(
         config,
         data,
-        on_progress=_epoch_bar(config.max_epochs),
+        on_progress=epoch_bar(config.max_epochs),
         precision=args.precision,
         compile=args.compile,
         graphs=args.cuda_graphs,
@@ -85,22 +84,6 @@ def train(args: argparse.Namespace) -> int:
         return 0
     print(train_table(result))
     return 0
-
-
-def _epoch_bar(max_epochs: int) -> Callable[[Progress], bool]:
-    """A progress bar over epochs, on stderr when it is a terminal."""
-    from tqdm import tqdm
-
-    bar = tqdm(total=max_epochs, unit="epoch", desc="k-fold", disable=None, leave=False)
-
-    def on_progress(progress: Progress) -> bool:
-        bar.update(progress.epoch - bar.n)
-        bar.set_postfix(mean_acc=f"{progress.mean_accuracy:.4f}", folds=progress.active_folds)
-        if progress.active_folds == 0 or progress.epoch >= max_epochs:
-            bar.close()
-        return False
-
-    return on_progress
 
 
 def _preset(args: argparse.Namespace, storage_url: str | None = None) -> Preset:
@@ -114,24 +97,12 @@ def _preset(args: argparse.Namespace, storage_url: str | None = None) -> Preset:
     if args.preset is not None:
         return get_preset(args.preset)
     if storage_url is not None and getattr(args, "study", None):
-        stored = _stored_preset(storage_url, args.study)
+        from study.studies import stored_preset
+
+        stored = stored_preset(storage_url, args.study)
         if stored is not None:
             return stored
     return get_preset(DEFAULT_PRESET)
-
-
-def _stored_preset(storage_url: str, name: str) -> Preset | None:
-    """The settings the study `name` stores, or None where there is no such study yet."""
-    from study.database import open_storage, sqlite_file
-    from study.studies import list_studies, preset_of
-
-    database = sqlite_file(storage_url)
-    if database is not None and not database.exists():
-        return None  # `run` creates it
-    storage = open_storage(storage_url, heartbeat=None, write=False)
-    if name not in list_studies(storage):
-        return None
-    return preset_of(name, storage.get_study_user_attrs(storage.get_study_id_from_name(name)))
 
 
 def _storage_url(args: argparse.Namespace) -> str:
@@ -352,8 +323,8 @@ def _retrain_and_print(
         data_root=data_root,
         precision=precision,
         ensemble=ensemble,
-        on_epoch=_count_bar(epochs, "retrain"),
-        on_fold_epoch=_count_bar(config.max_epochs, "folds") if ensemble else None,
+        on_epoch=count_bar(epochs, "retrain"),
+        on_fold_epoch=count_bar(config.max_epochs, "folds") if ensemble else None,
     )
     _print_final(outcome, json_out)
 
@@ -377,29 +348,6 @@ def _print_final(outcome: RetrainOutcome, json_out: bool) -> None:
         )
     lines += [f"checkpoint: {outcome.checkpoint}", f"metrics: {outcome.metrics_path}"]
     print("\n".join(lines))
-
-
-def _count_bar(total: int, desc: str) -> Callable[[int], None]:
-    """A progress bar over `total` epochs on stderr when it is a terminal; otherwise (a
-    log file) a line at every tenth of the way."""
-    from tqdm import tqdm
-
-    if not sys.stderr.isatty():
-        every = max(1, total // 10)
-
-        def log_epoch(done: int) -> None:
-            if done % every == 0 or done == total:
-                print(f"{desc}: epoch {done}/{total}", file=sys.stderr, flush=True)
-
-        return log_epoch
-    bar = tqdm(total=total, unit="epoch", desc=desc, leave=False)
-
-    def on_epoch(done: int) -> None:
-        bar.update(done - bar.n)
-        if done >= total:
-            bar.close()
-
-    return on_epoch
 
 
 def _write_report(
@@ -477,8 +425,8 @@ def _retrain_params(args: argparse.Namespace, device: torch.device) -> int:
         data_root=root,
         precision=args.precision,
         ensemble=ensemble,
-        on_epoch=_count_bar(config.max_epochs, "train"),
-        on_fold_epoch=_count_bar(config.max_epochs, "folds") if ensemble else None,
+        on_epoch=count_bar(config.max_epochs, "train"),
+        on_fold_epoch=count_bar(config.max_epochs, "folds") if ensemble else None,
     )
     _print_final(outcome, args.json)
     return 0

@@ -217,3 +217,16 @@ def fail_stale_trials(study: optuna.Study) -> None:
     """Fail (and so requeue) running trials whose worker stopped beating."""
     with experimental_optuna():
         optuna.storages.fail_stale_trials(study)
+
+
+def stored_preset(storage_url: str, name: str) -> Preset | None:
+    """The settings the study `name` stores, or None where there is no such study yet."""
+    from study.database import open_storage, sqlite_file
+
+    database = sqlite_file(storage_url)
+    if database is not None and not database.exists():
+        return None  # `run` creates it
+    storage = open_storage(storage_url, heartbeat=None, write=False)
+    if name not in list_studies(storage):
+        return None
+    return preset_of(name, storage.get_study_user_attrs(storage.get_study_id_from_name(name)))

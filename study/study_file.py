@@ -1,41 +1,19 @@
 """A study written as a file: TOML, its search space in W&B's sweep vocabulary.
 
-    [study]                      # how the study runs
-    summary = "the report's set-up"
-    n_trials = 200
-    sampler = "random"           # or "prior_then_tpe", with n_prior_trials
-    pruner = "none"              # "median", "hyperband"
-    ensemble = false             # retrain also measures the k fold networks together
-
-    [train]                      # fixed settings: any TrainConfig field
-    subset = "all"               # or a number of images
-    batch_size = "full"          # or a number of images a step
-    max_epochs = 2000
-    patience = 50
-    k = 5
-
-    [parameters.n_layers]        # one table per searched parameter
-    value = 2
-    [parameters.units]           # every hidden layer's width, n_units_l0, n_units_l1, ...
-    distribution = "q_normal"
-    rule = "compression"         # the report's priors: mu_n = 784 r^(n/(L+1)), ...
-    q = 1
-    min = 1
-    max = 784
-    [parameters.dropout]
-    distribution = "uniform"
-    min = 0.3
-    max = 0.5
-
-Each parameter table means what it means in a W&B sweep: `value` (a constant), `values`
-(drawn equally likely), or a `distribution` with `min`/`max`, `mu`/`sigma`, `q`. Where
-W&B leaves a point open, the file says it, and this module holds it to that:
+A file has three tables: `[study]` (summary, n_trials, sampler, n_prior_trials, pruner,
+ensemble), `[train]` (fixed TrainConfig settings; "all" images, "full" batch) and
+`[parameters.<name>]`, one per searched parameter (README.md, "Studies as files", has a
+whole example). Each parameter table means what it means in a W&B sweep: `value` (a
+constant), `values` (drawn equally likely), or a `distribution` with `min`/`max`,
+`mu`/`sigma`, `q`. Where W&B leaves a point open, the file says it, and this module holds
+it to that:
 - a `q_normal` with `min`/`max` is redrawn until it falls inside them (the report's rule
   for neuron counts), and `rule = "compression"` gives each layer its own `mu` and `sigma`
   by the report's formula, with `r` (default 10/784, outputs over inputs);
 - `probabilities` is refused: the samplers draw every value equally likely;
 - a parameter asked for only in some trials says when, with `when = { parameter = ...,
-  values = [...] }`, and the file must say exactly what the space implies.
+  values = [...] }`, and the file must say exactly what the space implies;
+- a parameter the file leaves out is not searched.
 
 The file is parsed into a `Preset` (its `SearchSpace`, its `TrainConfig` defaults and its
 study settings); the shipped presets are such files (`study/presets/`). A study stores the
