@@ -11,6 +11,7 @@ them is gone.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import re
 import sys
@@ -18,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import optuna
@@ -29,6 +31,17 @@ from study.errors import StorageError, causes, redact
 
 # An outage shorter than this is contention, not news: retried without a word.
 QUIET_RETRY_S = 2.0
+
+
+@dataclass(frozen=True)
+class TrialTally:
+    """A study's trials as `study.budget.count_trials` needs them: how many in each state,
+    how many of the failed ones were queued again (their numbers are in another trial's
+    `retry_history`), and the best complete trial's id (maximised), if any."""
+
+    states: dict[TrialState, int]
+    retried_failures: int
+    best_trial_id: int | None
 
 
 class ResilientRDBStorage(RDBStorage):
@@ -94,6 +107,62 @@ class ResilientRDBStorage(RDBStorage):
                 if stored.state == state:
                     return True
             raise
+
+    def trial_tally(self, study_id: int) -> TrialTally:
+        """The study's trials counted in the database (see `TrialTally`): a few grouped
+        and limited queries, where reading every trial costs 1.6 ms a trial."""
+        from optuna.storages._rdb.models import (
+            TrialModel,
+            TrialSystemAttributeModel,
+            TrialValueModel,
+        )
+        from optuna.storages._rdb.storage import _create_scoped_session
+        from sqlalchemy import case, func
+
+        with _create_scoped_session(self.scoped_session) as session:
+            in_study = TrialModel.study_id == study_id
+            states = dict(
+                session.query(TrialModel.state, func.count(TrialModel.trial_id))
+                .filter(in_study)
+                .group_by(TrialModel.state)
+                .all()
+            )
+            histories = (
+                session.query(TrialSystemAttributeModel.value_json)
+                .join(TrialModel)
+                .filter(in_study, TrialSystemAttributeModel.key == "retry_history")
+                .all()
+            )
+            failed = (
+                session.query(TrialModel.number)
+                .filter(in_study, TrialModel.state == TrialState.FAIL)
+                .all()
+            )
+            kind = TrialValueModel.TrialValueType
+            best = (
+                session.query(TrialModel.trial_id)
+                .filter(in_study, TrialModel.state == TrialState.COMPLETE)
+                .join(TrialValueModel)
+                .filter(TrialValueModel.objective == 0)
+                # As max() over the trials in number order: the first of equal values.
+                .order_by(
+                    case(
+                        (TrialValueModel.value_type == kind.INF_NEG, -1),
+                        (TrialValueModel.value_type == kind.FINITE, 0),
+                        (TrialValueModel.value_type == kind.INF_POS, 1),
+                    ).desc(),
+                    TrialValueModel.value.desc(),
+                    TrialModel.number.asc(),
+                )
+                .limit(1)
+                .one_or_none()
+            )
+        retried = {n for (text,) in histories for n in json.loads(text)}
+        return TrialTally(
+            states=dict(states),
+            retried_failures=sum(1 for (number,) in failed if number in retried),
+            best_trial_id=None if best is None else best[0],
+        )
 
     def record_heartbeat(self, trial_id: int) -> None:
         # Runs in Optuna's heartbeat thread, where an exception would print a traceback and
@@ -203,11 +272,11 @@ RETRIED_CALLS = (
     "set_trial_user_attr", "set_trial_system_attr", "get_trial_id_from_study_id_trial_number",
     "get_trial_user_attrs", "get_trial_system_attrs",
     "get_trial", "get_all_trials", "_get_trials", "get_best_trial", "_get_best_trial_id",
-    "_get_stale_trial_ids",
+    "_get_stale_trial_ids", "trial_tally",
 )  # fmt: skip
 # A name this Optuna lacks is left out here, and named by the test that checks the list.
 for _name in RETRIED_CALLS:
-    if callable(getattr(RDBStorage, _name, None)):
+    if callable(getattr(RDBStorage, _name, None)) or _name == "trial_tally":
         setattr(ResilientRDBStorage, _name, _retrying(getattr(ResilientRDBStorage, _name)))
 
 

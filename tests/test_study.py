@@ -629,3 +629,53 @@ def test_a_gpu_worker_stacks_as_many_trials_as_the_widest_network_of_its_space_a
     assert gpu == {
         "quick": 16, "seed": 8, "smoke": 16, "tiny": 8, "wide": 4, "wide-smoke": 16,
     }  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_counts_from_the_database_equal_those_from_every_trial_in_every_state(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """The budget's counts come from grouped queries (`ResilientRDBStorage.trial_tally`);
+    they must equal what reading every trial gives (`count_every_trial`), for trials in
+    every state, failures queued again and not, trials added through Optuna's own API
+    (add_trial, enqueue_trial, ask and tell), ties for the best value and infinities."""
+    from study.budget import count_every_trial
+
+    url = (
+        f"sqlite:///{tmp_path / 'optuna.db'}"
+        if backend == "sqlite"
+        else request.getfixturevalue("postgres_url")
+    )
+    storage = open_storage(url, create=True)
+    study, _ = create_or_resume(storage, "s", PRESETS["tiny"], budget=30, seed=3)
+
+    def assert_counts_agree() -> None:
+        fast, slow = count_trials(study), count_every_trial(study)
+        assert fast == slow
+        assert (fast.best is None) == (slow.best is None)
+        if fast.best is not None:
+            assert (fast.best.number, fast.best.value) == (slow.best.number, slow.best.value)
+
+    assert_counts_agree()  # empty: no best
+    for value in (0.5, 0.7, 0.7, 0.2):  # a tie for the best: the first of them wins
+        trial = study.ask()
+        study.tell(trial, value)
+    assert_counts_agree()
+    assert count_trials(study).best.number == 1
+    study.tell(study.ask(), state=TrialState.PRUNED)
+    study.tell(study.ask(), state=TrialState.FAIL)  # failed, not queued again
+    interrupted = study.ask()
+    study.tell(interrupted, state=TrialState.FAIL)
+    requeue(study, interrupted.number)  # failed, and queued again: counted as retried
+    study.ask()  # left running
+    study.enqueue_trial({"n_units_l0": 10})  # waiting
+    study.add_trial(
+        optuna.trial.create_trial(
+            params={}, distributions={}, value=float("inf"), state=TrialState.COMPLETE
+        )
+    )
+    study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL))
+    assert_counts_agree()
+    counts = count_trials(study)
+    assert (counts.complete, counts.pruned, counts.failed, counts.retried) == (5, 1, 2, 1)
+    assert counts.best.value == float("inf")
