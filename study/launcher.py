@@ -33,6 +33,7 @@ from study.database import DEFAULT_HEARTBEAT, STORAGE_ENV, open_storage
 from study.errors import redact
 from study.objective import SpeedOptions
 from study.presets import Preset
+from study.progress import StudyProgress, remaining_seconds, running_trials
 from study.studies import create_or_resume
 
 POLL_S = 1.0
@@ -121,11 +122,13 @@ def run_study(options: RunOptions, log: Callable[[str], None]) -> RunOutcome:
     ]
     interrupted = timed_out = False
     try:
-        counts = _watch(study, workers, started, options.timeout)
+        defaults = options.preset.defaults
+        progress = StudyProgress(defaults.max_epochs, defaults.k, len(plan), plan[0][0])
+        counts = _watch(study, workers, started, options.timeout, progress)
         if options.timeout is not None and not counts.done and _any_alive(workers):
             timed_out = True
             _signal_all(workers, signal.SIGUSR1)
-            counts = _watch(study, workers, started, None)
+            counts = _watch(study, workers, started, None, progress)
         elif options.timeout is not None and not counts.done:
             # Every worker left before the deadline, each because its next stack would
             # have ended past it (exit 0); a worker that failed is reported as such.
@@ -169,8 +172,11 @@ def _watch(
     workers: list[subprocess.Popen],
     started: float,
     timeout: float | None,
+    progress: StudyProgress,
 ) -> StudyCounts:
-    """Show progress until every worker has exited (or `timeout` seconds have passed)."""
+    """Show progress until every worker has exited (or `timeout` seconds have passed):
+    the trials finished against the budget, and each running trial's epoch and accuracy
+    (`study.progress`)."""
     from tqdm import tqdm
 
     counts = count_trials(study)
@@ -180,14 +186,26 @@ def _watch(
     try:
         while True:
             counts = count_trials(study)
+            running = running_trials(study)
             bar.total = counts.budget
             bar.update(counts.finished - bar.n)
             best = f"{counts.best.value:.4f}" if counts.best is not None else "-"
-            bar.set_postfix_str(f"best {best}, {counts.running} running", refresh=True)
+            left = counts.budget - counts.finished
+            eta = remaining_seconds(running, left, progress.max_epochs)
+            bar.set_postfix_str(
+                f"best {best}, {counts.running} running: {progress.postfix(running, eta)}",
+                refresh=True,
+            )
+            said = progress.estimate(running, counts.budget, counts.finished)
+            if said is not None:
+                bar.write(said, file=sys.stderr)
             line = (counts.finished, counts.budget, best)
             if plain and line != last:
                 print(f"[{counts.finished}/{counts.budget}] best {best}", file=sys.stderr)
                 last = line
+            if plain:
+                for text in progress.log_lines(running):
+                    print(text, file=sys.stderr)
             if not _any_alive(workers):
                 return counts
             if timeout is not None and time.monotonic() - started >= timeout:

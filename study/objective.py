@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     from optuna.artifacts import FileSystemArtifactStore
 
 _log = logging.getLogger("optuna.mnist_study")
+# A running trial's system attribute: how many of its folds are still training.
+ACTIVE_FOLDS = "active_folds"
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,7 @@ class Objective:
         for i, config in enumerate(configs):
             groups.setdefault(stack_key(config), []).append(i)
 
+        folds_seen: dict[int, int] = {}
         for members in groups.values():
 
             def on_progress(
@@ -153,6 +156,13 @@ class Objective:
                     raise KeyboardInterrupt
                 trial = trials[members[position]]
                 trial.report(progress.mean_accuracy, progress.epoch)
+                if folds_seen.get(trial.number) != progress.active_folds:
+                    # For the progress display: written only when it changes (k times at
+                    # most), while the epoch and accuracy come with each report.
+                    folds_seen[trial.number] = progress.active_folds
+                    trial.storage.set_trial_system_attr(
+                        trial._trial_id, ACTIVE_FOLDS, progress.active_folds
+                    )
                 return trial.should_prune()
 
             def on_result(position: int, result: KFoldResult, members: list[int] = members) -> None:

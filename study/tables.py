@@ -99,6 +99,13 @@ def status_block(name: str, study: optuna.Study, counts: StudyCounts) -> str:
         f"{counts.pruned} pruned, {counts.failed} failed), {counts.running} running, "
         f"{counts.waiting} queued, {counts.retried} retried",
     ]
+    if counts.running:
+        from study.progress import running_trials
+        from study.studies import study_preset
+
+        defaults = study_preset(study).defaults
+        for trial in running_trials(study):
+            lines.append(f"  running {trial.text(defaults.max_epochs, defaults.k)}")
     best = counts.best
     if best is None:
         lines.append("  best    none yet")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -588,3 +589,33 @@ def test_run_with_a_timeout_ends_by_it_without_interrupting_a_trial(
     states = {t.state for t in done}
     assert states <= {TrialState.COMPLETE, TrialState.PRUNED}, states
     assert 2 <= len(done) < 1000
+
+
+def test_a_seed_study_on_the_cpu_shows_its_estimate_and_trial_progress_before_any_finishes(
+    sqlite_db: str, tmp_path: Path
+) -> None:
+    """The report's study on this CPU takes weeks: `run` says so once, from the first
+    epochs, and a log shows the running trial's epoch, folds and accuracy long before a
+    trial finishes. Ctrl-C then stops it, the study kept."""
+    log = tmp_path / "run.log"
+    run = mnist_study("run", "--preset", "seed", "--workers", "1", "--no-retrain",
+                      db=sqlite_db, log=log, new_session=True)  # fmt: skip
+    deadline = time.monotonic() + WAIT_S
+    text = ""
+    while time.monotonic() < deadline and run.poll() is None:
+        text = log.read_text()
+        if "estimate: " in text and re.search(r"^trial 0: epoch \d+/2000", text, re.M):
+            break
+        time.sleep(0.5)
+    os.kill(run.pid, signal.SIGINT)
+    assert run.wait(timeout=60) == 130, log.read_text()
+    estimate = re.search(
+        r"^estimate: at [\d.e-]+ epochs/s a trial of up to 2000 epochs takes up to "
+        r"[\d.]+ (h|days) on cpu, so 200 trials with 1 worker\(s\) up to [\d.]+ days; going on",
+        text,
+        re.M,
+    )
+    assert estimate, text
+    assert re.search(r"^trial 0: epoch \d+/2000, 5 of 5 folds training, mean val acc 0\.\d{4}$",
+                     text, re.M), text  # fmt: skip
+    assert "[0/200]" in text and "[1/200]" not in text  # no trial had finished
