@@ -582,3 +582,38 @@ def test_pruner_benchmark_help_names_its_knobs(capsys: pytest.CaptureFixture[str
     assert exit_.value.code == 0
     usage = capsys.readouterr().out
     assert all(flag in usage for flag in ("--seeds", "--trials", "--quick", "--json"))
+
+
+# --- a study of many trials (benchmarks/scale.py) -------------------------------------
+
+
+def test_scale_benchmark_fills_studies_whose_two_counting_rules_agree(tmp_path: Path) -> None:
+    from benchmarks import scale
+
+    out = tmp_path / "scale.json"
+    assert scale.main(["--quick", "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+
+    assert record["backend"] == "sqlite"
+    assert record["machine"] and datetime.datetime.fromisoformat(record["date"])
+    assert record["sizes"] == list(scale.QUICK_SIZES)
+    assert [r["trials"] for r in record["results"]] == list(scale.QUICK_SIZES)
+    joining = {
+        "open_storage", "load_study", "study_preset", "recent_stack_seconds",
+        "fail_stale_trials", "count_trials", "claim", "first_claim", "steady_claim",
+    }  # fmt: skip
+    for result in record["results"]:
+        n = result["trials"]
+        every, tally = result["counts"]["count_every_trial"], result["counts"]["count_trials"]
+        assert result["counts_equal"] and every == tally
+        # All n trials were written and finished; some of the failed ones were retried.
+        assert every["finished"] + every["retried"] == n
+        assert every["complete"] > every["pruned"] > every["failed"] > 0
+        assert every["retried"] > 0 and every["best"] is not None
+        assert every["budget"] == n + 1000
+        assert set(result["seconds"]) == {key for key, _ in scale.ROWS}
+        assert all(s is None or s > 0 for s in result["seconds"].values())
+        assert joining <= set(result["join"])
+        assert result["not_run"] == {}
+    assert set(record["growth_per_tenfold"]) == {key for key, _ in scale.ROWS}
+    assert record["targets"] == []  # neither 1,000 nor 100,000 trials was run
