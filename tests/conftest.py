@@ -5,7 +5,9 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +19,20 @@ from tests.pgserver import PgServer, why_unavailable
 # took over 300 s while another job used both cores, against 16 s on one thread. A test
 # about threads sets its own; worker processes get theirs from `--threads`.
 torch.set_num_threads(1)
+
+# torch.compile's code cached on disk once per kernel path. torch 2.14's cache does not tell
+# them apart: after a run on the native path (AVX512 here), a run under
+# ATEN_CPU_CAPABILITY=avx2 loaded its code and trained to nonsense (best epochs [1, 0, 0]
+# against eager's [3, 3, 3]), one under `default` failed to compile it, and the reverse
+# order crashed the process. Set before anything compiles, and inherited by the workers
+# the tests start.
+os.environ.setdefault(
+    "TORCHINDUCTOR_CACHE_DIR",
+    str(
+        Path(tempfile.gettempdir())
+        / f"torchinductor_{os.getuid()}_{torch.backends.cpu.get_cpu_capability().lower()}"
+    ),
+)
 
 
 def synthetic_data(n: int = 240, seed: int = 0, *, learnable: bool = True) -> DeviceData:
