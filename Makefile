@@ -9,13 +9,28 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test data lint format bench clean gpu-wheels gpu-mnist
+.PHONY: demo test test-kernels data lint format bench clean gpu-wheels gpu-mnist
 
 demo: data
 	$(BIN)/mnist-study run --preset quick --workers 2
 
 test: data
 	$(BIN)/python -m pytest
+
+# The tests whose numbers depend on how the CPU rounds (they hold two computations of one
+# training to each other within rounding, tests/rounding.py), again on kernel paths other
+# than this CPU's own: the plainest (ATen without vector code, MKL's SSE2-compatible
+# branch) and the commonest other (AVX2). A comparison that holds only on the CPU it was
+# written on then fails on any machine, CI's included (.ci/run runs this after `test`).
+NUMERIC_TESTS := tests/test_kfold.py tests/test_fastpath.py tests/test_network.py
+KERNEL_PATHS := "ATEN_CPU_CAPABILITY=default MKL_CBWR=COMPATIBLE" \
+	"ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2"
+
+test-kernels: data
+	for path in $(KERNEL_PATHS); do \
+		echo "== $(NUMERIC_TESTS) with $$path"; \
+		env $$path $(BIN)/python -m pytest -q $(NUMERIC_TESTS) || exit 1; \
+	done
 
 # Speed benchmarks (about 15 minutes on 2 cores); results in benchmarks/README.md.
 bench: data

@@ -5,7 +5,9 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +19,38 @@ from tests.pgserver import PgServer, why_unavailable
 # took over 300 s while another job used both cores, against 16 s on one thread. A test
 # about threads sets its own; worker processes get theirs from `--threads`.
 torch.set_num_threads(1)
+
+
+def _keep_to_a_share_of_the_cpus() -> None:
+    """Under pytest-xdist (`pytest -n N`), each of the N test processes keeps to its own
+    share of the CPUs, and so do the processes its tests start. The worker tests' `run`
+    sizes its workers' threads to the CPUs it may use (study.launcher.plan_workers): with
+    every test process sizing them to all the CPUs, `-n 2` on 2 cores ran those tests 5 to
+    8 times slower, and one past its 180 s timeout."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # gw0, gw1, ...
+    if not worker.startswith("gw") or not hasattr(os, "sched_setaffinity"):
+        return
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    cpus = sorted(os.sched_getaffinity(0))
+    # Worker i takes CPUs i, i + N, ...; with more workers than CPUs, they share them.
+    os.sched_setaffinity(0, cpus[int(worker[2:]) % len(cpus) :: count])
+
+
+_keep_to_a_share_of_the_cpus()
+
+# torch.compile's code cached on disk once per kernel path. torch 2.14's cache does not tell
+# them apart: after a run on the native path (AVX512 here), a run under
+# ATEN_CPU_CAPABILITY=avx2 loaded its code and trained to nonsense (best epochs [1, 0, 0]
+# against eager's [3, 3, 3]), one under `default` failed to compile it, and the reverse
+# order crashed the process. Set before anything compiles, and inherited by the workers
+# the tests start.
+os.environ.setdefault(
+    "TORCHINDUCTOR_CACHE_DIR",
+    str(
+        Path(tempfile.gettempdir())
+        / f"torchinductor_{os.getuid()}_{torch.backends.cpu.get_cpu_capability().lower()}"
+    ),
+)
 
 
 def synthetic_data(n: int = 240, seed: int = 0, *, learnable: bool = True) -> DeviceData:

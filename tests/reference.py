@@ -17,10 +17,12 @@ The rules, as `model/` documents them:
   the other parts, concatenated in order.
 - Initial weights (`StackedFFNN.reset_parameters`): a CPU generator seeded with `seed`
   draws, layer by layer, the weights (k, fan_in, fan_out) and then the biases
-  (k, 1, fan_out) with `rand`, mapped to [-1/√fan_in, 1/√fan_in); network j takes slice j.
+  (k, 1, fan_out) with `rand` in the model's dtype (torch's default dtype when the
+  trainer builds it: float32, or float64 in the tests that set it), mapped to
+  [-1/√fan_in, 1/√fan_in); network j takes slice j.
 - Random stream (`train_kfold`): torch's generator seeded with `seed` as training
-  starts. At mini-batch, each epoch first draws `rand(k, n_train)`; the argsort of row
-  j orders fold j's training rows. Then every step draws one keep mask over
+  starts. At mini-batch, each epoch first draws `rand(k, n_train)` (in that dtype too);
+  the argsort of row j orders fold j's training rows. Then every step draws one keep mask over
   (k, B, 784) for the input pixels — only when input_dropout > 0 — and then, for each
   hidden layer in turn, one keep mask over (k, B, width) — only when dropout > 0.
 - Keep masks (`keep_mask`): ⌈n/4⌉ int64 words from `random_()`, read as 16-bit chunks
@@ -129,14 +131,16 @@ class MaskedDropout(nn.Module):
 def initial_networks(
     config: TrainConfig, dtype: torch.dtype = torch.float32
 ) -> list[nn.Sequential]:
-    """The k fold networks before training, by the rule above."""
+    """The k fold networks before training, by the rule above, drawn in `dtype` (a float64
+    draw is not a float32 draw widened: it reads other bits of the stream)."""
     generator = torch.Generator().manual_seed(config.seed)
     sizes = [784, *config.hidden, 10]
     drawn = []
     for fan_in, fan_out in itertools.pairwise(sizes):
         bound = 1.0 / math.sqrt(fan_in)
-        weight = torch.rand(config.k, fan_in, fan_out, generator=generator) * (2 * bound) - bound
-        bias = torch.rand(config.k, 1, fan_out, generator=generator) * (2 * bound) - bound
+        weight = torch.rand(config.k, fan_in, fan_out, generator=generator, dtype=dtype)
+        bias = torch.rand(config.k, 1, fan_out, generator=generator, dtype=dtype)
+        weight, bias = weight * (2 * bound) - bound, bias * (2 * bound) - bound
         drawn.append((weight, bias))
     return [
         network_from(config, [(w[j].T, b[j, 0]) for w, b in drawn], dtype) for j in range(config.k)
@@ -221,6 +225,7 @@ class PlainTrainer:
             for s in range(total_steps)
         ]
         self.steps = 0
+        self.logits: torch.Tensor | None = None  # the last step's, for `top_two_gaps`
 
     def step(
         self, x: torch.Tensor, y: torch.Tensor, masks: list[torch.Tensor | None] | None = None
@@ -234,6 +239,7 @@ class PlainTrainer:
         loss = F.cross_entropy(logits, y, label_smoothing=self.config.label_smoothing)
         loss.backward()
         self.update()
+        self.logits = logits.detach()
         return loss.item(), int((logits.argmax(dim=1) == y).sum())
 
     def update(self) -> None:
@@ -249,6 +255,10 @@ class PlainTrainer:
 
 @dataclass
 class FoldRun:
+    """One fold trained alone: its figures at its best epoch (lowest validation loss), the
+    epoch early stopping ends it at, and its curves and weights, one entry per epoch
+    trained (past `epochs` too, when it was run out to `max_epochs`)."""
+
     accuracy: float = 0.0
     loss: float = math.inf
     best_epoch: int = 0
@@ -262,10 +272,27 @@ class FoldRun:
         }
     )
     net: nn.Sequential | None = None
+    nets: list[nn.Sequential] = field(default_factory=list)
+    gaps: dict[str, list[torch.Tensor]] = field(
+        default_factory=lambda: {"train_accuracy": [], "val_accuracy": []}
+    )
+    """Per epoch, each row's `top_two_gaps` as the accuracy of that name counted it."""
+
+    def net_at(self, epoch: int) -> nn.Sequential:
+        """The weights after `epoch` (1-based)."""
+        return self.nets[epoch - 1]
 
 
-def reference_kfold(config: TrainConfig, x: torch.Tensor, y: torch.Tensor) -> list[FoldRun]:
-    """Each fold trained alone, on the CPU, by the rules above."""
+def reference_kfold(
+    config: TrainConfig, x: torch.Tensor, y: torch.Tensor, *, run_out: bool = False
+) -> list[FoldRun]:
+    """Each fold trained alone, on the CPU, by the rules above, in the dtype of `x` (the
+    trainer's model takes torch's default dtype; a test that trains in float64 sets both).
+
+    With `run_out`, each fold trains on to `max_epochs` after early stopping would end
+    it, so that its curves and weights can be read at any epoch another run stopped or
+    found its best at; `best_epoch` and `epochs` stay what early stopping gives."""
+    dtype = x.dtype
     splits = fold_indices(len(x), config)
     n_train = len(splits[0][0])
     full_batch = config.full_batch or config.batch_size >= n_train
@@ -275,7 +302,7 @@ def reference_kfold(config: TrainConfig, x: torch.Tensor, y: torch.Tensor) -> li
         torch.manual_seed(config.seed)
         epochs = []  # per epoch: (batch order (k, n_train) or None, per step its masks)
         for _ in range(config.max_epochs):
-            order = None if full_batch else torch.rand(config.k, n_train).argsort(dim=1)
+            order = None if full_batch else torch.rand(config.k, n_train, dtype=dtype).argsort(1)
             steps = [
                 draw_step_masks(config.k, min(batch, n_train - start), config)
                 for start in range(0, n_train, batch)
@@ -284,39 +311,56 @@ def reference_kfold(config: TrainConfig, x: torch.Tensor, y: torch.Tensor) -> li
 
     runs = []
     for j, (net, (train_rows, val_rows)) in enumerate(
-        zip(initial_networks(config), splits, strict=True)
+        zip(initial_networks(config, dtype), splits, strict=True)
     ):
         trainer = PlainTrainer(net, config, config.max_epochs * steps_per_epoch)
-        run, bad = FoldRun(), 0
+        run, bad, stopped = FoldRun(), 0, False
         for epoch, (order, steps) in enumerate(epochs, start=1):
             rows = train_rows if order is None else train_rows[order[j]]
-            loss_sum, correct = 0.0, 0
+            loss_sum, correct, train_gaps = 0.0, 0, []
             for s, masks in enumerate(steps):
                 batch_rows = rows[s * batch : (s + 1) * batch]
                 loss, right = trainer.step(x[batch_rows], y[batch_rows], fold_masks(masks, j))
                 loss_sum += loss * len(batch_rows)
                 correct += right
+                train_gaps.append(top_two_gaps(trainer.logits))
             net.eval()
             with torch.no_grad():
                 logits = net(x[val_rows])
                 val_loss = F.cross_entropy(logits, y[val_rows]).item()
                 val_accuracy = (logits.argmax(dim=1) == y[val_rows]).float().mean().item()
+            run.gaps["train_accuracy"].append(torch.cat(train_gaps))
+            run.gaps["val_accuracy"].append(top_two_gaps(logits))
             for name, value in zip(
                 run.curves,
                 (loss_sum / n_train, correct / n_train, val_loss, val_accuracy),
                 strict=True,
             ):
                 run.curves[name].append(value)
+            if run_out:
+                run.nets.append(_copy(net, config))
+            if stopped:
+                continue
             if val_loss < run.loss:
                 run.loss, run.accuracy, run.best_epoch, bad = val_loss, val_accuracy, epoch, 0
                 run.net = _copy(net, config)
             else:
                 bad += 1
             run.epochs = epoch
-            if bad >= config.patience:
+            stopped = bad >= config.patience
+            if stopped and not run_out:
                 break
         runs.append(run)
     return runs
+
+
+def top_two_gaps(logits: torch.Tensor) -> torch.Tensor:
+    """Per row of (rows, 10) logits, how far apart its two largest are, relative to its
+    largest magnitude: a row whose gap is within rounding may be counted right by one
+    computation and wrong by another."""
+    top = logits.detach().topk(2, dim=1).values
+    scale = logits.detach().abs().amax(dim=1).clamp_min(torch.finfo(logits.dtype).tiny)
+    return (top[:, 0] - top[:, 1]) / scale
 
 
 def _copy(net: nn.Sequential, config: TrainConfig) -> nn.Sequential:

@@ -374,8 +374,14 @@ SCHEDULED = {
 
 
 def test_retrain_params_trains_one_configuration_and_its_fold_ensemble_without_a_study(
-    tmp_path: Path, mnist: Mnist
+    tmp_path: Path, mnist: Mnist, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # The retrain's cross-validation is run again below, in this process, and compared
+    # exactly: so at this process's thread count. How MKL and torch split a product or a
+    # sum among threads is theirs to choose per CPU; here this configuration gave the same
+    # bits at 1 to 8 threads, but a full-batch one on 1,500 images moved its validation
+    # losses by 1e-7 from 4 threads on, enough to tip a near tie.
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))
     done = run_study_cli(
         "retrain", "--params", json.dumps(SCHEDULED), "--ensemble", "--out", "out", "--json",
         "--device", "cpu", cwd=tmp_path,
