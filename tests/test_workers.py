@@ -618,7 +618,8 @@ def test_a_seed_study_on_the_cpu_shows_its_estimate_and_trial_progress_before_an
     assert run.wait(timeout=60) == 130, log.read_text()
     estimate = re.search(
         r"^estimate: at [\d.e-]+ epochs/s a trial of up to 2000 epochs takes up to "
-        r"[\d.]+ (h|days) on cpu, so 200 trials with 1 worker\(s\) up to [\d.]+ days; going on",
+        r"[\d.]+ (s|min|h|days) on cpu, so 200 trials with 1 worker\(s\) up to "
+        r"[\d.]+ (h|days); going on",
         text,
         re.M,
     )
