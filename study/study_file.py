@@ -348,16 +348,14 @@ def _check_corners(space: SearchSpace, defaults: TrainConfig) -> None:
     study never draws a trial that fails for its file's sake."""
     conditions = space.conditions()
     for name, distribution in space.distributions().items():
+        if name.startswith("n_units_l") or name == "n_layers":
+            continue  # widths and depth were checked as bounds
         values = getattr(distribution, "choices", None) or (distribution.low, distribution.high)
         for value in values:
             params: dict[str, Any] = {name: value}
             condition = conditions.get(name)
-            if condition is not None:
+            if condition is not None:  # max_norm's is use_max_norm = true
                 params[condition.parent] = condition.values[0]
-            if name == "max_norm":
-                params["use_max_norm"] = True
-            if name.startswith("n_units_l") or name == "n_layers":
-                continue  # widths and depth were checked as bounds
             try:
                 space.configure(params, defaults)
             except ConfigError as exc:
