@@ -1,17 +1,8 @@
 """k-fold cross-validation of one configuration, the k fold models trained as one stack.
 
-How fast, measured 2026-11-27 (benchmarks/README.md, README.md's Results):
-- AMD EPYC, 2 cores, no GPU, torch 2.14.1: the report's network (784-249-36-10, relu,
-  dropout 0.35, Adam) on 5 folds of all 60,000 training images trains at 0.497 s per
-  model-epoch (one fold's network over its 48,000 training images) at full batch — 3.22×
-  a naive fold-after-fold trainer, 0.86 of the speed of its bare matrix products — and
-  0.557 s at mini-batches of 256 (1.87×; 0.73). `mnist-study train --preset quick` (that
-  network, 3 folds of the 12,000-image subset) reaches a mean validation accuracy of
-  0.9528 ± 0.0028.
-- One NVIDIA H100 80GB, torch 2.11, TF32: 0.002 s per model-epoch at full batch (422.7×
-  naive); a trial of the seed preset takes about 5 ms per 5-fold epoch (10.9 s for the cap
-  of 2,000 epochs). The quick study there reached a best mean validation accuracy of
-  0.9525, and a test accuracy of 0.9620 once retrained.
+How fast it is, on the project's CPU and on GPUs: benchmarks/README.md (the report's
+network on 5 folds of 60,000 images: 0.497 s per model-epoch on 2 CPU cores, 3.2× a
+naive fold-after-fold trainer; about 5 ms per 5-fold epoch on an H100).
 
 Data flow, per trial: the training images already sit on the device (`DeviceData`);
 `split_folds` picks the same k folds for every configuration; the k networks live in one
@@ -44,6 +35,7 @@ from model.steps import (
     tile,
     train_epoch,
 )
+from model.trial_state import TrialSnapshot, resume_stack, take_snapshot
 
 _log = logging.getLogger(__name__)
 
@@ -222,6 +214,9 @@ def train_trials(
     precision: str | None = None,
     compile: bool = False,
     graphs: bool = False,
+    resume: Sequence[TrialSnapshot | None] | None = None,
+    checkpoint_every: float | None = None,
+    on_checkpoint: Callable[[int, TrialSnapshot], None] | None = None,
 ) -> list[KFoldResult]:
     """Cross-validate several configurations at once, their k folds each stacked into
     one `StackedFFNN`; returns their results in the order given.
@@ -275,8 +270,10 @@ def train_trials(
         graphs and device.type == "cuda" and all(c.optimizer in GRAPH_OPTIMIZERS for c in configs)
     )
     trainer = _Trainer(configs, data, precision, compile, graphs)
+    if resume is not None:
+        resume_stack(trainer, list(resume))
     with matmul_precision(precision, device):
-        return trainer.run(sync_every, on_progress, on_result)
+        return trainer.run(sync_every, on_progress, on_result, checkpoint_every, on_checkpoint)
 
 
 class _Trainer:
@@ -330,6 +327,8 @@ class _Trainer:
         )
         self._build(model, optimizer, streams)
         self.state = FoldState(model, first.max_epochs, device)
+        # Training time before this run, per trial: a resumed trial's earlier runs.
+        self.seconds_before = [0.0] * len(configs)
 
     def _build(self, model: StackedFFNN, optimizer: Optimizer, streams: TrialStreams) -> None:
         self.model = model
@@ -363,12 +362,15 @@ class _Trainer:
         sync_every: int,
         on_progress: Callable[[int, Progress], bool] | None,
         on_result: Callable[[int, KFoldResult], None] | None,
+        checkpoint_every: float | None = None,
+        on_checkpoint: Callable[[int, TrialSnapshot], None] | None = None,
     ) -> list[KFoldResult]:
         results: list[KFoldResult | None] = [None] * len(self.configs)
         max_epochs = self.configs[0].max_epochs
         patience = self.configs[0].patience
         k = self.model.k
-        for epoch in range(1, max_epochs + 1):
+        last_checkpoint = time.perf_counter()
+        for epoch in range(self.state.epochs_done + 1, max_epochs + 1):
             if self.graph is None and self.graphs and self.eager_epochs >= GRAPH_WARMUP_EPOCHS:
                 self.graph = self._capture(patience)
             if self.graph is not None:
@@ -414,7 +416,7 @@ class _Trainer:
                 trial = self.live[position]
                 result = KFoldResult(
                     config=self.configs[trial],
-                    seconds=time.perf_counter() - self.started,
+                    seconds=self._seconds(trial),
                     device=str(self.data.device),
                     halted=halted,
                     **self.state.outcome(position),
@@ -428,9 +430,19 @@ class _Trainer:
                 if not keep:
                     break
                 self._compact(keep)
+            due = checkpoint_every is not None and (
+                time.perf_counter() - last_checkpoint >= checkpoint_every
+            )
+            if on_checkpoint is not None and due:
+                for position, trial in enumerate(self.live):
+                    on_checkpoint(trial, take_snapshot(self, position, self._seconds(trial)))
+                last_checkpoint = time.perf_counter()
         if self.data.device.type == "cuda":
             torch.cuda.synchronize(self.data.device)
         return [r for r in results if r is not None]
+
+    def _seconds(self, trial: int) -> float:
+        return self.seconds_before[trial] + time.perf_counter() - self.started
 
     def _epoch(self, patience: int) -> None:
         """One epoch of every network: training, validation, bookkeeping. Nothing in it

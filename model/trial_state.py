@@ -1,0 +1,269 @@
+"""A trial's training state at the end of an epoch, taken out of one stack and put into
+another: what a checkpoint holds, so that an interrupted trial resumes where it stopped
+(`study.checkpoints` stores it).
+
+Its own file because the epoch loop (`model.kfold`) only asks for a snapshot now and then
+and starts some trials from one; where each piece of a trial's state lives in a stack —
+the stacked weights, early stopping's bookkeeping (`FoldState`), the optimizer's moments,
+the random stream — is what this file knows.
+
+A snapshot holds, for the trial's k networks cut to its own widths (a stack pads every
+network to its widest): the weights; early stopping's best weights, best figures,
+patience counts and stop epochs; the learning curves so far; the optimizer's moments and
+step count; and the state of the trial's random stream. Put back into a stack of the same
+trials it continues exactly as if never stopped; into another stack, up to the order of
+floating-point sums, as any stacking is (`train_trials`).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from model.config import TrainConfig
+from model.early_stopping import CURVES
+from model.optimizers import StackedAdam, TrialOptimizers
+
+if TYPE_CHECKING:
+    from model.kfold import _Trainer
+
+# Raised whenever the layout below changes: a checkpoint of another layout is not read.
+SNAPSHOT_FORMAT = 1
+
+# Early stopping's per-network tensors (`FoldState`), each (n,) over the stack.
+FOLD_FIELDS = (
+    "best_loss",
+    "best_accuracy",
+    "best_epoch",
+    "bad_epochs",
+    "stop_epoch",
+    "active",
+    "diverged_epoch",
+)
+
+# torch's names for each rule's buffers, in the order a snapshot keeps them: the first
+# moment, then Adam's second moment or Adamax's infinity norm (`StackedAdam`'s `first`
+# and `second` are the same quantities, so a snapshot taken under one resumes under the
+# other).
+TORCH_BUFFERS = {
+    "adam": ("exp_avg", "exp_avg_sq"),
+    "adamw": ("exp_avg", "exp_avg_sq"),
+    "adamax": ("exp_avg", "exp_inf"),
+    "sgd": ("momentum_buffer",),
+}
+
+
+class SnapshotError(ValueError):
+    """A snapshot that this trainer cannot resume: its one-line reason."""
+
+
+@dataclass
+class TrialSnapshot:
+    """One trial's training state after `epoch` epochs (CPU tensors)."""
+
+    config: dict[str, Any]
+    """`TrainConfig.params()` of the trial it was taken from."""
+    device: str
+    """The device type it trained on: a random stream continues on the same kind only."""
+    epoch: int
+    seconds: float
+    """Training time up to here, earlier resumptions included."""
+    weights: list[torch.Tensor]
+    best_weights: list[torch.Tensor]
+    folds: dict[str, torch.Tensor]
+    curves: torch.Tensor
+    """(epoch, len(CURVES), k)."""
+    moments: list[list[torch.Tensor]]
+    """Per parameter, the optimizer's buffers in `TORCH_BUFFERS` order."""
+    optimizer_steps: int
+    generator: torch.Tensor
+
+    def payload(self) -> dict[str, Any]:
+        """Plain values and tensors only, so that `torch.load(weights_only=True)` reads it."""
+        return {"format": SNAPSHOT_FORMAT, **self.__dict__}
+
+    @classmethod
+    def from_payload(cls, payload: object) -> TrialSnapshot:
+        if not isinstance(payload, dict) or "format" not in payload:
+            raise SnapshotError("it is not a trial checkpoint")
+        if payload["format"] != SNAPSHOT_FORMAT:
+            raise SnapshotError(
+                f"it is of format {payload['format']!r} and this version reads {SNAPSHOT_FORMAT}"
+            )
+        fields = {name: value for name, value in payload.items() if name != "format"}
+        try:
+            return cls(**fields)
+        except TypeError as exc:
+            raise SnapshotError(f"it lacks part of a trial's state ({exc})") from None
+
+    def check_resumes(self, config: TrainConfig, device: torch.device) -> None:
+        """Raise `SnapshotError` unless this snapshot can go on as `config` on `device`."""
+        if self.config != config.params():
+            changed = sorted(
+                name
+                for name in set(self.config) | set(config.params())
+                if self.config.get(name) != config.params().get(name)
+            )
+            raise SnapshotError(f"it was written for another configuration ({', '.join(changed)})")
+        if self.device != device.type:
+            raise SnapshotError(
+                f"it was trained on {self.device} and this worker trains on {device.type}, "
+                "whose random streams differ"
+            )
+        if not 0 < self.epoch < config.max_epochs:
+            raise SnapshotError(f"its epoch {self.epoch} is outside 1..{config.max_epochs - 1}")
+        k = config.k
+        own = own_shapes(config)
+        laid_out = [list(t.shape) for t in self.weights] == [list(s) for s in own] and [
+            list(t.shape) for t in self.best_weights
+        ] == [list(s) for s in own]
+        if not laid_out or list(self.curves.shape) != [self.epoch, len(CURVES), k]:
+            raise SnapshotError("its tensors do not have the configuration's shapes")
+
+
+def own_shapes(config: TrainConfig) -> list[tuple[int, int, int]]:
+    """The shapes of one trial's stacked parameters at its own widths, in the order of
+    `StackedFFNN.parameters()`: every weight (k, fan_in, fan_out), then every bias
+    (k, 1, fan_out)."""
+    sizes = [784, *config.hidden, 10]
+    weights = [(config.k, fan_in, fan_out) for fan_in, fan_out in itertools.pairwise(sizes)]
+    return weights + [(config.k, 1, fan_out) for fan_out in sizes[1:]]
+
+
+def take_snapshot(trainer: _Trainer, position: int, seconds: float) -> TrialSnapshot:
+    """The state of the trial at `position` in `trainer`'s stack, after its last epoch."""
+    model, state = trainer.model, trainer.state
+    config = trainer.configs[trainer.live[position]]
+    nets = model.trial(position)
+    own = own_shapes(config)
+
+    def cut(tensor: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+        return tensor.detach()[nets, : shape[1], : shape[2]].cpu().clone()
+
+    optimizer = trainer.optimizer
+    if isinstance(optimizer, TrialOptimizers):
+        buffers = optimizer.optimizers[position].state
+        views = optimizer.views[position]
+        names = TORCH_BUFFERS[config.optimizer]
+        # A view indexes the trial's networks already: cut its corner alone.
+        moments = [
+            [buffers[view][name].detach()[:, : s[1], : s[2]].cpu().clone() for name in names]
+            for view, s in zip(views, own, strict=True)
+        ]
+        steps = optimizer.steps_done
+    else:
+        moments = [
+            [cut(first, s), cut(second, s)]
+            for first, second, s in zip(optimizer.first, optimizer.second, own, strict=True)
+        ]
+        steps = int(optimizer.step_count.item())
+    epoch = state.epochs_done
+    return TrialSnapshot(
+        config=config.params(),
+        device=trainer.data.device.type,
+        epoch=epoch,
+        seconds=seconds,
+        weights=[cut(p, s) for p, s in zip(model.parameters(), own, strict=True)],
+        best_weights=[cut(b, s) for b, s in zip(state.best_params, own, strict=True)],
+        folds={name: getattr(state, name)[nets].cpu().clone() for name in FOLD_FIELDS},
+        curves=state.curves[:epoch, :, nets].cpu().clone(),
+        moments=moments,
+        optimizer_steps=steps,
+        generator=trainer.streams.generators[position].get_state(),
+    )
+
+
+def resume_stack(trainer: _Trainer, snapshots: list[TrialSnapshot | None]) -> None:
+    """Put each trial's snapshot (`snapshots[i]` for trial i) into `trainer`'s fresh stack."""
+    if len(snapshots) != len(trainer.configs):
+        raise ValueError(f"{len(snapshots)} snapshots for {len(trainer.configs)} trials")
+    if all(s is None for s in snapshots):
+        return
+    if len({None if s is None else s.epoch for s in snapshots}) > 1:
+        raise SnapshotError("trials resumed in one stack must all stop at one epoch")
+    for position, trial in enumerate(trainer.live):
+        snapshot = snapshots[trial]
+        assert snapshot is not None
+        snapshot.check_resumes(trainer.configs[trial], trainer.data.device)
+        restore_snapshot(trainer, position, snapshot)
+        trainer.seconds_before[trial] = snapshot.seconds
+
+
+def restore_snapshot(trainer: _Trainer, position: int, snapshot: TrialSnapshot) -> None:
+    """Put `snapshot` into the trial at `position` of `trainer`'s freshly built stack.
+
+    The caller has checked it (`check_resumes`) and that every trial it resumes in this
+    stack stopped at the same epoch: the stack shares one epoch count."""
+    model, state = trainer.model, trainer.state
+    config = trainer.configs[trainer.live[position]]
+    nets = model.trial(position)
+    device = trainer.data.device
+    like = model.weights[0]
+
+    def put(into: torch.Tensor, value: torch.Tensor) -> None:
+        # The rest of the slice is padding, zero in a fresh stack, and stays so.
+        into[nets, : value.shape[1], : value.shape[2]] = value.to(device, like.dtype)
+
+    with torch.no_grad():
+        for param, best, value, best_value in zip(
+            model.parameters(),
+            state.best_params,
+            snapshot.weights,
+            snapshot.best_weights,
+            strict=True,
+        ):
+            put(param, value)
+            put(best, best_value)
+        for name in FOLD_FIELDS:
+            getattr(state, name)[nets] = snapshot.folds[name].to(device)
+        state.curves[: snapshot.epoch, :, nets] = snapshot.curves.to(device, like.dtype)
+        state.epoch.fill_(snapshot.epoch)
+    state.epochs_done = snapshot.epoch
+    optimizer = trainer.optimizer
+    if isinstance(optimizer, TrialOptimizers):
+        _restore_torch_optimizer(optimizer, position, config, snapshot)
+    else:
+        _restore_stacked_adam(optimizer, snapshot, put)
+    trainer.streams.generators[position].set_state(snapshot.generator)
+
+
+def _restore_torch_optimizer(
+    optimizer: TrialOptimizers, position: int, config: TrainConfig, snapshot: TrialSnapshot
+) -> None:
+    torch_optimizer = optimizer.optimizers[position]
+    views = optimizer.views[position]
+    names = TORCH_BUFFERS[config.optimizer]
+    # torch keeps the step count in the default float type, except fused and capturable
+    # optimizers, where `load_state_dict` moves it to the parameter's device as float32.
+    scalar = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for i, (view, buffers) in enumerate(zip(views, snapshot.moments, strict=True)):
+        # SGD keeps no step count of its own.
+        steps = torch.tensor(float(snapshot.optimizer_steps), dtype=scalar)
+        entry = {} if config.optimizer == "sgd" else {"step": steps}
+        for name, value in zip(names, buffers, strict=True):
+            padded = torch.zeros_like(view)
+            padded[:, : value.shape[1], : value.shape[2]] = value.to(view.device, view.dtype)
+            entry[name] = padded
+        state[i] = entry
+    saved = torch_optimizer.state_dict()
+    torch_optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+    optimizer.steps_done = snapshot.optimizer_steps
+
+
+def _restore_stacked_adam(
+    optimizer: StackedAdam,
+    snapshot: TrialSnapshot,
+    put: Callable[[torch.Tensor, torch.Tensor], None],
+) -> None:
+    with torch.no_grad():
+        for first, second, (first_value, second_value) in zip(
+            optimizer.first, optimizer.second, snapshot.moments, strict=True
+        ):
+            put(first, first_value)
+            put(second, second_value)
+        optimizer.step_count.fill_(snapshot.optimizer_steps)
