@@ -56,7 +56,9 @@ def test_trials_resumed_from_snapshots_each_match_their_folds_trained_alone(
         taken = snapshots_by_epoch(configs, data)
         assert sorted(taken[3]) == [0, 1, 2, 3]  # all four were training at epoch 3
         # The whole stack resumed together, as a worker's stack of retries is.
-        resumed = train_trials(configs, data, resume=[saved_and_read(taken[3][i]) for i in range(4)])
+        resumed = train_trials(
+            configs, data, resume=[saved_and_read(taken[3][i]) for i in range(4)]
+        )
         # One trial resumed alone, and two in a stack of their own: other stacks than the
         # one they stopped in, so other paddings.
         alone = train_trials([configs[2]], data, resume=[saved_and_read(taken[5][2])])
