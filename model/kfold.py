@@ -215,8 +215,8 @@ def train_trials(
     compile: bool = False,
     graphs: bool = False,
     resume: Sequence[TrialSnapshot | None] | None = None,
-    checkpoint_every: float | None = None,
-    on_checkpoint: Callable[[int, TrialSnapshot], None] | None = None,
+    checkpoint_due: Callable[[float], bool] | None = None,
+    on_checkpoint: Callable[[dict[int, TrialSnapshot]], None] | None = None,
 ) -> list[KFoldResult]:
     """Cross-validate several configurations at once, their k folds each stacked into
     one `StackedFFNN`; returns their results in the order given.
@@ -233,6 +233,10 @@ def train_trials(
     have stopped, when one diverges, or when it is halted; `on_result(i, result)` hears
     of it then, and its networks leave the stack (the stack is rebuilt without them), so
     a finished trial costs nothing more.
+
+    `resume[i]` is a `TrialSnapshot` trial i goes on from (all of one epoch, or none).
+    At each read-back, if `checkpoint_due(seconds since the last)`, `on_checkpoint` gets
+    a snapshot of each trial still training, by trial.
 
     `graphs` (GPU only; ignored on the CPU, and for stacks with AdamW or SGD, which
     `StackedAdam` does not step): after two eager epochs, one epoch —
@@ -273,7 +277,7 @@ def train_trials(
     if resume is not None:
         resume_stack(trainer, list(resume))
     with matmul_precision(precision, device):
-        return trainer.run(sync_every, on_progress, on_result, checkpoint_every, on_checkpoint)
+        return trainer.run(sync_every, on_progress, on_result, checkpoint_due, on_checkpoint)
 
 
 class _Trainer:
@@ -362,8 +366,8 @@ class _Trainer:
         sync_every: int,
         on_progress: Callable[[int, Progress], bool] | None,
         on_result: Callable[[int, KFoldResult], None] | None,
-        checkpoint_every: float | None = None,
-        on_checkpoint: Callable[[int, TrialSnapshot], None] | None = None,
+        checkpoint_due: Callable[[float], bool] | None = None,
+        on_checkpoint: Callable[[dict[int, TrialSnapshot]], None] | None = None,
     ) -> list[KFoldResult]:
         results: list[KFoldResult | None] = [None] * len(self.configs)
         max_epochs = self.configs[0].max_epochs
@@ -406,12 +410,9 @@ class _Trainer:
                 if not any(diverged[position]) and on_progress is not None:
                     mean = sum(accuracy[position]) / k
                     halted = on_progress(trial, Progress(epoch, mean, int(sum(active[position]))))
-                if halted or any(diverged[position]) or not any(active[position]):
+                last = halted or any(diverged[position]) or not any(active[position])
+                if last or epoch == max_epochs:
                     ended.append((position, halted))
-            if epoch == max_epochs:
-                ended = [(p, h) for p, h in ended] + [
-                    (p, False) for p in range(len(self.live)) if p not in {q for q, _ in ended}
-                ]
             for position, halted in ended:
                 trial = self.live[position]
                 result = KFoldResult(
@@ -430,12 +431,14 @@ class _Trainer:
                 if not keep:
                     break
                 self._compact(keep)
-            due = checkpoint_every is not None and (
-                time.perf_counter() - last_checkpoint >= checkpoint_every
-            )
-            if on_checkpoint is not None and due:
-                for position, trial in enumerate(self.live):
-                    on_checkpoint(trial, take_snapshot(self, position, self._seconds(trial)))
+            since = time.perf_counter() - last_checkpoint
+            if on_checkpoint is not None and checkpoint_due is not None and checkpoint_due(since):
+                on_checkpoint(
+                    {
+                        trial: take_snapshot(self, position, self._seconds(trial))
+                        for position, trial in enumerate(self.live)
+                    }
+                )
                 last_checkpoint = time.perf_counter()
         if self.data.device.type == "cuda":
             torch.cuda.synchronize(self.data.device)

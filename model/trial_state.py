@@ -58,7 +58,8 @@ TORCH_BUFFERS = {
 
 
 class SnapshotError(ValueError):
-    """A snapshot that this trainer cannot resume: its one-line reason."""
+    """A snapshot that this trainer cannot resume. Its text, a one-line reason, follows
+    the snapshot's name: "the checkpoint … was written for another configuration (lr)"."""
 
 
 @dataclass
@@ -89,16 +90,16 @@ class TrialSnapshot:
     @classmethod
     def from_payload(cls, payload: object) -> TrialSnapshot:
         if not isinstance(payload, dict) or "format" not in payload:
-            raise SnapshotError("it is not a trial checkpoint")
+            raise SnapshotError("is not a trial checkpoint")
         if payload["format"] != SNAPSHOT_FORMAT:
             raise SnapshotError(
-                f"it is of format {payload['format']!r} and this version reads {SNAPSHOT_FORMAT}"
+                f"is of format {payload['format']!r} and this version reads {SNAPSHOT_FORMAT}"
             )
         fields = {name: value for name, value in payload.items() if name != "format"}
         try:
             return cls(**fields)
         except TypeError as exc:
-            raise SnapshotError(f"it lacks part of a trial's state ({exc})") from None
+            raise SnapshotError(f"lacks part of a trial's state ({exc})") from None
 
     def check_resumes(self, config: TrainConfig, device: torch.device) -> None:
         """Raise `SnapshotError` unless this snapshot can go on as `config` on `device`."""
@@ -108,21 +109,21 @@ class TrialSnapshot:
                 for name in set(self.config) | set(config.params())
                 if self.config.get(name) != config.params().get(name)
             )
-            raise SnapshotError(f"it was written for another configuration ({', '.join(changed)})")
+            raise SnapshotError(f"was written for another configuration ({', '.join(changed)})")
         if self.device != device.type:
             raise SnapshotError(
-                f"it was trained on {self.device} and this worker trains on {device.type}, "
+                f"was trained on {self.device} and this worker trains on {device.type}, "
                 "whose random streams differ"
             )
         if not 0 < self.epoch < config.max_epochs:
-            raise SnapshotError(f"its epoch {self.epoch} is outside 1..{config.max_epochs - 1}")
+            raise SnapshotError(f"has epoch {self.epoch}, outside 1..{config.max_epochs - 1}")
         k = config.k
         own = own_shapes(config)
         laid_out = [list(t.shape) for t in self.weights] == [list(s) for s in own] and [
             list(t.shape) for t in self.best_weights
         ] == [list(s) for s in own]
         if not laid_out or list(self.curves.shape) != [self.epoch, len(CURVES), k]:
-            raise SnapshotError("its tensors do not have the configuration's shapes")
+            raise SnapshotError("does not have the configuration's shapes")
 
 
 def own_shapes(config: TrainConfig) -> list[tuple[int, int, int]]:
@@ -184,7 +185,7 @@ def resume_stack(trainer: _Trainer, snapshots: list[TrialSnapshot | None]) -> No
     if all(s is None for s in snapshots):
         return
     if len({None if s is None else s.epoch for s in snapshots}) > 1:
-        raise SnapshotError("trials resumed in one stack must all stop at one epoch")
+        raise ValueError("trials resumed in one stack must all stop at one epoch")
     for position, trial in enumerate(trainer.live):
         snapshot = snapshots[trial]
         assert snapshot is not None

@@ -20,6 +20,7 @@ from pathlib import Path
 from model.config import ACTIVATIONS, OPTIMIZERS, PRECISIONS, SCHEDULES
 from model.errors import CheckpointError, ConfigError, DataError, DeviceError
 from study import commands
+from study.checkpoints import CHECKPOINT_EVERY_S
 from study.database import DEFAULT_HEARTBEAT, DEFAULT_STORAGE, STORAGE_ENV
 from study.errors import (
     EXIT_FAILURE,
@@ -198,8 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_float,
         metavar="SEC",
         help="end by SEC seconds: workers start no stack of trials that they expect to end "
-        "later (by the longest they have run), and after SEC finish the trials in hand and "
-        "stop; rerun to resume",
+        "later (by the longest they have run), and at SEC checkpoint the trials still "
+        "training and stop; rerun to resume them where they stopped",
     )
     run.add_argument(
         "--no-retrain", action="store_true",
@@ -325,6 +326,12 @@ def _add_stacking(parser: argparse.ArgumentParser) -> None:
         help="trials a worker claims at once and trains as one stack "
         "(default: 1 on the CPU; on a GPU 8 at full batch, 16 at mini-batch)",
     )  # fmt: skip
+    parser.add_argument(
+        "--checkpoint-every", type=_non_negative_float, metavar="SEC",
+        help="seconds of training between checkpoints of the trials in training, from "
+        "which an interrupted trial resumes where it stopped (default: "
+        f"{CHECKPOINT_EVERY_S:g}; 0: none)",
+    )  # fmt: skip
 
 
 def _add_artifacts(parser: argparse.ArgumentParser) -> None:
@@ -363,14 +370,24 @@ MAX_WORKERS = 1024
 MAX_TRIALS_PER_WORKER = 256
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{shorten(text)!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{value:g} must be greater than 0")
-    return value
+def _number_above(low: float, *, or_equal: bool = False) -> Callable[[str], float]:
+    """An argparse type: a number greater than `low` (or equal to it)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{shorten(text)!r} is not a number") from None
+        if not (value >= low if or_equal else value > low):  # NaN fails both
+            bound = f"at least {low:g}" if or_equal else f"greater than {low:g}"
+            raise argparse.ArgumentTypeError(f"{value:g} must be {bound}")
+        return value
+
+    return parse
+
+
+_positive_float = _number_above(0)
+_non_negative_float = _number_above(0, or_equal=True)
 
 
 def _device_list(text: str) -> tuple[str, ...]:

@@ -113,6 +113,7 @@ def _storage_url(args: argparse.Namespace) -> str:
 
 def _speed(args: argparse.Namespace) -> SpeedOptions:
     """The training options `run` and `worker` share, from their flags."""
+    from study.checkpoints import CHECKPOINT_EVERY_S
     from study.objective import SpeedOptions
 
     return SpeedOptions(
@@ -120,6 +121,9 @@ def _speed(args: argparse.Namespace) -> SpeedOptions:
         compile=args.compile,
         graphs=args.cuda_graphs,
         trials_per_worker=args.trials_per_worker,
+        checkpoint_every=(
+            CHECKPOINT_EVERY_S if args.checkpoint_every is None else args.checkpoint_every or None
+        ),
     )
 
 

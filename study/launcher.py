@@ -4,9 +4,10 @@ The workers are ordinary `mnist-study worker` processes — the same program a u
 by hand on another host — each pinned to one device; on the CPU they share the cores out.
 They run in their own process sessions, so Ctrl-C reaches only this process, which passes
 one SIGINT to each worker: a worker stops mid-trial and queues that trial again, leaving
-the study ready to resume. `--timeout` is a deadline the workers know from the start: they
-claim no stack of trials that they expect to end past it; at the deadline `run` asks the
-workers still going (SIGUSR1) to finish the trials in hand and start no other. The storage
+the study ready to resume (from the trial's last checkpoint, `study.checkpoints`).
+`--timeout` is a deadline the workers know from the start: they claim no stack of trials
+that they expect to end past it, and at the deadline a worker checkpoints the trials it is
+still training at the end of their epoch, queues them again and exits. The storage
 URL reaches the workers through the environment, never their command lines, where `ps`
 would show a password.
 """
@@ -126,8 +127,9 @@ def run_study(options: RunOptions, log: Callable[[str], None]) -> RunOutcome:
         progress = StudyProgress(defaults.max_epochs, defaults.k, len(plan), plan[0][0])
         counts = _watch(study, workers, started, options.timeout, progress)
         if options.timeout is not None and not counts.done and _any_alive(workers):
+            # The workers stop by themselves at the deadline (within an epoch): a signal
+            # here could reach one still starting, before its handlers are set.
             timed_out = True
-            _signal_all(workers, signal.SIGUSR1)
             counts = _watch(study, workers, started, None, progress)
         elif options.timeout is not None and not counts.done:
             # Every worker left before the deadline, each because its next stack would

@@ -23,7 +23,9 @@ from optuna.trial import TrialState
 
 from model.data import DeviceData
 from model.kfold import KFoldResult, Progress, stack_key, train_trials
+from model.trial_state import TrialSnapshot
 from study.artifacts import attach_curves
+from study.checkpoints import CHECKPOINT_EVERY_S, Checkpoints
 from study.errors import StorageError, causes
 from study.presets import Preset
 
@@ -52,6 +54,8 @@ class SpeedOptions:
     compile: bool = False
     graphs: bool = False
     trials_per_worker: int | None = None
+    checkpoint_every: float | None = CHECKPOINT_EVERY_S
+    """Seconds of training between checkpoints (`study.checkpoints`); None: none."""
 
     def worker_flags(self) -> list[str]:
         """These options as `mnist-study worker` flags."""
@@ -60,7 +64,14 @@ class SpeedOptions:
         flags += ["--cuda-graphs"] if self.graphs else []
         if self.trials_per_worker is not None:
             flags += ["--trials-per-worker", str(self.trials_per_worker)]
+        if self.checkpoint_every != CHECKPOINT_EVERY_S:
+            flags += ["--checkpoint-every", repr(self.checkpoint_every or 0.0)]
         return flags
+
+
+class Suspended(KeyboardInterrupt):
+    """The worker's deadline came: its trials in training were checkpointed at this
+    epoch's end and stop here, to be queued again and resumed from there."""
 
 
 class Objective:
@@ -74,13 +85,21 @@ class Objective:
         should_stop: Callable[[], bool] = lambda: False,
         artifacts: FileSystemArtifactStore | None = None,
         speed: SpeedOptions = SpeedOptions(),
+        should_suspend: Callable[[], bool] = lambda: False,
+        log: Callable[[str], None] = _log.warning,
     ) -> None:
         self.speed = speed
         self.preset = preset
         self.data = data
         self.worker = worker
         self.should_stop = should_stop
+        self.should_suspend = should_suspend
         self.artifacts = artifacts
+        self.checkpoints = (
+            None
+            if artifacts is None or not speed.checkpoint_every
+            else Checkpoints(artifacts, speed.checkpoint_every, log)
+        )
         # Numbers of the trials in hand and not yet told: the worker queues these again
         # when it is interrupted.
         self.in_hand: list[int] = []
@@ -122,6 +141,8 @@ class Objective:
                 # go stale once this worker stops beating, and are queued again.
                 raise
             for trial in self._unfinished(trials):
+                if self.checkpoints is not None:
+                    self.checkpoints.discard(trial)  # not retried: nothing will resume it
                 study.tell(trial, state=TrialState.FAIL)
                 _log.warning(f"Trial {trial.number} failed because of the following error: {exc!r}")
             self.in_hand = []
@@ -140,10 +161,18 @@ class Objective:
     ) -> list[Outcome]:
         """Train the trials, one stack per group that can share one; their outcomes."""
         configs = [self.preset.space.suggest(trial, self.preset.defaults) for trial in trials]
+        checkpoints = self.checkpoints
+        resumed = [
+            None if checkpoints is None else checkpoints.resume_point(t, c, self.data.device)
+            for t, c in zip(trials, configs, strict=True)
+        ]
         outcomes: list[Outcome | None] = [None] * len(trials)
+        # A stack shares one epoch count: trials resumed at one epoch train together, and
+        # apart from those starting afresh or resumed at another.
         groups: dict[tuple[object, ...], list[int]] = {}
-        for i, config in enumerate(configs):
-            groups.setdefault(stack_key(config), []).append(i)
+        for i, (config, snapshot) in enumerate(zip(configs, resumed, strict=True)):
+            start = 0 if snapshot is None else snapshot.epoch
+            groups.setdefault((*stack_key(config), start), []).append(i)
 
         folds_seen: dict[int, int] = {}
         for members in groups.values():
@@ -154,6 +183,8 @@ class Objective:
                 if self.should_stop():
                     # The worker fails and queues again the trials in hand before it exits.
                     raise KeyboardInterrupt
+                if checkpoints is None and self.should_suspend():
+                    raise Suspended  # nothing to save: they will start over
                 trial = trials[members[position]]
                 trial.report(progress.mean_accuracy, progress.epoch)
                 if folds_seen.get(trial.number) != progress.active_folds:
@@ -168,8 +199,24 @@ class Objective:
             def on_result(position: int, result: KFoldResult, members: list[int] = members) -> None:
                 i = members[position]
                 outcomes[i] = outcome = self._record(trials[i], result)
+                if checkpoints is not None:
+                    # Before the tell, which leaves the trial's attributes as they are.
+                    checkpoints.discard(trials[i])
                 if on_outcome is not None:
                     on_outcome(trials[i], outcome)
+
+            def on_checkpoint(
+                snapshots: dict[int, TrialSnapshot], members: list[int] = members
+            ) -> None:
+                assert checkpoints is not None
+                for position, snapshot in snapshots.items():
+                    checkpoints.save(trials[members[position]], snapshot)
+                if self.should_suspend():
+                    raise Suspended
+
+            def checkpoint_due(seconds: float) -> bool:
+                assert checkpoints is not None
+                return seconds >= checkpoints.every or self.should_suspend()
 
             train_trials(
                 [configs[i] for i in members],
@@ -179,6 +226,9 @@ class Objective:
                 precision=self.speed.precision,
                 compile=self.speed.compile,
                 graphs=self.speed.graphs,
+                resume=[resumed[i] for i in members],
+                checkpoint_due=None if checkpoints is None else checkpoint_due,
+                on_checkpoint=on_checkpoint,
             )
         return [o for o in outcomes if o is not None]
 

@@ -35,7 +35,7 @@ from study.artifacts import artifact_dir, open_artifact_store
 from study.budget import count_trials
 from study.database import DEFAULT_HEARTBEAT, open_storage
 from study.errors import StorageError, causes
-from study.objective import Objective, SpeedOptions
+from study.objective import Objective, SpeedOptions, Suspended
 from study.presets import Preset
 from study.studies import fail_stale_trials, load_study, requeue, study_preset
 
@@ -111,6 +111,7 @@ def run_worker(options: WorkerOptions, log: Callable[[str], None] = print) -> in
 
     store = open_artifact_store(artifact_dir(options.storage, options.artifacts))
     per_claim = options.speed.trials_per_worker or default_trials_per_worker(device.type, preset)
+    deadline = options.deadline
     objective = Objective(
         preset,
         data,
@@ -118,6 +119,8 @@ def run_worker(options: WorkerOptions, log: Callable[[str], None] = print) -> in
         should_stop=parent_gone,
         artifacts=store,
         speed=options.speed,
+        should_suspend=lambda: deadline is not None and time.time() >= deadline,
+        log=log,
     )
     clock = StackClock(options.deadline, recent_stack_seconds(study, device.type, per_claim))
     # Filters on the handlers, which see the records of every optuna.* logger.
@@ -153,6 +156,10 @@ def run_worker(options: WorkerOptions, log: Callable[[str], None] = print) -> in
                     raise
                 raise lost from None
             ran += len(trials)
+    except Suspended:
+        for number in objective.in_hand:
+            requeue(study, number)
+            log(f"trial {number} was checkpointed at the deadline and is queued again")
     except KeyboardInterrupt:
         for number in objective.in_hand:
             requeue(study, number)
@@ -187,11 +194,15 @@ class StackClock:
         return None if self.longest is None else self.longest * STACK_TIME_SAFETY
 
     def room_for_a_stack(self, now: float) -> bool:
+        if self.deadline is None:
+            return True
         expected = self.expected()
-        return self.deadline is None or expected is None or now + expected <= self.deadline
+        return now < self.deadline and (expected is None or now + expected <= self.deadline)
 
     def why_stopping(self, now: float) -> str:
         assert self.deadline is not None
+        if now >= self.deadline or self.expected() is None:
+            return "starting no more trials: the deadline has passed"
         return (
             f"starting no more trials: a stack is expected to take {self.expected():.0f} s "
             f"and {max(0.0, self.deadline - now):.0f} s are left before the deadline"
@@ -295,6 +306,6 @@ class _StopSignals:
         itself that it queued the trial again, so those records only alarm. Likewise a
         trial failed by a storage that stayed out of reach: the worker then ends with
         that error in one line, and the heartbeat hands the trial to another worker."""
-        if record.exc_info and record.exc_info[0] in (KeyboardInterrupt, StorageError):
+        if record.exc_info and issubclass(record.exc_info[0], (KeyboardInterrupt, StorageError)):
             return False
         return not (self.interrupted and "failed" in record.getMessage())

@@ -4,14 +4,27 @@ in float32 within rounding — whatever stack it resumes in."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
 
 import pytest
 import torch
+from optuna.trial import FrozenTrial, TrialState
 
+from model.data import Mnist
 from model.kfold import train_trials
 from model.trial_state import SNAPSHOT_FORMAT, SnapshotError, TrialSnapshot
+from study.checkpoints import CHECKPOINT_ATTR
+from study.database import sqlite_file
+from study.errors import StorageError, StudyError
+from tests.rounding import loss_tolerance, same_best_epoch
 from tests.test_kfold import (
     DTYPES,
     FEATURES,
@@ -19,6 +32,14 @@ from tests.test_kfold import (
     assert_matches_reference,
     synthetic_in,
     training_dtype,
+)
+from tests.test_workers import (
+    HEARTBEAT,
+    WAIT_S,
+    _no_strays,  # noqa: F401  (kills what a test started, pass or fail)
+    assert_clean_logs,
+    mnist_study,
+    trials,
 )
 
 
@@ -36,8 +57,10 @@ def snapshots_by_epoch(configs: list, data) -> dict[int, dict[int, TrialSnapshot
     train_trials(
         configs,
         data,
-        checkpoint_every=0.0,
-        on_checkpoint=lambda i, s: taken.setdefault(s.epoch, {}).__setitem__(i, s),
+        checkpoint_due=lambda since_last: True,
+        on_checkpoint=lambda snapshots: taken.update(
+            {next(iter(snapshots.values())).epoch: snapshots}
+        ),
     )
     return taken
 
@@ -94,5 +117,244 @@ def test_a_snapshot_resumes_only_its_own_configuration_and_format() -> None:
     with pytest.raises(SnapshotError, match="shapes"):
         train_trials([config], data, resume=[shrunk])
     other = saved_and_read(snapshots_by_epoch([config], data)[3][0])
-    with pytest.raises(SnapshotError, match="one epoch"):
+    with pytest.raises(ValueError, match="one epoch"):
         train_trials([config, config], data, resume=[snapshot, other])
+
+
+# --- real processes: a trial cut short by SIGKILL, Ctrl-C or --timeout, then resumed ----
+
+# The report's space on 1,000 images at full batch, trials of 80 epochs with early
+# stopping (patience 20): a few seconds each, long enough to be cut mid-trial after a
+# checkpoint. Dropout draws from each trial's random stream, which a resume must continue.
+LONG_TRIALS = """
+[study]
+summary = "test: trials of a few seconds, to be cut and resumed"
+n_trials = 1
+sampler = "random"
+pruner = "none"
+
+[train]
+subset = 1000
+batch_size = "full"
+max_epochs = 80
+patience = 20
+k = 2
+
+[parameters.n_layers]
+value = 2
+
+[parameters.units]
+distribution = "q_log_uniform_values"
+q = 1
+min = 32
+max = 64
+
+[parameters.activation]
+values = ["relu", "leaky_relu", "hardswish"]
+
+[parameters.optimizer]
+values = ["adam", "adamax"]
+
+[parameters.dropout]
+distribution = "uniform"
+min = 0.3
+max = 0.5
+
+[parameters.lr]
+distribution = "log_uniform_values"
+min = 1e-3
+max = 1e-2
+
+[parameters.weight_decay]
+distribution = "log_uniform_values"
+min = 1e-5
+max = 1e-3
+"""
+MAX_EPOCHS, PATIENCE = 80, 20
+EVERY = "0.3"  # seconds between checkpoints: several per trial
+
+
+@dataclasses.dataclass(frozen=True)
+class Reference:
+    """Uninterrupted runs of the studies the tests cut: one trial alone, three stacked."""
+
+    db: str
+    space: Path
+    artifacts: Path
+    alone: FrozenTrial
+    stacked: list[FrozenTrial]
+    startup_s: float  # from `run` starting its worker to that worker's first trial
+
+
+def run_args(space: Path, study: str, *extra: str) -> tuple[str, ...]:
+    return ("run", "--space", str(space), "--study", study, "--seed", "3", "--workers", "1",
+            "--heartbeat", HEARTBEAT, "--no-retrain", *extra)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, mnist: Mnist) -> Reference:
+    where = tmp_path_factory.mktemp("reference")
+    space = where / "long.toml"
+    space.write_text(LONG_TRIALS)
+    db = f"sqlite:///{where / 'optuna.db'}"
+    alone = mnist_study(*run_args(space, "alone", "--checkpoint-every", "0"), db=db,
+                        log=where / "alone.log")  # fmt: skip
+    spawned = time.time() + WAIT_S
+    while alone.poll() is None and "worker(s):" not in (where / "alone.log").read_text():
+        time.sleep(0.02)
+    spawned = min(spawned, time.time())
+    assert alone.wait(timeout=WAIT_S) == 0, (where / "alone.log").read_text()
+    stacked = mnist_study(*run_args(space, "stacked", "--n-trials", "3", "--trials-per-worker",
+                                    "3", "--checkpoint-every", "0"),
+                          db=db, log=where / "stacked.log")  # fmt: skip
+    assert stacked.wait(timeout=WAIT_S) == 0, (where / "stacked.log").read_text()
+    (first,) = trials(db, "alone")
+    return Reference(
+        db,
+        space,
+        where / "optuna.db.artifacts",
+        first,
+        trials(db, "stacked"),
+        first.datetime_start.timestamp() - spawned,
+    )
+
+
+def checkpointed(db: str, study: str, proc: subprocess.Popen, count: int) -> list[FrozenTrial]:
+    """Waits until `count` running trials each hold a checkpoint; those trials."""
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the run ended before its trials were checkpointed"
+        with contextlib.suppress(StorageError, StudyError):
+            held = [
+                t
+                for t in trials(db, study)
+                if t.state == TrialState.RUNNING and t.system_attrs.get(CHECKPOINT_ATTR)
+            ]
+            if len(held) >= count:
+                return held
+        time.sleep(0.05)
+    raise AssertionError(f"{count} checkpointed trials were not seen")
+
+
+def assert_resumed_as_uninterrupted(
+    db: str, study: str, reference: Reference, uninterrupted: list[FrozenTrial]
+) -> None:
+    """Each reference trial's retry resumed from a checkpoint of the trial it retries and
+    ended as the uninterrupted run did: the same best epoch (or one the reference found
+    within float32's rounding of it), early stopping `PATIENCE` epochs later, the same
+    figures and intermediate values within rounding; and no checkpoint is left."""
+    done = trials(db, study)
+    finished = [t for t in done if t.state == TrialState.COMPLETE]
+    assert len(finished) == len(uninterrupted), [t.state for t in done]
+    for before, trial in zip(uninterrupted, finished, strict=True):
+        assert trial.params == before.params
+        resumed = trial.user_attrs["resumed_from"]
+        failed = done[resumed["trial"]]
+        assert failed.state == TrialState.FAIL and failed.params == trial.params
+        assert trial.user_attrs["epochs_saved"] == resumed["epoch"]
+        assert 1 <= resumed["epoch"] < max(trial.user_attrs["epochs_run"])
+        curves = json.loads((reference.artifacts / curves_id(before)).read_text())
+        for j, (best, reference_best) in enumerate(
+            zip(trial.user_attrs["best_epochs"], before.user_attrs["best_epochs"], strict=True)
+        ):
+            losses = curves["curves"]["val_loss"][j]
+            assert same_best_epoch(best, reference_best, losses, torch.float32, 1), f"fold {j}"
+            assert trial.user_attrs["epochs_run"][j] == min(best + PATIENCE, MAX_EPOCHS)
+        steps = max(trial.user_attrs["epochs_run"])
+        rounding = loss_tolerance(torch.float32, steps)
+        # An accuracy may differ by a validation row (of 500) whose top logits tie.
+        assert trial.value == pytest.approx(before.value, rel=rounding, abs=1 / 500)
+        assert trial.params == before.params
+        assert sorted(trial.intermediate_values) == sorted(before.intermediate_values)
+    assert not list(Path(f"{sqlite_file(db)}.artifacts").glob("checkpoint-*"))
+
+
+def curves_id(trial: FrozenTrial) -> str:
+    """The artifact holding `trial`'s curves.json."""
+    for key, meta in trial.system_attrs.items():
+        if key.startswith("artifacts:") and json.loads(meta)["filename"] == "curves.json":
+            return json.loads(meta)["artifact_id"]
+    raise AssertionError(f"trial {trial.number} has no curves")
+
+
+def killed(proc: subprocess.Popen) -> None:
+    """SIGKILL `run` and its workers at once, as a machine that is lost."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+
+
+def test_a_killed_run_s_trial_resumes_from_its_checkpoint_and_ends_as_without(
+    reference: Reference, tmp_path: Path
+) -> None:
+    db = f"sqlite:///{tmp_path / 'optuna.db'}"
+    args = run_args(reference.space, "alone", "--checkpoint-every", EVERY)
+    cut = mnist_study(*args, db=db, log=tmp_path / "run1.log", new_session=True)
+    checkpointed(db, "alone", cut, count=1)
+    killed(cut)
+    rerun = mnist_study(*args, db=db, log=tmp_path / "run2.log")
+    assert rerun.wait(timeout=WAIT_S) == 0, (tmp_path / "run2.log").read_text()
+    assert_clean_logs(tmp_path / "run2.log")
+    assert_resumed_as_uninterrupted(db, "alone", reference, [reference.alone])
+
+
+def test_a_stack_of_three_killed_resumes_each_trial_from_its_checkpoint(
+    reference: Reference, tmp_path: Path
+) -> None:
+    db = f"sqlite:///{tmp_path / 'optuna.db'}"
+    args = run_args(reference.space, "stacked", "--n-trials", "3", "--trials-per-worker", "3",
+                    "--checkpoint-every", EVERY)  # fmt: skip
+    cut = mnist_study(*args, db=db, log=tmp_path / "run1.log", new_session=True)
+    checkpointed(db, "stacked", cut, count=3)
+    killed(cut)
+    rerun = mnist_study(*args, db=db, log=tmp_path / "run2.log")
+    assert rerun.wait(timeout=WAIT_S) == 0, (tmp_path / "run2.log").read_text()
+    assert_clean_logs(tmp_path / "run2.log")
+    assert_resumed_as_uninterrupted(db, "stacked", reference, reference.stacked)
+
+
+def test_ctrl_c_then_the_same_command_resumes_the_trial_from_its_checkpoint(
+    reference: Reference, tmp_path: Path
+) -> None:
+    db = f"sqlite:///{tmp_path / 'optuna.db'}"
+    args = run_args(reference.space, "alone", "--checkpoint-every", EVERY)
+    cut = mnist_study(*args, db=db, log=tmp_path / "run1.log", new_session=True)
+    checkpointed(db, "alone", cut, count=1)
+    os.kill(cut.pid, signal.SIGINT)
+    assert cut.wait(timeout=60) == 130, (tmp_path / "run1.log").read_text()
+    assert "trial 0 was interrupted and is queued again" in (tmp_path / "run1.log").read_text()
+    rerun = mnist_study(*args, db=db, log=tmp_path / "run2.log")
+    assert rerun.wait(timeout=WAIT_S) == 0, (tmp_path / "run2.log").read_text()
+    assert (
+        "trial 1 resumes trial 0 from its checkpoint at epoch"
+        in (tmp_path / "run2.log").read_text()
+    )
+    assert_resumed_as_uninterrupted(db, "alone", reference, [reference.alone])
+
+
+def test_a_trial_cut_by_timeout_is_checkpointed_at_the_deadline_and_resumed(
+    reference: Reference, tmp_path: Path
+) -> None:
+    """No periodic checkpoint: the one taken at the deadline is what the trial resumes
+    from. The deadline is aimed at the middle of the trial by the reference's timings; a
+    machine whose pace changed meanwhile may make it miss (the trial ends first, or the
+    worker starts after it), and then it is aimed again from what that run showed."""
+    trial_s = float(reference.alone.user_attrs["seconds"])
+    timeout = reference.startup_s + trial_s / 2
+    for attempt in range(4):
+        db = f"sqlite:///{tmp_path / f'optuna{attempt}.db'}"
+        log = tmp_path / f"run{attempt}.log"
+        args = run_args(reference.space, "alone")
+        cut = mnist_study(*args, "--timeout", f"{timeout:.2f}", db=db, log=log)
+        assert cut.wait(timeout=WAIT_S) == 0, log.read_text()
+        text = log.read_text()
+        if "trial 0 was checkpointed at the deadline and is queued again" in text:
+            break
+        (first,) = trials(db, "alone") or [None]
+        # Ended before the deadline: aim earlier; never started: later.
+        timeout += -trial_s / 3 if first is not None else trial_s / 3
+    else:
+        raise AssertionError(f"no deadline fell inside the trial: {text}")
+    assert "stopped by --timeout" in text
+    rerun = mnist_study(*args, db=db, log=tmp_path / "run2.log")
+    assert rerun.wait(timeout=WAIT_S) == 0, (tmp_path / "run2.log").read_text()
+    assert_resumed_as_uninterrupted(db, "alone", reference, [reference.alone])

@@ -538,6 +538,8 @@ def test_the_stack_clock_claims_only_what_it_expects_to_finish_by_the_deadline()
 
     assert StackClock(None, 50.0).room_for_a_stack(1e9)  # no deadline: always
     assert StackClock(100.0, None).room_for_a_stack(99.0)  # nothing to go by: claims
+    assert not StackClock(100.0, None).room_for_a_stack(100.0)  # the deadline has passed
+    assert "deadline has passed" in StackClock(100.0, 1.0).why_stopping(100.0)
     clock = StackClock(100.0, 10.0)
     assert clock.room_for_a_stack(100.0 - 10.0 * STACK_TIME_SAFETY)
     assert not clock.room_for_a_stack(100.0 - 10.0 * STACK_TIME_SAFETY + 0.01)
