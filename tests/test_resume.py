@@ -9,13 +9,16 @@ import dataclasses
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import time
 from pathlib import Path
 
+import optuna
 import pytest
 import torch
+from optuna.artifacts import FileSystemArtifactStore
 from optuna.trial import FrozenTrial, TrialState
 
 from model.data import Mnist
@@ -358,3 +361,78 @@ def test_a_trial_cut_by_timeout_is_checkpointed_at_the_deadline_and_resumed(
     rerun = mnist_study(*args, db=db, log=tmp_path / "run2.log")
     assert rerun.wait(timeout=WAIT_S) == 0, (tmp_path / "run2.log").read_text()
     assert_resumed_as_uninterrupted(db, "alone", reference, [reference.alone])
+
+
+# --- checkpoints that cannot be used ------------------------------------------------------
+
+
+def damaged(kind: str, path: Path, snapshot: TrialSnapshot) -> None:
+    if kind == "missing":
+        path.unlink()
+    elif kind == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif kind == "another version":
+        torch.save({**snapshot.payload(), "format": SNAPSHOT_FORMAT + 1}, path)
+    elif kind == "not ours":
+        path.write_bytes(b"PK\x03\x04 some other archive")
+
+
+@pytest.mark.parametrize(
+    ("kind", "why"),
+    [
+        ("usable", None),
+        ("missing", "is missing from the artifact store"),
+        ("truncated", "cannot be read"),
+        ("another version", f"is of format {SNAPSHOT_FORMAT + 1} and this version reads"),
+        ("not ours", "cannot be read"),
+        ("another configuration", r"was written for another configuration \(lr\)"),
+    ],
+)
+def test_a_retry_resumes_its_predecessor_s_checkpoint_or_says_in_one_line_why_not(
+    kind: str, why: str | None, tmp_path: Path
+) -> None:
+    """A retried trial takes over the checkpoint of the trial it retries, with its
+    intermediate values up to there; one that is missing, damaged, of another format or
+    of another configuration is dropped with one line, and the trial starts from 0."""
+    from study.checkpoints import EPOCHS_SAVED, RESUMED_FROM, Checkpoints
+    from study.studies import requeue
+
+    config = dataclasses.replace(TINY, max_epochs=8, patience=8)
+    snapshot = snapshots_by_epoch([config], synthetic_in(torch.float32))[3][0]
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    store = FileSystemArtifactStore(tmp_path)
+    lines: list[str] = []
+    checkpoints = Checkpoints(store, log=lines.append)
+    first = study.ask()
+    for epoch in range(1, 6):
+        first.report(0.1 * epoch, epoch)
+    checkpoints.save(first, snapshot)
+    study.tell(first, state=TrialState.FAIL)
+    requeue(study, first.number)
+    retry = study.ask()
+    (written,) = tmp_path.glob("checkpoint-*")
+    damaged(kind, written, snapshot)
+    wanted = dataclasses.replace(config, lr=1e-3) if kind == "another configuration" else config
+    resumed = checkpoints.resume_point(retry, wanted, torch.device("cpu"))
+    frozen = study.get_trials()[retry.number]
+    if why is None:
+        assert (
+            resumed is not None
+            and resumed.epoch == 3
+            and lines == ["trial 1 resumes trial 0 from its checkpoint at epoch 3"]
+        )
+        assert frozen.user_attrs[RESUMED_FROM] == {"trial": 0, "epoch": 3}
+        assert frozen.user_attrs[EPOCHS_SAVED] == 3
+        assert frozen.intermediate_values == {1: 0.1, 2: 0.2, 3: pytest.approx(0.3)}
+        checkpoints.discard(retry)  # told next: the file goes, and its name
+        assert not list(tmp_path.glob("checkpoint-*"))
+        assert study.get_trials()[retry.number].system_attrs[CHECKPOINT_ATTR] is None
+    else:
+        assert resumed is None
+        assert len(lines) == 1, lines
+        assert re.fullmatch(
+            rf"trial 1 starts from epoch 0: the checkpoint trial 0 left at epoch 3 {why}.*",
+            lines[0],
+        ), lines
+        assert RESUMED_FROM not in frozen.user_attrs and not frozen.intermediate_values
+        assert not list(tmp_path.glob("checkpoint-*"))  # a useless file is not kept
