@@ -279,6 +279,12 @@ ROWS = [
     Row("missing-flag", ("worker",), 2, ("the following arguments are required: --study",)),
     Row("not-a-number", ("space", "--sample", "many"), 2, ("--sample: 'many' is not a whole",)),
     Row("negative-timeout", ("run", "--timeout", "-3"), 2, ("--timeout: -3 must be greater",)),
+    Row(
+        "negative-checkpoint-interval",
+        ("run", "--checkpoint-every", "-1"),
+        2,
+        ("--checkpoint-every: -1 must be at least 0",),
+    ),  # fmt: skip
     Row("workers-0", ("run", "--workers", "0"), 2, ("--workers: 0 must be in [1, 1024]",)),
     Row("workers-minus-1", ("run", "--workers", "-1"), 2, ("--workers: -1 must be in [1,",)),
     Row(
