@@ -617,3 +617,16 @@ def test_scale_benchmark_fills_studies_whose_two_counting_rules_agree(tmp_path: 
         assert result["not_run"] == {}
     assert set(record["growth_per_tenfold"]) == {key for key, _ in scale.ROWS}
     assert record["targets"] == []  # neither 1,000 nor 100,000 trials was run
+
+
+def test_the_checkpoint_benchmark_measures_a_checkpoint_of_four_copies_of_the_weights() -> None:
+    """A checkpoint of an Adam trial holds its parameters four times in float32 (weights,
+    best weights, two moments): 16 bytes a parameter, plus pickling's few kB."""
+    from benchmarks.checkpoints import measure
+    from model.config import TrainConfig
+
+    figures = measure(TrainConfig(hidden=(32, 16), k=2), torch.device("cpu"))
+    parameters = 2 * (784 * 32 + 32 + 32 * 16 + 16 + 16 * 10 + 10)
+    assert figures["parameters_per_trial"] == parameters
+    assert 16 * parameters < figures["bytes"] < 16 * parameters + 64_000
+    assert all(figures[name] > 0 for name in ("take_s", "write_s", "read_s"))
