@@ -284,7 +284,7 @@ ROWS = [
         ("run", "--checkpoint-every", "-1"),
         2,
         ("--checkpoint-every: -1 must be at least 0",),
-    ),  # fmt: skip
+    ),
     Row("workers-0", ("run", "--workers", "0"), 2, ("--workers: 0 must be in [1, 1024]",)),
     Row("workers-minus-1", ("run", "--workers", "-1"), 2, ("--workers: -1 must be in [1,",)),
     Row(
