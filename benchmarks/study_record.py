@@ -14,8 +14,9 @@ recorded after each: `--finished-before` says how many trials had finished when 
 began, so the rate counts this run's trials against this run's wall time, and
 `--run-started` logs the run in the study itself (its `timed_runs` attribute, which the
 database carries to the next lease), so the record adds up every run's wall time. A
-trial interrupted before it ended is thrown-away work: `trial_seconds_lost` is the time
-this run's failed trials had trained.
+trial interrupted before it ended is thrown-away work, but for what its checkpoint kept:
+`trial_seconds_lost` is the time this run's failed trials had trained since their last
+checkpoint.
 
 The trials, the budget and the best trial come from the storage (`count_trials`,
 `load_study`), the test accuracy and the retrain's epochs from the `metrics.json` that
@@ -152,16 +153,24 @@ def read_metrics(study: optuna.Study) -> dict[str, Any] | None:
 
 def seconds_lost(study: optuna.Study, since: datetime.datetime | None) -> float:
     """Seconds that the failed trials started at or after `since` (all, if None) had
-    trained when they failed: interrupted work, queued again to start over."""
+    trained when they failed and that no checkpoint kept: interrupted work, to be done
+    again. A trial's checkpoint keeps its training up to the checkpoint, less what it
+    had itself resumed from (`study.checkpoints`)."""
     from optuna.trial import TrialState
 
-    return sum(
-        (t.datetime_complete - t.datetime_start).total_seconds()
-        for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-        if t.datetime_start is not None
-        and t.datetime_complete is not None
-        and (since is None or t.datetime_start >= since)
-    )
+    from study.checkpoints import CHECKPOINT_ATTR, RESUMED_FROM
+
+    lost = 0.0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        if t.datetime_start is None or t.datetime_complete is None:
+            continue
+        if since is not None and t.datetime_start < since:
+            continue
+        trained = (t.datetime_complete - t.datetime_start).total_seconds()
+        kept = (t.system_attrs.get(CHECKPOINT_ATTR) or {}).get("seconds", 0.0)
+        before = (t.user_attrs.get(RESUMED_FROM) or {}).get("seconds", 0.0)
+        lost += max(0.0, trained - max(0.0, kept - before))
+    return lost
 
 
 def log_run(study: optuna.Study, run: dict[str, Any]) -> list[dict[str, Any]]:

@@ -14,15 +14,16 @@ early-stopping state, curves so far, optimizer state and random stream — saved
 
 Where: the study's artifact store (`study.artifacts`), so hosts that share it share the
 checkpoints. A trial's latest is named in its system attribute `checkpoint`
-({"artifact": id, "epoch": e}); each new one replaces the one before, so a trial holds
-one at most, and it is removed when the trial is told its result (or fails for a reason
-other than an interruption): a study's checkpoints take at most one per trial that is
-training or was interrupted.
+({"artifact": id, "epoch": e, "seconds": its training time by then}); each new one
+replaces the one before, so a trial holds one at most, and it is removed when the trial
+is told its result (or fails for a reason other than an interruption): a study's
+checkpoints take at most one per trial that is training or was interrupted.
 
 Resuming: a trial queued again (by the worker on an interruption, or by the heartbeat
 retry once its worker is gone) carries `failed_trial`, the number of the trial it
 retries. If that trial left a checkpoint, the retry takes it over: it trains on from its
-epoch, records `resumed_from` ({"trial", "epoch"}) and `epochs_saved` as user attributes,
+epoch, records `resumed_from` ({"trial", "epoch", "seconds"}) and `epochs_saved` as user
+attributes,
 and carries the intermediate values up to that epoch over, so the pruner and the
 dashboard see the whole curve. A checkpoint that is missing, unreadable, of another
 configuration or of another format is not used: the trial starts from epoch 0, with one
@@ -87,9 +88,12 @@ class Checkpoints:
             # A full disk costs the trial its resume point, never the trial.
             _log.warning(f"trial {trial.number}: checkpoint not written ({first_line(exc)})")
             return
-        trial.storage.set_trial_system_attr(
-            trial._trial_id, CHECKPOINT_ATTR, {"artifact": artifact, "epoch": snapshot.epoch}
-        )
+        where = {
+            "artifact": artifact,
+            "epoch": snapshot.epoch,
+            "seconds": round(snapshot.seconds, 3),
+        }
+        trial.storage.set_trial_system_attr(trial._trial_id, CHECKPOINT_ATTR, where)
         self._remove(self.held.get(trial.number))
         self.held[trial.number] = artifact
 
@@ -131,7 +135,11 @@ class Checkpoints:
             return None
         storage.set_trial_system_attr(trial._trial_id, CHECKPOINT_ATTR, saved)
         self.held[trial.number] = artifact
-        trial.set_user_attr(RESUMED_FROM, {"trial": retried, "epoch": snapshot.epoch})
+        # With the training seconds it carries (its earlier runs'), so that what an
+        # interruption cost can be told from what it kept (benchmarks/study_record.py).
+        seconds = round(snapshot.seconds, 3)
+        resumed = {"trial": retried, "epoch": snapshot.epoch, "seconds": seconds}
+        trial.set_user_attr(RESUMED_FROM, resumed)
         trial.set_user_attr(EPOCHS_SAVED, snapshot.epoch)
         for step, value in sorted(before.intermediate_values.items()):
             if step <= snapshot.epoch:

@@ -630,3 +630,31 @@ def test_the_checkpoint_benchmark_measures_a_checkpoint_of_four_copies_of_the_we
     assert figures["parameters_per_trial"] == parameters
     assert 16 * parameters < figures["bytes"] < 16 * parameters + 64_000
     assert all(figures[name] > 0 for name in ("take_s", "write_s", "read_s"))
+
+
+def test_seconds_lost_counts_a_failed_trial_s_training_since_its_last_checkpoint() -> None:
+    """An interrupted trial loses what it trained since its last checkpoint: its time,
+    less what its checkpoint kept beyond the point it had itself resumed from."""
+    study = optuna.create_study()
+    start = datetime.datetime(2026, 12, 4, 12, 0, 0)
+
+    def failed(seconds: float, system_attrs: dict, user_attrs: dict) -> None:  # type: ignore[type-arg]
+        study.add_trial(
+            optuna.trial.FrozenTrial(
+                number=0, state=TrialState.FAIL, value=None, values=None, datetime_start=start,
+                datetime_complete=start + datetime.timedelta(seconds=seconds), params={},
+                distributions={}, user_attrs=user_attrs, system_attrs=system_attrs,
+                intermediate_values={}, trial_id=0,
+            )
+        )  # fmt: skip
+
+    # No checkpoint: all 7.5 s lost. A checkpoint at 4 s of a trial resumed at 1 s, failed
+    # after 6 s: 6 − (4 − 1) = 3 s lost. A retry that failed before its own checkpoint
+    # (its attribute names its predecessor's, at the point it resumed from): all 2 s.
+    for seconds, system, user in [
+        (7.5, {}, {}),
+        (6.0, {"checkpoint": {"epoch": 10, "seconds": 4.0}}, {"resumed_from": {"seconds": 1.0}}),
+        (2.0, {"checkpoint": {"epoch": 3, "seconds": 1.0}}, {"resumed_from": {"seconds": 1.0}}),
+    ]:
+        failed(seconds, system, user)
+    assert study_record.seconds_lost(study, None) == 7.5 + 3.0 + 2.0

@@ -421,7 +421,11 @@ def test_a_retry_resumes_its_predecessor_s_checkpoint_or_says_in_one_line_why_no
             and resumed.epoch == 3
             and lines == ["trial 1 resumes trial 0 from its checkpoint at epoch 3"]
         )
-        assert frozen.user_attrs[RESUMED_FROM] == {"trial": 0, "epoch": 3}
+        assert frozen.user_attrs[RESUMED_FROM] == {
+            "trial": 0,
+            "epoch": 3,
+            "seconds": round(snapshot.seconds, 3),
+        }
         assert frozen.user_attrs[EPOCHS_SAVED] == 3
         assert frozen.intermediate_values == {1: 0.1, 2: 0.2, 3: pytest.approx(0.3)}
         checkpoints.discard(retry)  # told next: the file goes, and its name
