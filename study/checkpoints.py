@@ -20,14 +20,13 @@ is told its result (or fails for a reason other than an interruption): a study's
 checkpoints take at most one per trial that is training or was interrupted.
 
 Resuming: a trial queued again (by the worker on an interruption, or by the heartbeat
-retry once its worker is gone) carries `failed_trial`, the number of the trial it
-retries. If that trial left a checkpoint, the retry takes it over: it trains on from its
-epoch, records `resumed_from` ({"trial", "epoch", "seconds"}) and `epochs_saved` as user
-attributes,
-and carries the intermediate values up to that epoch over, so the pruner and the
-dashboard see the whole curve. A checkpoint that is missing, unreadable, of another
-configuration or of another format is not used: the trial starts from epoch 0, with one
-log line saying why.
+retry once its worker is gone) carries a copy of the system attributes of the trial it
+retries, its checkpoint's name among them. If there is one, the retry takes it over: it
+trains on from its epoch, records `resumed_from` ({"trial", "epoch", "seconds"}) and
+`epochs_saved` as user attributes, and carries the intermediate values up to that epoch
+over, so the pruner and the dashboard see the whole curve. A checkpoint that is missing,
+unreadable, of another configuration or of another format is not used: the trial starts
+from epoch 0, with one log line saying why.
 """
 
 from __future__ import annotations
@@ -110,19 +109,34 @@ class Checkpoints:
     ) -> TrialSnapshot | None:
         """The snapshot `trial` resumes from, taken over from the trial it retries; None
         where there is none (one log line says why if there was one it cannot use)."""
+
+        # A retry is queued with a copy of the system attributes of the trial it retries
+        # (Optuna's retry callback), so the copy read at its claim names that trial's
+        # latest checkpoint; `retry_history` ends with that trial's number (`failed_trial`
+        # is the first of the chain's).
+        frozen = trial._cached_frozen_trial
+        history = frozen.system_attrs.get("retry_history") or []
+        saved = frozen.system_attrs.get(CHECKPOINT_ATTR)
+        snapshot = None
+        if history and isinstance(saved, dict) and isinstance(saved.get("artifact"), str):
+            snapshot = self._take_over(trial, history[-1], saved, config, device)
+        if snapshot is None and frozen.user_attrs.get(RESUMED_FROM) is not None:
+            # Copied from a retried trial that had resumed: not so for this one.
+            trial.set_user_attr(RESUMED_FROM, None)
+            trial.set_user_attr(EPOCHS_SAVED, 0)
+        return snapshot
+
+    def _take_over(
+        self,
+        trial: optuna.Trial,
+        retried: int,
+        saved: dict[str, object],
+        config: TrainConfig,
+        device: torch.device,
+    ) -> TrialSnapshot | None:
         from model.trial_state import SnapshotError
 
-        # Set when it was queued again, so the copy read at its claim holds it.
-        retried = trial._cached_frozen_trial.system_attrs.get("failed_trial")
-        if retried is None:
-            return None
-        storage = trial.storage
-        before_id = storage.get_trial_id_from_study_id_trial_number(trial.study._study_id, retried)
-        before = storage.get_trial(before_id)
-        saved = before.system_attrs.get(CHECKPOINT_ATTR)
-        if not isinstance(saved, dict) or not isinstance(saved.get("artifact"), str):
-            return None
-        artifact = saved["artifact"]
+        artifact = str(saved["artifact"])
         try:
             snapshot = self._read(artifact)
             snapshot.check_resumes(config, device)
@@ -132,8 +146,8 @@ class Checkpoints:
                 f"left at epoch {saved.get('epoch')} {exc}"
             )
             self._remove(artifact)
+            trial.storage.set_trial_system_attr(trial._trial_id, CHECKPOINT_ATTR, None)
             return None
-        storage.set_trial_system_attr(trial._trial_id, CHECKPOINT_ATTR, saved)
         self.held[trial.number] = artifact
         # With the training seconds it carries (its earlier runs'), so that what an
         # interruption cost can be told from what it kept (benchmarks/study_record.py).
@@ -141,6 +155,10 @@ class Checkpoints:
         resumed = {"trial": retried, "epoch": snapshot.epoch, "seconds": seconds}
         trial.set_user_attr(RESUMED_FROM, resumed)
         trial.set_user_attr(EPOCHS_SAVED, snapshot.epoch)
+        storage = trial.storage
+        before = storage.get_trial(
+            storage.get_trial_id_from_study_id_trial_number(trial.study._study_id, retried)
+        )
         for step, value in sorted(before.intermediate_values.items()):
             if step <= snapshot.epoch:
                 storage.set_trial_intermediate_value(trial._trial_id, step, value)

@@ -150,12 +150,16 @@ def load_study(storage: RDBStorage, name: str) -> optuna.Study:
         attrs["seed"],
         attrs.get("n_prior_trials", preset.n_prior_trials),
     )
-    return optuna.load_study(
-        study_name=name,
-        storage=storage,
-        sampler=sampler,
-        pruner=make_pruner(attrs.get("pruner", "none")),
-    )
+    pruner = make_pruner(attrs.get("pruner", "none"))
+    study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
+    if type(sampler) is GaussianPriorSampler and type(pruner) is optuna.pruners.NopPruner:
+        # Optuna puts a cache in front of every RDBStorage, which reads every trial of the
+        # study on a process's first look at its trials (`ask` looking for queued ones):
+        # 189 s for a study of 100,000 (benchmarks/README.md). It pays off for a sampler
+        # or pruner that reads the history at every trial (TPE, the median pruner); these
+        # read none, so the study talks to the storage itself, a query per call.
+        study._storage = storage
+    return study
 
 
 def study_preset(study: optuna.Study) -> Preset:
@@ -207,7 +211,11 @@ def _study_attrs(storage: BaseStorage, name: str) -> dict[str, Any]:
 
 def requeue(study: optuna.Study, number: int) -> None:
     """Queue a failed trial again with its parameters, as the heartbeat retry does."""
-    trial = study.get_trials(deepcopy=False)[number]
+    # One trial read, not the study's every trial (a study may hold 100,000).
+    storage = study._storage
+    trial = storage.get_trial(
+        storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
+    )
     if trial.state == TrialState.FAIL:
         with experimental_optuna():
             RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, trial)

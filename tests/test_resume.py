@@ -440,3 +440,54 @@ def test_a_retry_resumes_its_predecessor_s_checkpoint_or_says_in_one_line_why_no
         ), lines
         assert RESUMED_FROM not in frozen.user_attrs and not frozen.intermediate_values
         assert not list(tmp_path.glob("checkpoint-*"))  # a useless file is not kept
+
+
+def test_a_retry_of_a_retry_resumes_from_the_latest_checkpoint_of_the_chain(
+    tmp_path: Path,
+) -> None:
+    """Optuna's retry copies the retried trial's attributes, and names the first trial
+    of the chain as `failed_trial`: the retry of a retry must still resume from its own
+    predecessor's latest checkpoint, and the chain holds one file at a time."""
+    from study.checkpoints import EPOCHS_SAVED, RESUMED_FROM, Checkpoints
+    from study.studies import requeue
+
+    config = dataclasses.replace(TINY, max_epochs=8, patience=8)
+    taken = snapshots_by_epoch([config], synthetic_in(torch.float32))
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    lines: list[str] = []
+    checkpoints = Checkpoints(FileSystemArtifactStore(tmp_path), log=lines.append)
+    cpu = torch.device("cpu")
+
+    first = study.ask()
+    checkpoints.save(first, taken[2][0])
+    study.tell(first, state=TrialState.FAIL)
+    requeue(study, first.number)
+    second = study.ask()
+    assert checkpoints.resume_point(second, config, cpu).epoch == 2  # type: ignore[union-attr]
+    checkpoints.save(second, taken[5][0])
+    assert [p.name for p in tmp_path.glob("checkpoint-*")] == [
+        f"checkpoint-{second._trial_id}-epoch-5"
+    ]
+    study.tell(second, state=TrialState.FAIL)
+    requeue(study, second.number)
+    third = study.ask()
+    assert study.get_trials()[third.number].system_attrs["failed_trial"] == 0  # the chain's first
+    resumed = checkpoints.resume_point(third, config, cpu)
+    assert resumed is not None and resumed.epoch == 5
+    assert study.get_trials()[third.number].user_attrs[RESUMED_FROM]["trial"] == 1
+    assert lines[-1] == "trial 2 resumes trial 1 from its checkpoint at epoch 5"
+
+    # A retry whose checkpoint is gone starts afresh, and says it resumed nothing, though
+    # it was queued with its predecessor's `resumed_from`.
+    study.tell(third, state=TrialState.FAIL)
+    requeue(study, third.number)
+    for path in tmp_path.glob("checkpoint-*"):
+        path.unlink()
+    fourth = study.ask()
+    assert checkpoints.resume_point(fourth, config, cpu) is None
+    attrs = study.get_trials()[fourth.number].user_attrs
+    assert (attrs[RESUMED_FROM], attrs[EPOCHS_SAVED]) == (None, 0)
+    assert (
+        "trial 3 starts from epoch 0: the checkpoint trial 2 left at epoch 5 is missing"
+        in (lines[-1])
+    )
