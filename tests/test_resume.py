@@ -491,3 +491,36 @@ def test_a_retry_of_a_retry_resumes_from_the_latest_checkpoint_of_the_chain(
         "trial 3 starts from epoch 0: the checkpoint trial 2 left at epoch 5 is missing"
         in (lines[-1])
     )
+
+
+@pytest.mark.parametrize("batch_size", [None, 40], ids=["full-batch", "mini-batch"])
+def test_trials_resume_under_the_graph_path_s_optimizer_as_well(
+    batch_size: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under `--cuda-graphs` a stack steps with `StackedAdam`, whose moments live in one
+    stacked tensor per parameter: its snapshots resume too (here on the CPU, where the
+    trainer is made to use it), and one taken under torch's optimizers resumes under it."""
+    from model import kfold, optimizers
+
+    def stacked(model, configs, *, total_steps: int, capturable: bool = False):  # type: ignore[no-untyped-def]
+        return optimizers.StackedAdam(model, configs, total_steps)
+
+    configs = [
+        dataclasses.replace(c, batch_size=batch_size, max_epochs=20, patience=3)
+        for c in FEATURES
+        if c.optimizer in ("adam", "adamax")
+    ]
+    data = synthetic_in(torch.float64, learnable=False)
+    with training_dtype(torch.float64):
+        eager = snapshots_by_epoch(configs, data)  # torch's fused Adam and Adamax
+        monkeypatch.setattr(kfold, "make_optimizer", stacked)
+        graph_path = snapshots_by_epoch(configs, data)
+        from_graph_path = train_trials(
+            configs, data, resume=[saved_and_read(graph_path[3][i]) for i in range(2)]
+        )
+        from_eager = train_trials(
+            configs, data, resume=[saved_and_read(eager[3][i]) for i in range(2)]
+        )
+    assert len(configs) == 2
+    for result in [*from_graph_path, *from_eager]:
+        assert_matches_reference(result, data)
