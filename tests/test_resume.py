@@ -21,8 +21,8 @@ import torch
 from optuna.artifacts import FileSystemArtifactStore
 from optuna.trial import FrozenTrial, TrialState
 
-from model.data import Mnist
-from model.kfold import train_trials
+from model.data import DeviceData, Mnist
+from model.kfold import split_folds, steps_per_epoch, train_trials
 from model.trial_state import SNAPSHOT_FORMAT, SnapshotError, TrialSnapshot
 from study.checkpoints import CHECKPOINT_ATTR
 from study.database import sqlite_file
@@ -524,3 +524,33 @@ def test_trials_resume_under_the_graph_path_s_optimizer_as_well(
     assert len(configs) == 2
     for result in [*from_graph_path, *from_eager]:
         assert_matches_reference(result, data)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("batch_size", [None, 40], ids=["full-batch", "mini-batch"])
+def test_cuda_trials_resumed_from_snapshots_end_as_the_uninterrupted_run(
+    batch_size: int | None,
+) -> None:
+    """On a GPU (eager epochs; the random streams are CUDA generators, whose state a
+    snapshot carries too), in float64: the same best and last epochs, the same losses
+    within rounding. Under CUDA graphs a resumed trial with dropout draws other masks
+    after its resume point (its two warm-up epochs are eager, where replays would have
+    run), as graph replays already do against eager epochs."""
+    configs = [
+        dataclasses.replace(c, batch_size=batch_size, max_epochs=20, patience=3) for c in FEATURES
+    ]
+    cpu = synthetic_in(torch.float64, learnable=False)
+    data = DeviceData(x=cpu.x.cuda(), y=cpu.y.cuda())
+    with training_dtype(torch.float64):
+        taken = snapshots_by_epoch(configs, data)
+        whole = train_trials(configs, data)
+        resumed = train_trials(
+            configs, data, resume=[saved_and_read(taken[3][i]) for i in range(4)]
+        )
+    for a, b in zip(whole, resumed, strict=True):
+        assert (a.best_epochs, a.epochs_run) == (b.best_epochs, b.epochs_run)
+        n_train = split_folds(len(data), a.config)[0].shape[1]
+        steps = max(a.epochs_run) * steps_per_epoch(n_train, batch_size or n_train)
+        assert b.fold_losses == pytest.approx(
+            a.fold_losses, rel=loss_tolerance(torch.float64, steps)
+        )
