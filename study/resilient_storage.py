@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.storages import RDBStorage
@@ -28,6 +28,9 @@ from optuna.trial import TrialState
 
 from model.errors import first_line
 from study.errors import StorageError, causes, redact
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
 # An outage shorter than this is contention, not news: retried without a word.
 QUIET_RETRY_S = 2.0
@@ -111,13 +114,9 @@ class ResilientRDBStorage(RDBStorage):
     def trial_tally(self, study_id: int) -> TrialTally:
         """The study's trials counted in the database (see `TrialTally`): a few grouped
         and limited queries, where reading every trial costs 1.6 ms a trial."""
-        from optuna.storages._rdb.models import (
-            TrialModel,
-            TrialSystemAttributeModel,
-            TrialValueModel,
-        )
+        from optuna.storages._rdb.models import TrialModel, TrialSystemAttributeModel
         from optuna.storages._rdb.storage import _create_scoped_session
-        from sqlalchemy import case, func
+        from sqlalchemy import func
 
         with _create_scoped_session(self.scoped_session) as session:
             in_study = TrialModel.study_id == study_id
@@ -138,31 +137,22 @@ class ResilientRDBStorage(RDBStorage):
                 .filter(in_study, TrialModel.state == TrialState.FAIL)
                 .all()
             )
-            kind = TrialValueModel.TrialValueType
-            best = (
-                session.query(TrialModel.trial_id)
-                .filter(in_study, TrialModel.state == TrialState.COMPLETE)
-                .join(TrialValueModel)
-                .filter(TrialValueModel.objective == 0)
-                # As max() over the trials in number order: the first of equal values.
-                .order_by(
-                    case(
-                        (TrialValueModel.value_type == kind.INF_NEG, -1),
-                        (TrialValueModel.value_type == kind.FINITE, 0),
-                        (TrialValueModel.value_type == kind.INF_POS, 1),
-                    ).desc(),
-                    TrialValueModel.value.desc(),
-                    TrialModel.number.asc(),
-                )
-                .limit(1)
-                .one_or_none()
-            )
+            best = _best_trial_id(session, study_id)
         retried = {n for (text,) in histories for n in json.loads(text)}
         return TrialTally(
             states=dict(states),
             retried_failures=sum(1 for (number,) in failed if number in retried),
-            best_trial_id=None if best is None else best[0],
+            best_trial_id=best,
         )
+
+    def best_trial_id(self, study_id: int) -> int | None:
+        """The id of the study's best complete trial (see `_best_trial_id`), or None: one
+        ordered and limited query, where reading every trial to find it costs 1.4 ms a
+        trial."""
+        from optuna.storages._rdb.storage import _create_scoped_session
+
+        with _create_scoped_session(self.scoped_session) as session:
+            return _best_trial_id(session, study_id)
 
     def recent_finished_trial_ids(self, study_id: int, limit: int) -> list[int]:
         """The ids of the study's `limit` last-numbered complete or pruned trials, newest
@@ -192,6 +182,33 @@ class ResilientRDBStorage(RDBStorage):
             print(f"mnist-study: heartbeat of trial id {trial_id} missed: {exc}", file=sys.stderr)
 
 
+def _best_trial_id(session: Session, study_id: int) -> int | None:
+    """The id of the study's complete trial with the highest value (maximised), the
+    first-numbered of equal values, as `max()` over the trials in number order is."""
+    from optuna.storages._rdb.models import TrialModel, TrialValueModel
+    from sqlalchemy import case
+
+    kind = TrialValueModel.TrialValueType
+    best = (
+        session.query(TrialModel.trial_id)
+        .filter(TrialModel.study_id == study_id, TrialModel.state == TrialState.COMPLETE)
+        .join(TrialValueModel)
+        .filter(TrialValueModel.objective == 0)
+        .order_by(
+            case(
+                (TrialValueModel.value_type == kind.INF_NEG, -1),
+                (TrialValueModel.value_type == kind.FINITE, 0),
+                (TrialValueModel.value_type == kind.INF_POS, 1),
+            ).desc(),
+            TrialValueModel.value.desc(),
+            TrialModel.number.asc(),
+        )
+        .limit(1)
+        .one_or_none()
+    )
+    return None if best is None else best[0]
+
+
 # The trials a transaction set RUNNING, kept in the session's info until it ends.
 _CLAIMED = "mnist_study_claimed_trials"
 
@@ -202,7 +219,7 @@ def _beat_on_claims(storage: ResilientRDBStorage) -> None:
     (as every later beat is), so no host's clock judges another's."""
     from optuna.storages._rdb import models
     from sqlalchemy import event, inspect
-    from sqlalchemy.orm import Session, SessionTransaction
+    from sqlalchemy.orm import SessionTransaction
 
     sessions = storage.scoped_session.session_factory
     # Not the storage itself: the listeners live as long as its sessions' class, and a cycle
@@ -294,7 +311,7 @@ RETRIED_CALLS = (
     "_get_stale_trial_ids",
 )  # fmt: skip
 # This project's own reads, retried the same way.
-OWN_RETRIED_CALLS = ("trial_tally", "recent_finished_trial_ids")
+OWN_RETRIED_CALLS = ("trial_tally", "best_trial_id", "recent_finished_trial_ids")
 # A name this Optuna lacks is left out here, and named by the test that checks the list.
 for _name in RETRIED_CALLS:
     if callable(getattr(RDBStorage, _name, None)):
