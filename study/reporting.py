@@ -164,7 +164,8 @@ def build_report(
                 "search plots",
                 f"drawn from {sample.describe()}: the study has {counts.finished:,} finished "
                 f"trials, over the {large_above:,} above which the report reads a sample; "
-                "counts, the best trial and the priors' histograms are over every trial",
+                "counts, the best trial, the training time and the priors' histograms are over "
+                "every trial",
             )
         )
     return write_report(out_dir, f"mnist-study: {study.study_name}", summary, sections, images)
