@@ -17,6 +17,7 @@ from typing import Any
 import optuna
 import torch
 from optuna.storages import BaseStorage
+from optuna.trial import TrialState
 
 from model.checkpoint import CheckpointMissing, load_checkpoint
 from model.data import DataError, load_mnist, to_device
@@ -25,15 +26,17 @@ from model.retrain import predict
 from study.artifacts import open_artifact_store, read_curves
 from study.budget import count_trials
 from study.errors import redact
+from study.resilient_storage import ResilientRDBStorage
 from study.stored_paths import resolve_path
 from study.studies import STUDY_FILE, study_preset
+from study.trial_sample import LARGE_STUDY_TRIALS, SAMPLE_TRIALS, StudySample, draw_sample
 from viz.curves import learning_curves_figure
 from viz.gradient_ascent import PLAIN, REGULARISED, gradient_ascent
 from viz.grid import image_grid_png
 from viz.mistakes import confusion_figure, misclassified_png
 from viz.receptive_fields import receptive_fields
 from viz.report import Section, write_report
-from viz.study_plots import prior_figure, search_figures
+from viz.study_plots import prior_figure, sampled_history_figure, search_figures, target_name
 
 # The seed report's test accuracy, for comparison on the page.
 SEED_REPORT_TEST_ACCURACY = 0.9798
@@ -49,15 +52,24 @@ def build_report(
     artifact_dir: Path,
     data_root: Path,
     network: RetrainedNetwork | None = None,
+    large_above: int = LARGE_STUDY_TRIALS,
+    sample_size: int = SAMPLE_TRIALS,
 ) -> Path:
     """Write the study's page into `out_dir`; return the path of `index.html`.
 
-    `network` is `retrained_network(study)` when the caller has already loaded it.
+    `network` is `retrained_network(study)` when the caller has already loaded it. A study
+    in our database with more than `large_above` finished trials is drawn from a random
+    sample of `sample_size` of its complete trials, which the page states
+    (`study.trial_sample`); a smaller one from every trial.
     """
     attrs = study.user_attrs
     preset = study_preset(study)
     counts = count_trials(study)
-    trials = study.get_trials(deepcopy=False)
+    database = getattr(study._storage, "_backend", study._storage)
+    large = isinstance(database, ResilientRDBStorage) and counts.finished > large_above
+    sample = draw_sample(study, database, sample_size) if large else None
+    # Below the threshold every trial is read whole, as the page always was.
+    trials = None if large else study.get_trials(deepcopy=False)
     best = counts.best
     metrics = _read_metrics(study)
     images: dict[str, bytes] = {}
@@ -100,18 +112,15 @@ def build_report(
     else:
         sections += _network_sections(retrained.network, metrics, data_root, images)
 
-    # Optuna logs a warning for each plot it cannot draw yet; the page says so already.
-    verbosity = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    try:
-        plots = search_figures(study)
-    finally:
-        optuna.logging.set_verbosity(verbosity)
-    for plot in plots:
-        sections.append(Section(f"Search: {plot.title}", figure=plot.figure, message=plot.reason))
+    sections += _search_sections(study, sample)
     for name, prior in preset.space.priors().items():
-        values = [t.params[name] for t in trials if name in t.params]
         distribution = preset.space.distributions()[name]
+        values: list[int] | dict[int, int]
+        if trials is not None:
+            values = [t.params[name] for t in trials if name in t.params]
+        else:
+            counted = database.param_value_counts(study._study_id, name)
+            values = {distribution.to_external_repr(v): c for v, c in counted.items()}
         low, high = distribution.low, distribution.high
         mass = {n: prior.bin_mass(n) for n in range(low, high + 1)}
         total = sum(mass.values())
@@ -119,7 +128,8 @@ def build_report(
             Section(
                 f"Sampled {name} against its prior",
                 "Every trial's value of this neuron count beside the report's Gaussian "
-                "prior, rounded and truncated to the parameter's range as the sampler draws.",
+                "prior, rounded and truncated to the parameter's range as the sampler draws."
+                + (" Counted in the database, over every trial." if trials is None else ""),
                 figure=prior_figure(
                     name,
                     values,
@@ -142,8 +152,69 @@ def build_report(
             else f"made before studies stored their file: preset {preset.name!r} of its version",
         )
     )
-    summary = _summary(study, preset.name, preset.summary, counts, metrics, storage_url)
+    if trials is not None:
+        seconds = [t.user_attrs.get("seconds", 0.0) for t in trials]
+    else:
+        seconds = database.user_attr_values(study._study_id, "seconds")
+    compute_s = sum(float(s) for s in seconds)
+    summary = _summary(study, preset.name, preset.summary, counts, metrics, storage_url, compute_s)
+    if sample is not None:
+        summary.append(
+            (
+                "search plots",
+                f"drawn from {sample.describe()}: the study has {counts.finished:,} finished "
+                f"trials, over the {large_above:,} above which the report reads a sample; "
+                "counts, the best trial, the training time and the priors' histograms are over "
+                "every trial",
+            )
+        )
     return write_report(out_dir, f"mnist-study: {study.study_name}", summary, sections, images)
+
+
+def _search_sections(study: optuna.Study, sample: StudySample | None) -> list[Section]:
+    """Optuna's plots of the study, or of its sample (the history then drawn by us, its
+    best-so-far line over every trial), each saying which trials it shows."""
+    # Optuna logs a warning for each plot it cannot draw yet; the page says so already.
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        if sample is None:
+            plots = search_figures(study)
+        else:
+            plots = search_figures(sample.study, history=False)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    if sample is None:
+        return [
+            Section(f"Search: {plot.title}", figure=plot.figure, message=plot.reason)
+            for plot in plots
+        ]
+    drawn = f"Drawn from {sample.describe()}."
+    sampled = [
+        (t.number, t.value)
+        for t in sample.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    ]
+    history = sampled_history_figure(
+        sampled, sample.best_so_far, target_name(study),
+        sampled_label=f"{len(sampled):,} sampled trials",
+        best_label=f"best so far, over all {sample.complete:,} complete trials",
+    )  # fmt: skip
+    sections = [
+        Section(
+            "Search: Optimization history",
+            f"Points: {sample.describe()}. Line: the best value so far over every complete "
+            "trial, read from the database.",
+            figure=history,
+        )
+    ]
+    for plot in plots:
+        note = drawn
+        if plot.title == "Parameter importances":
+            note += f" The importances are computed on those {sample.size:,} trials."
+        sections.append(
+            Section(f"Search: {plot.title}", note, figure=plot.figure, message=plot.reason)
+        )
+    return sections
 
 
 def _sampler_text(attrs: dict[str, Any]) -> str:
@@ -160,9 +231,8 @@ def _summary(
     counts: Any,
     metrics: dict[str, Any] | None,
     storage_url: str,
+    compute_s: float,
 ) -> list[tuple[str, str]]:
-    trials = study.get_trials(deepcopy=False)
-    compute_s = sum(float(t.user_attrs.get("seconds", 0.0)) for t in trials)
     rows = [
         ("study", study.study_name),
         ("storage", redact(storage_url)),

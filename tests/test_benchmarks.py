@@ -615,6 +615,7 @@ def test_scale_benchmark_fills_studies_whose_two_counting_rules_agree(tmp_path: 
         assert all(s is None or s > 0 for s in result["seconds"].values())
         assert joining <= set(result["join"])
         assert result["not_run"] == {}
+        assert result["report_page_bytes"] > 0  # the report ran and wrote its page
     assert set(record["growth_per_tenfold"]) == {key for key, _ in scale.ROWS}
     assert record["targets"] == []  # neither 1,000 nor 100,000 trials was run
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import io
 import json
 import os
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 from wsgiref.util import setup_testing_defaults
@@ -36,6 +38,7 @@ from study.errors import StudyError
 from study.objective import Objective
 from study.presets import PRESETS
 from study.reporting import build_report, retrained_network
+from study.resilient_storage import ResilientRDBStorage
 from study.retrain import best_finished_trial, retrain_best
 from study.stored_paths import resolve_path
 from study.studies import create_or_resume, load_study
@@ -239,18 +242,193 @@ def test_report_page_holds_every_figure_loads_nothing_and_escapes_the_study_name
 
 def plotly_layouts(page: str) -> list[dict[str, Any]]:
     """The layout of every `Plotly.newPlot(id, data, layout, config)` on the page."""
+    return [layout for _, layout in plotly_figures(page)]
+
+
+def plotly_figures(page: str) -> list[tuple[list[dict[str, Any]], dict[str, Any]]]:
+    """The data and layout of every `Plotly.newPlot(id, data, layout, config)` on the
+    page, in page order."""
     decoder = json.JSONDecoder()
-    layouts = []
+    figures = []
     for match in re.finditer(r"Plotly\.newPlot\(\s*", page):
         at = match.end()
-        for _ in range(2):  # the element's id, then the data
-            _, at = decoder.raw_decode(page, at)
+        parts = []
+        for _ in range(3):  # the element's id, the data, the layout
+            part, at = decoder.raw_decode(page, at)
+            parts.append(part)
             at = page.index(",", at) + 1
             while page[at].isspace():
                 at += 1
-        layout, _ = decoder.raw_decode(page, at)
-        layouts.append(layout)
-    return layouts
+        figures.append((parts[1], parts[2]))
+    return figures
+
+
+# --- a large study's page: drawn from a stated sample (study/trial_sample.py) ------------
+
+# What a browser should be asked to open (issue 20).
+PAGE_LIMIT_BYTES = 20_000_000
+
+
+def filled_study(url: str, n: int) -> tuple[ResilientRDBStorage, optuna.Study]:
+    """A quick-preset study of `n` finished trials written straight into the database, as
+    the scale benchmark writes them (a second or two, where training them would take hours)."""
+    from benchmarks.scale import fill
+
+    storage = open_storage(url, create=True)
+    study, _ = create_or_resume(storage, "big", PRESETS["quick"], budget=n, seed=1)
+    fill(storage, study, n)
+    return storage, load_study(storage, "big")
+
+
+def page_sections(page: str) -> dict[str, tuple[str, list[tuple[list[Any], dict[str, Any]]]]]:
+    """Each section's note and figures (data, layout), by its title."""
+    sections = {}
+    for chunk in page.split("<h2>")[1:]:
+        title, body = chunk.split("</h2>", 1)
+        note = re.search(r'^\s*<p class="note">(.*?)</p>', body)
+        sections[html.unescape(title)] = (
+            html.unescape(note.group(1)) if note else "",
+            plotly_figures(body),
+        )
+    return sections
+
+
+def summary_rows(page: str) -> dict[str, str]:
+    return {
+        html.unescape(k): html.unescape(v)
+        for k, v in re.findall(r"<tr><td>(.*?)</td><td>(.*?)</td></tr>", page)
+    }
+
+
+def build(storage: ResilientRDBStorage, url: str, out: Path, **thresholds: int) -> str:
+    study = load_study(storage, "big")
+    page = build_report(
+        study, storage, storage_url=url, out_dir=out, artifact_dir=out,
+        data_root=default_root(), **thresholds,
+    )  # fmt: skip
+    assert page.stat().st_size <= PAGE_LIMIT_BYTES
+    return page.read_text()
+
+
+def test_a_study_over_the_threshold_is_drawn_from_a_stated_sample_and_one_under_it_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from optuna.importance import PedAnovaImportanceEvaluator, get_param_importances
+
+    from study.trial_sample import LARGE_STUDY_TRIALS, SAMPLE_SEED, draw_sample
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    storage, study = filled_study(url, 600)
+    # The whole study, read the slow way, to hold the page to.
+    every = study.get_trials(deepcopy=False)
+    complete = [t for t in every if t.state == TrialState.COMPLETE]
+    best = max(complete, key=lambda t: t.value)
+    finished = len(every) - sum(1 for t in every if "retry_history" in t.system_attrs)
+    assert 400 < finished < LARGE_STUDY_TRIALS
+    # Which trials the importances are computed on.
+    evaluated: list[list[int]] = []
+    evaluate = PedAnovaImportanceEvaluator.evaluate
+
+    def recording(self: Any, study: optuna.Study, *args: Any, **kwargs: Any) -> Any:
+        evaluated.append([t.number for t in study.get_trials(states=(TrialState.COMPLETE,))])
+        return evaluate(self, study, *args, **kwargs)
+
+    monkeypatch.setattr(PedAnovaImportanceEvaluator, "evaluate", recording)
+
+    large = build(storage, url, tmp_path / "large", large_above=400, sample_size=150)
+    sample = draw_sample(study, storage, 150)
+    numbers = sorted(t.number for t in sample.study.get_trials())
+    complete_numbers = {t.number for t in complete}
+    # 150 complete trials drawn, and the best one, added if the draw missed it.
+    assert sample.drawn == 150 and sample.complete == len(complete)
+    assert len(numbers) == sample.size == 150 + (sample.best_added is not None)
+    assert set(numbers) <= complete_numbers and best.number in numbers
+    # The same seed draws the same trials: the page is the same twice.
+    again = draw_sample(study, storage, 150, seed=SAMPLE_SEED)
+    assert sorted(t.number for t in again.study.get_trials()) == numbers
+    # A picture of the study: nothing can be written into it.
+    with pytest.raises(TypeError, match="read-only"):
+        sample.study.ask()
+    assert len(storage.get_all_trials(study._study_id)) == len(every)
+
+    # The page says so, with the numbers, in its summary and above each sampled plot.
+    stated = (
+        f"a random sample of 150 of the study's {len(complete):,} complete trials "
+        f"(seed {SAMPLE_SEED})"
+    )
+    rows = summary_rows(large)
+    assert rows["search plots"].startswith(f"drawn from {stated}")
+    assert (
+        f"the study has {finished:,} finished trials, over the 400 above which"
+        in (rows["search plots"])
+    )
+    sections = page_sections(large)
+    for title in ("Parameter importances", "Parallel coordinates", "Slices per parameter"):
+        assert sections[f"Search: {title}"][0].startswith(f"Drawn from {stated}"), title
+    importances_note, [(bars, _)] = sections["Search: Parameter importances"]
+    assert f"The importances are computed on those {sample.size} trials." in importances_note
+    # ...and they were: on the sample's trials, and so not the study's.
+    assert evaluated == [numbers]
+    on_sample = get_param_importances(sample.study)
+    shown = dict(zip(bars[0]["y"], bars[0]["x"], strict=True))
+    assert shown == pytest.approx(on_sample, abs=1e-9)
+    assert shown != pytest.approx(get_param_importances(study), abs=1e-9)
+    # Each slice panel holds the sample's trials, not the study's.
+    _, [(slices, _)] = sections["Search: Slices per parameter"]
+    assert {len(trace["x"]) for trace in slices if trace.get("name") == "Feasible Trial"} == {
+        sample.size
+    }
+    # The history: the sampled trials as points under their own numbers, and the best value
+    # so far over every complete trial (the steps where it rose), ending at the study's best.
+    _, [(history, _)] = sections["Search: Optimization history"]
+    points, line = history
+    assert sorted(points["x"]) == numbers
+    rises, so_far = [], float("-inf")
+    for t in complete:
+        if t.value > so_far:
+            so_far = t.value
+            rises.append((t.number, t.value))
+    rises.append((complete[-1].number, best.value))
+    assert list(zip(line["x"], line["y"], strict=True)) == rises
+    # The priors' histograms still count every trial, in the database.
+    _, [(prior, _)] = sections["Sampled n_units_l0 against its prior"]
+    counted = dict(zip(prior[0]["x"], prior[0]["y"], strict=True))
+    assert counted == Counter(t.params["n_units_l0"] for t in every)
+    total = sum(t.user_attrs.get("seconds", 0.0) for t in every)
+    assert rows["total training time"] == f"{total / 60:.1f} min over all trials"
+
+    # Under the threshold (the default, 5,000), the page is drawn from every trial, as it
+    # always was: Optuna's own history, slices of every complete trial, every value.
+    small = build(storage, url, tmp_path / "small")
+    assert "search plots" not in summary_rows(small) and "random sample" not in small
+    sections = page_sections(small)
+    assert not any(note.startswith("Drawn") for note, _ in sections.values())
+    _, [(history, _)] = sections["Search: Optimization history"]
+    assert sorted(history[0]["x"]) == sorted(complete_numbers)
+    _, [(slices, _)] = sections["Search: Slices per parameter"]
+    assert {len(trace["x"]) for trace in slices if trace.get("name") == "Feasible Trial"} == {
+        len(complete)
+    }
+    _, [(prior, _)] = sections["Sampled n_units_l0 against its prior"]
+    assert sorted(prior[0]["x"]) == sorted(t.params["n_units_l0"] for t in every)
+    assert summary_rows(small)["total training time"] == rows["total training time"]
+
+
+def test_a_sampled_page_stays_the_same_size_at_three_times_the_trials(tmp_path: Path) -> None:
+    from study.trial_sample import draw_sample
+
+    sizes = {}
+    for n in (600, 1800):
+        url = f"sqlite:///{tmp_path / f'{n}.db'}"
+        storage, study = filled_study(url, n)
+        page = build(storage, url, tmp_path / str(n), large_above=400, sample_size=150)
+        sizes[n] = len(page)
+        # One point per sampled trial in each parameter's panel, whatever the study's size.
+        sample = draw_sample(study, storage, 150)
+        _, [(slices, _)] = page_sections(page)["Search: Slices per parameter"]
+        n_params = len(PRESETS["quick"].space.distributions())
+        assert sum(len(trace["x"]) for trace in slices) == n_params * sample.size
+    assert abs(sizes[1800] - sizes[600]) < 0.01 * sizes[600]
 
 
 def test_the_dashboard_curves_show_the_intermediate_values_and_read_at_their_size(

@@ -640,6 +640,7 @@ def test_counts_from_the_database_equal_those_from_every_trial_in_every_state(
     every state, failures queued again and not, trials added through Optuna's own API
     (add_trial, enqueue_trial, ask and tell), ties for the best value and infinities."""
     from study.budget import count_every_trial
+    from study.retrain import best_finished_trial
 
     url = (
         f"sqlite:///{tmp_path / 'optuna.db'}"
@@ -655,6 +656,12 @@ def test_counts_from_the_database_equal_those_from_every_trial_in_every_state(
         assert (fast.best is None) == (slow.best is None)
         if fast.best is not None:
             assert (fast.best.number, fast.best.value) == (slow.best.number, slow.best.value)
+            # retrain's look-up asks the database the same question.
+            best = best_finished_trial(study)
+            assert (best.number, best.value) == (slow.best.number, slow.best.value)
+        else:
+            with pytest.raises(StudyError, match="no finished trial to retrain yet"):
+                best_finished_trial(study)
 
     assert_counts_agree()  # empty: no best
     for value in (0.5, 0.7, 0.7, 0.2):  # a tie for the best: the first of them wins
