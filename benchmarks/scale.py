@@ -363,6 +363,14 @@ def measure(
     out["join"] = join_and_claim(url)
     seconds["first_claim"] = out["join"]["first_claim"]
     seconds["steady_claim"] = out["join"]["steady_claim"]
+    # The same study without its pruner: a study whose sampler and pruner read no history
+    # (the seed preset's) is loaded without Optuna's cache (`study.studies.load_study`).
+    storage = open_storage(url)
+    load_study(storage, STUDY).set_user_attr("pruner", "none")
+    storage.engine.dispose()
+    out["join_history_free"] = join_and_claim(url)
+    seconds["first_claim_history_free"] = out["join_history_free"]["first_claim"]
+    seconds["steady_claim_history_free"] = out["join_history_free"]["steady_claim"]
     out["seconds"] = seconds
     out["not_run"] = not_run
     return out
@@ -398,8 +406,10 @@ ROWS = (
     ("cli_import", "a CLI process that only starts (status --help)"),
     ("status", "mnist-study status"),
     ("status_json", "mnist-study status --json"),
-    ("first_claim", "joining worker: storage to first claim"),
-    ("steady_claim", "a claim in a steady state"),
+    ("first_claim", "joining worker: storage to first claim (median pruner)"),
+    ("steady_claim", "a claim in a steady state (median pruner)"),
+    ("first_claim_history_free", "joining worker, no pruner (as the seed preset)"),
+    ("steady_claim_history_free", "a steady claim, no pruner"),
     ("report", "mnist-study report"),
     ("best_lookup", "retrain's best lookup"),
 )
@@ -423,6 +433,7 @@ def targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     small, large = by_size[1_000], by_size[100_000]
     status_1k, status_100k = small["seconds"]["status"], large["seconds"]["status"]
     first_claim = large["seconds"]["first_claim"]
+    free_claim = large["seconds"]["first_claim_history_free"]
     report, page = large["seconds"]["report"], large.get("report_page_bytes")
     return [
         {
@@ -437,9 +448,15 @@ def targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "met": status_100k < STATUS_TARGET_S,
         },
         {
-            "target": f"a joining worker's first claim at 100k <= {FIRST_CLAIM_TARGET_S:g} s",
+            "target": f"a joining worker's first claim at 100k <= {FIRST_CLAIM_TARGET_S:g} s "
+            "(the quick preset's median pruner)",
             "measured": f"{first_claim:.2f} s",
             "met": first_claim <= FIRST_CLAIM_TARGET_S,
+        },
+        {
+            "target": f"the same, no pruner (as the seed preset) <= {FIRST_CLAIM_TARGET_S:g} s",
+            "measured": f"{free_claim:.2f} s",
+            "met": free_claim <= FIRST_CLAIM_TARGET_S,
         },
         {
             "target": f"report at 100k <= {REPORT_TARGET_S:g} s, "
