@@ -10,6 +10,10 @@ already being run by others, it waits rather than exits, so a trial whose worker
 is still picked up. The budget is counted again before each claim; two workers claiming
 at the same moment can still each take the last trial, so a study may finish up to
 (workers − 1) trials past its budget.
+
+The loop itself (`run_trials_until_done`) takes any `TrialRunner`: `run_worker` hands it
+the objective that trains; benchmarks/load.py an instant one, in processes that never
+import torch (this module imports it only inside `run_worker`).
 """
 
 from __future__ import annotations
@@ -21,16 +25,15 @@ import socket
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import optuna
 from optuna.storages import RDBStorage
 
 from model.config import parameter_count
-from model.data import ensure_mnist, load_mnist, to_device
-from model.device import use_device
 from study.artifacts import artifact_dir, open_artifact_store
 from study.budget import count_trials
 from study.database import DEFAULT_HEARTBEAT, open_storage
@@ -87,8 +90,25 @@ def default_trials_per_worker(device_type: str, preset: Preset) -> int:
     return max(1, min(most, int(GPU_STACK_BYTES // per_trial)))
 
 
+class TrialRunner(Protocol):
+    """What the worker's loop hands its claimed trials to: `Objective` in a real worker,
+    an instant objective in benchmarks/load.py."""
+
+    in_hand: list[int]
+    """Numbers of the claimed trials not yet told, queued again if the worker is
+    interrupted; the runner removes each as it tells it."""
+
+    def run_trials(self, study: optuna.Study, trials: Sequence[optuna.Trial]) -> None:
+        """Run the claimed trials and tell each how it ended."""
+
+
 def run_worker(options: WorkerOptions, log: Callable[[str], None] = print) -> int:
     """Run trials until the budget is met; returns how many this worker ran."""
+    # Imported here, not above, since they import torch: a worker that never trains
+    # (benchmarks/load.py's) runs `run_trials_until_done` without them.
+    from model.data import ensure_mnist, load_mnist, to_device
+    from model.device import use_device
+
     storage = open_storage(options.storage, heartbeat=options.heartbeat)
     study = load_study(storage, options.study)
     preset = study_preset(study)
@@ -102,30 +122,39 @@ def run_worker(options: WorkerOptions, log: Callable[[str], None] = print) -> in
     data = to_device(mnist.train_images, mnist.train_labels, device)
     worker_id = options.worker_id or f"{socket.gethostname()}:{os.getpid()}"
 
-    stop = _StopSignals()
-
-    def parent_gone() -> bool:
-        gone = options.parent_pid is not None and os.getppid() != options.parent_pid
-        stop.interrupted = stop.interrupted or gone
-        return gone
-
+    stop = StopSignals(options.parent_pid)
     store = open_artifact_store(artifact_dir(options.storage, options.artifacts))
     per_claim = options.speed.trials_per_worker or default_trials_per_worker(device.type, preset)
     objective = Objective(
         preset,
         data,
         worker=f"{worker_id} ({device})",
-        should_stop=parent_gone,
+        should_stop=stop.parent_gone,
         artifacts=store,
         speed=options.speed,
     )
     clock = StackClock(options.deadline, recent_stack_seconds(study, device.type, per_claim))
+    return run_trials_until_done(study, storage, objective, per_claim, stop, clock, log)
+
+
+def run_trials_until_done(
+    study: optuna.Study,
+    storage: RDBStorage,
+    runner: TrialRunner,
+    per_claim: int,
+    stop: StopSignals,
+    clock: StackClock,
+    log: Callable[[str], None] = print,
+) -> int:
+    """The worker's loop: fail stale trials, count, claim up to `per_claim` trials with
+    their heartbeats, hand them to `runner`, until the budget is met, the parent is gone
+    or a stop is asked for. Returns how many trials this worker ran."""
     # Filters on the handlers, which see the records of every optuna.* logger.
     for handler in logging.getLogger("optuna").handlers:
         handler.addFilter(stop.keep_log_record)
     ran = 0
     try:
-        while not parent_gone() and not stop.finish_requested:
+        while not stop.parent_gone() and not stop.finish_requested:
             fail_stale_trials(study)
             counts = count_trials(study)
             if counts.done:
@@ -136,14 +165,14 @@ def run_worker(options: WorkerOptions, log: Callable[[str], None] = print) -> in
             if not clock.room_for_a_stack(time.time()):
                 log(clock.why_stopping(time.time()))
                 break
-            objective.in_hand = []
+            runner.in_hand = []
             try:
                 trials = _claim(study, storage, per_claim)
-                objective.in_hand = [t.number for t in trials]
+                runner.in_hand = [t.number for t in trials]
                 started = time.monotonic()
                 with _Heartbeats(storage, trials):
                     # A training error (a GPU out of memory, say) fails these trials alone.
-                    objective.run_trials(study, trials)
+                    runner.run_trials(study, trials)
                 clock.record(time.monotonic() - started)
             except Exception as exc:
                 # A storage out of reach for good can surface from Optuna's own clean-up
@@ -154,7 +183,7 @@ def run_worker(options: WorkerOptions, log: Callable[[str], None] = print) -> in
                 raise lost from None
             ran += len(trials)
     except KeyboardInterrupt:
-        for number in objective.in_hand:
+        for number in runner.in_hand:
             requeue(study, number)
             log(f"trial {number} was interrupted and is queued again")
         raise
@@ -272,11 +301,13 @@ def _storage_error_behind(exc: BaseException) -> StorageError | None:
     return next((cause for cause in causes(exc) if isinstance(cause, StorageError)), None)
 
 
-class _StopSignals:
+class StopSignals:
     """How a worker is asked to stop. SIGINT and SIGTERM interrupt the trial in hand (the
-    worker queues it again); SIGUSR1 asks it to finish that trial and start no other."""
+    worker queues it again); SIGUSR1 asks it to finish that trial and start no other; and
+    a worker whose parent (`parent_pid`, `run`) is gone stops as if interrupted."""
 
-    def __init__(self) -> None:
+    def __init__(self, parent_pid: int | None = None) -> None:
+        self.parent_pid = parent_pid
         self.interrupted = False
         self.finish_requested = False
         signal.signal(signal.SIGINT, self._interrupt)
@@ -289,6 +320,11 @@ class _StopSignals:
 
     def _finish(self, signum: int, frame: object) -> None:
         self.finish_requested = True
+
+    def parent_gone(self) -> bool:
+        gone = self.parent_pid is not None and os.getppid() != self.parent_pid
+        self.interrupted = self.interrupted or gone
+        return gone
 
     def keep_log_record(self, record: logging.LogRecord) -> bool:
         """Optuna logs an interrupted trial as failed (with a traceback); the worker says
