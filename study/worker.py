@@ -7,9 +7,10 @@ retries first — and train them together as one stack (`Objective.run_trials`).
 claimed trial has its own heartbeat from its claim on, so if the worker dies all of them
 go stale and are queued again with their parameters. When the rest of the budget is
 already being run by others, it waits rather than exits, so a trial whose worker dies late
-is still picked up. The budget is counted again before each claim; two workers claiming
-at the same moment can still each take the last trial, so a study may finish up to
-(workers − 1) trials past its budget.
+is still picked up. The budget is counted again before each claim, and the storage
+refuses a new trial that would pass it in the claim's own transaction
+(`ResilientRDBStorage.beating_from_claim`), so two workers claiming at the same moment
+cannot both take the last trial: a study finishes exactly its budget.
 
 The loop itself (`run_trials_until_done`) takes any `TrialRunner`: `run_worker` hands it
 the objective that trains; benchmarks/load.py an instant one, in processes that never
@@ -40,6 +41,7 @@ from study.database import DEFAULT_HEARTBEAT, open_storage
 from study.errors import StorageError, causes
 from study.objective import Objective, SpeedOptions
 from study.presets import Preset
+from study.resilient_storage import BudgetSpent
 from study.studies import fail_stale_trials, load_study, requeue, study_preset
 
 POLL_S = 1.0
@@ -168,6 +170,10 @@ def run_trials_until_done(
             runner.in_hand = []
             try:
                 trials = _claim(study, storage, per_claim)
+                if not trials:
+                    # Another worker took the last of the budget between the count and
+                    # the claim (the storage refused the claim: `BudgetSpent`).
+                    continue
                 runner.in_hand = [t.number for t in trials]
                 started = time.monotonic()
                 with _Heartbeats(storage, trials):
@@ -264,7 +270,10 @@ def _claim(study: optuna.Study, storage: RDBStorage, most: int) -> list[optuna.T
             counts = count_trials(study)
             if trials and counts.unclaimed <= 0 and counts.waiting == 0:
                 break
-            trials.append(study.ask())
+            try:
+                trials.append(study.ask())
+            except BudgetSpent:
+                break
     return trials
 
 
