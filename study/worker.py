@@ -158,7 +158,7 @@ def run_trials_until_done(
     try:
         while not stop.parent_gone() and not stop.finish_requested:
             fail_stale_trials(study)
-            counts = count_trials(study)
+            counts = count_trials(study, with_best=False)
             if counts.done:
                 break
             if counts.unclaimed <= 0 and counts.waiting == 0:
@@ -267,7 +267,7 @@ def _claim(study: optuna.Study, storage: RDBStorage, most: int) -> list[optuna.T
         # its trials itself (`_Heartbeats`), as `optimize` would.
         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
         while len(trials) < most:
-            counts = count_trials(study)
+            counts = count_trials(study, with_best=False)
             if trials and counts.unclaimed <= 0 and counts.waiting == 0:
                 break
             try:
