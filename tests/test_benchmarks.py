@@ -617,3 +617,28 @@ def test_scale_benchmark_fills_studies_whose_two_counting_rules_agree(tmp_path: 
         assert result["not_run"] == {}
     assert set(record["growth_per_tenfold"]) == {key for key, _ in scale.ROWS}
     assert record["targets"] == []  # neither 1,000 nor 100,000 trials was run
+
+
+def test_load_benchmark_loses_no_trial_with_a_quarter_killed_and_never_imports_torch(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "load.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.load", "--backend", "sqlite", "--workers", "4",
+         "--budget", "40", "--heartbeat", "1", "--kill-quarter", "--json", str(out)],
+        cwd=GPU_CHECK.parent.parent, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    runs = json.loads(out.read_text())["runs"]
+    assert [(r["workers"], r["killed"] and r["killed"]["workers"]) for r in runs] == [
+        (4, None),
+        (4, 1),
+    ]
+    for run in runs:
+        assert (run["complete"], run["overshoot"], run["lost"]) == (40, 0, 0)
+        assert set(run["states"]) <= {"COMPLETE", "FAIL"}
+        assert run["failed_not_retried"] == 0
+        assert run["torch_imported_by_a_worker"] is False
+        # Every surviving worker wrote its record; without a kill they made every claim.
+        assert run["worker_records"] == 4 - (run["killed"] or {}).get("workers", 0)
+    assert runs[0]["claim_seconds"]["n"] >= 40
