@@ -114,6 +114,8 @@ def worker_main(args: argparse.Namespace) -> int:
     if args.ready is not None:
         args.ready.write_text(str(os.getpid()))
         while args.go is not None and not args.go.exists():
+            if stop.parent_gone():
+                return 1  # the benchmark was stopped before the signal
             time.sleep(0.05)
     cpu_before = time.process_time()
     started = time.time()
@@ -273,6 +275,29 @@ def run_configuration(
             processes.append(
                 subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
             )
+    try:
+        return _measure(processes, storage, study._study_id, postmaster, folder, budget,
+                        kill_quarter, max_seconds, heartbeat, trial_ms)  # fmt: skip
+    finally:
+        _kill(processes)
+
+
+def _measure(
+    processes: list[subprocess.Popen[bytes]],
+    storage: Any,
+    study_id: int,
+    postmaster: int | None,
+    folder: Path,
+    budget: int,
+    kill_quarter: bool,
+    max_seconds: float,
+    heartbeat: int,
+    trial_ms: float,
+) -> dict[str, Any]:
+    """Wait for the workers to be ready, signal them, watch them to the end, and
+    measure the run."""
+    workers = len(processes)
+    go = folder / "go"
     pids = [p.pid for p in processes]
     meter = CpuMeter(postmaster)
     waited = time.monotonic()
@@ -296,7 +321,7 @@ def run_configuration(
         time.sleep(SAMPLE_S)
         meter.sample(pids)
         if kill_quarter and killed is None:
-            complete = _complete_count(storage, study._study_id)
+            complete = _complete_count(storage, study_id)
             if complete >= budget // 2:
                 victims = processes[: max(1, workers // 4)]
                 for p in victims:
@@ -317,7 +342,7 @@ def run_configuration(
         path = folder / f"worker-{i}.json"
         if path.exists():
             records.append(json.loads(path.read_text()))
-    outcome = _outcome(storage, study._study_id, budget, t_go)
+    outcome = _outcome(storage, study_id, budget, t_go)
     claims = sorted(s for r in records for s in r["claim_seconds"])
     cpu = meter.seconds()
     wall = t_end - t_go
@@ -542,6 +567,9 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also a run at --workers and --budget with a quarter SIGKILLed halfway",
     )
+    parser.add_argument(
+        "--kill-only", action="store_true", help="only the run with a quarter SIGKILLed"
+    )
     parser.add_argument("--trial-ms", type=float, default=0.0, help="each trial's sleep")
     parser.add_argument("--profile", action="store_true", help="worker 0 under cProfile")
     parser.add_argument("--backend", choices=("postgresql", "sqlite"), default="postgresql")
@@ -557,7 +585,9 @@ def main(argv: list[str] | None = None) -> int:
     plan = [(n, args.sweep_budget or args.budget, False) for n in sweep]
     if args.workers not in sweep or args.sweep_budget not in (None, args.budget):
         plan.append((args.workers, args.budget, False))
-    if args.kill_quarter:
+    if args.kill_only:
+        plan = []
+    if args.kill_quarter or args.kill_only:
         plan.append((args.workers, args.budget, True))
 
     from benchmarks.speed import cpu_model  # imports torch: the parent only
