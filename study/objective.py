@@ -21,9 +21,6 @@ from typing import TYPE_CHECKING
 import optuna
 from optuna.trial import TrialState
 
-from model.data import DeviceData
-from model.kfold import KFoldResult, Progress, stack_key, train_trials
-from model.trial_state import TrialSnapshot
 from study.artifacts import attach_curves
 from study.checkpoints import CHECKPOINT_EVERY_S, Checkpoints
 from study.errors import StorageError, causes
@@ -31,6 +28,10 @@ from study.presets import Preset
 
 if TYPE_CHECKING:
     from optuna.artifacts import FileSystemArtifactStore
+
+    from model.data import DeviceData
+    from model.kfold import KFoldResult, Progress
+    from model.trial_state import TrialSnapshot
 
 _log = logging.getLogger("optuna.mnist_study")
 # A running trial's system attribute: how many of its folds are still training.
@@ -160,6 +161,10 @@ class Objective:
         on_outcome: Callable[[optuna.Trial, Outcome], None] | None = None,
     ) -> list[Outcome]:
         """Train the trials, one stack per group that can share one; their outcomes."""
+        # Imported here, not above: `study.worker` imports this module, and a worker that
+        # never trains (benchmarks/load.py's) should not import torch.
+        from model.kfold import stack_key, train_trials
+
         configs = [self.preset.space.suggest(trial, self.preset.defaults) for trial in trials]
         checkpoints = self.checkpoints
         resumed = [

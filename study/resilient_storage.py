@@ -34,6 +34,13 @@ if TYPE_CHECKING:
 
 # An outage shorter than this is contention, not news: retried without a word.
 QUIET_RETRY_S = 2.0
+# The study's user attribute that holds its budget of trials (set by `study.studies`).
+BUDGET_KEY = "budget"
+
+
+class BudgetSpent(Exception):
+    """A worker's claim of a new trial refused: the study's budget is already covered by
+    its finished, running and queued trials (see `ResilientRDBStorage.beating_from_claim`)."""
 
 
 @dataclass(frozen=True)
@@ -91,7 +98,15 @@ class ResilientRDBStorage(RDBStorage):
         worker killed in between would leave a RUNNING trial that no heartbeat ever judges.
         Only the workers claim this way: a trial from `study.ask()` outside the block has
         no heartbeat until someone records one, and is never failed as stale, as on
-        `RDBStorage` (an ask-and-tell user may hold it as long as they like)."""
+        `RDBStorage` (an ask-and-tell user may hold it as long as they like).
+
+        Inside the block a new trial is also held to the study's budget (its `budget`
+        user attribute, where it has one): its transaction counts the study's trials as
+        `study.budget.count_trials` counts them against the budget (finished, running and
+        queued), and if the new trial would pass the budget, rolls it back and raises
+        `BudgetSpent`. Optuna creates a trial under a lock on the study's row, so these
+        counts are taken one claim at a time, and the budget is exact however many workers
+        claim at once. A queued trial taken from the queue is inside the budget already."""
         outer = getattr(self._claim_state, "beating", False)
         self._claim_state.beating = True
         try:
@@ -111,10 +126,11 @@ class ResilientRDBStorage(RDBStorage):
                     return True
             raise
 
-    def trial_tally(self, study_id: int) -> TrialTally:
+    def trial_tally(self, study_id: int, with_best: bool = True) -> TrialTally:
         """The study's trials counted in the database (see `TrialTally`): a few grouped
-        and limited queries, where reading every trial costs 1.6 ms a trial."""
-        from optuna.storages._rdb.models import TrialModel, TrialSystemAttributeModel
+        and limited queries, where reading every trial costs 1.6 ms a trial. Without
+        `with_best`, no best trial is looked for (`best_trial_id` is None)."""
+        from optuna.storages._rdb.models import TrialModel
         from optuna.storages._rdb.storage import _create_scoped_session
         from sqlalchemy import func
 
@@ -126,24 +142,9 @@ class ResilientRDBStorage(RDBStorage):
                 .group_by(TrialModel.state)
                 .all()
             )
-            histories = (
-                session.query(TrialSystemAttributeModel.value_json)
-                .join(TrialModel)
-                .filter(in_study, TrialSystemAttributeModel.key == "retry_history")
-                .all()
-            )
-            failed = (
-                session.query(TrialModel.number)
-                .filter(in_study, TrialModel.state == TrialState.FAIL)
-                .all()
-            )
-            best = _best_trial_id(session, study_id)
-        retried = {n for (text,) in histories for n in json.loads(text)}
-        return TrialTally(
-            states=dict(states),
-            retried_failures=sum(1 for (number,) in failed if number in retried),
-            best_trial_id=best,
-        )
+            retried_failures = _retried_failures(session, study_id)
+            best = _best_trial_id(session, study_id) if with_best else None
+        return TrialTally(states, retried_failures, best)
 
     def best_trial_id(self, study_id: int) -> int | None:
         """The id of the study's best complete trial (see `_best_trial_id`), or None: one
@@ -287,6 +288,55 @@ def _best_trial_id(session: Session, study_id: int) -> int | None:
 
 
 # The trials a transaction set RUNNING, kept in the session's info until it ends.
+def _retried_failures(session: Any, study_id: int) -> int:
+    """How many of the study's failed trials were queued again: their numbers are in
+    another trial's `retry_history`."""
+    from optuna.storages._rdb.models import TrialModel, TrialSystemAttributeModel
+
+    in_study = TrialModel.study_id == study_id
+    histories = (
+        session.query(TrialSystemAttributeModel.value_json)
+        .join(TrialModel)
+        .filter(in_study, TrialSystemAttributeModel.key == "retry_history")
+        .all()
+    )
+    failed = (
+        session.query(TrialModel.number).filter(in_study, TrialModel.state == TrialState.FAIL).all()
+    )
+    retried = {n for (text,) in histories for n in json.loads(text)}
+    return sum(1 for (number,) in failed if number in retried)
+
+
+def _check_budget(session: Any, study_id: int) -> None:
+    """Raise `BudgetSpent` if the study's trials, counted as against its budget and with
+    the new trial this transaction has written, are more than its budget."""
+    from optuna.storages._rdb.models import StudyUserAttributeModel, TrialModel
+    from sqlalchemy import func
+
+    stored = (
+        session.query(StudyUserAttributeModel.value_json)
+        .filter(
+            StudyUserAttributeModel.study_id == study_id,
+            StudyUserAttributeModel.key == BUDGET_KEY,
+        )
+        .one_or_none()
+    )
+    if stored is None:
+        return
+    budget = int(json.loads(stored[0]))
+    trials = (
+        session.query(func.count(TrialModel.trial_id))
+        .filter(TrialModel.study_id == study_id)
+        .scalar()
+    )
+    # Every trial counts but a failure queued again, whose retry counts in its place.
+    taken = trials - _retried_failures(session, study_id)
+    if taken > budget:
+        raise BudgetSpent(f"the study's {budget} trials are all finished, running or queued")
+
+
+# The trials a transaction set RUNNING, kept in the session's info until it ends, each
+# with whether it is new (a claim that must fit the budget) or taken from the queue.
 _CLAIMED = "mnist_study_claimed_trials"
 
 
@@ -313,15 +363,21 @@ def _beat_on_claims(storage: ResilientRDBStorage) -> None:
                 continue
             # A new RUNNING trial, or a waiting one just taken (Optuna creates a queued or a
             # finished trial RUNNING first, then sets its state: checked at the commit).
-            if trial in session.new or inspect(trial).attrs.state.history.has_changes():
-                claimed.append(trial)
+            if trial in session.new:
+                claimed.append((trial, True))
+            elif inspect(trial).attrs.state.history.has_changes():
+                claimed.append((trial, False))
 
     def beat_claims(session: Session) -> None:
         note_claims(session)  # what the commit's own flush is about to write
         with session.no_autoflush:
-            for trial in session.info.pop(_CLAIMED, []):
-                if trial.state == TrialState.RUNNING and not trial.heartbeats:
-                    session.add(models.TrialHeartbeatModel(trial=trial))
+            for trial, new in session.info.pop(_CLAIMED, []):
+                if trial.state != TrialState.RUNNING or trial.heartbeats:
+                    continue
+                if new:
+                    # Under Optuna's lock on the study's row, taken to number the trial.
+                    _check_budget(session, trial.study_id)
+                session.add(models.TrialHeartbeatModel(trial=trial))
 
     def forget_claims(session: Session, transaction: SessionTransaction) -> None:
         # The outermost transaction only: a flush inside it ends a transaction of its own.

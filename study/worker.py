@@ -7,9 +7,14 @@ retries first — and train them together as one stack (`Objective.run_trials`).
 claimed trial has its own heartbeat from its claim on, so if the worker dies all of them
 go stale and are queued again with their parameters. When the rest of the budget is
 already being run by others, it waits rather than exits, so a trial whose worker dies late
-is still picked up. The budget is counted again before each claim; two workers claiming
-at the same moment can still each take the last trial, so a study may finish up to
-(workers − 1) trials past its budget.
+is still picked up. The budget is counted again before each claim, and the storage
+refuses a new trial that would pass it in the claim's own transaction
+(`ResilientRDBStorage.beating_from_claim`), so two workers claiming at the same moment
+cannot both take the last trial: a study finishes exactly its budget.
+
+The loop itself (`run_trials_until_done`) takes any `TrialRunner`: `run_worker` hands it
+the objective that trains; benchmarks/load.py an instant one, in processes that never
+import torch (this module imports it only inside `run_worker`).
 """
 
 from __future__ import annotations
@@ -21,22 +26,22 @@ import socket
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import optuna
 from optuna.storages import RDBStorage
 
 from model.config import parameter_count
-from model.data import ensure_mnist, load_mnist, to_device
-from model.device import use_device
 from study.artifacts import artifact_dir, open_artifact_store
 from study.budget import count_trials
 from study.database import DEFAULT_HEARTBEAT, open_storage
 from study.errors import StorageError, causes
 from study.objective import Objective, SpeedOptions, Suspended
 from study.presets import Preset
+from study.resilient_storage import BudgetSpent
 from study.studies import fail_stale_trials, load_study, requeue, study_preset
 
 POLL_S = 1.0
@@ -87,8 +92,25 @@ def default_trials_per_worker(device_type: str, preset: Preset) -> int:
     return max(1, min(most, int(GPU_STACK_BYTES // per_trial)))
 
 
+class TrialRunner(Protocol):
+    """What the worker's loop hands its claimed trials to: `Objective` in a real worker,
+    an instant objective in benchmarks/load.py."""
+
+    in_hand: list[int]
+    """Numbers of the claimed trials not yet told, queued again if the worker is
+    interrupted; the runner removes each as it tells it."""
+
+    def run_trials(self, study: optuna.Study, trials: Sequence[optuna.Trial]) -> None:
+        """Run the claimed trials and tell each how it ended."""
+
+
 def run_worker(options: WorkerOptions, log: Callable[[str], None] = print) -> int:
     """Run trials until the budget is met; returns how many this worker ran."""
+    # Imported here, not above, since they import torch: a worker that never trains
+    # (benchmarks/load.py's) runs `run_trials_until_done` without them.
+    from model.data import ensure_mnist, load_mnist, to_device
+    from model.device import use_device
+
     storage = open_storage(options.storage, heartbeat=options.heartbeat)
     study = load_study(storage, options.study)
     preset = study_preset(study)
@@ -102,13 +124,7 @@ def run_worker(options: WorkerOptions, log: Callable[[str], None] = print) -> in
     data = to_device(mnist.train_images, mnist.train_labels, device)
     worker_id = options.worker_id or f"{socket.gethostname()}:{os.getpid()}"
 
-    stop = _StopSignals()
-
-    def parent_gone() -> bool:
-        gone = options.parent_pid is not None and os.getppid() != options.parent_pid
-        stop.interrupted = stop.interrupted or gone
-        return gone
-
+    stop = StopSignals(options.parent_pid)
     store = open_artifact_store(artifact_dir(options.storage, options.artifacts))
     per_claim = options.speed.trials_per_worker or default_trials_per_worker(device.type, preset)
     deadline = options.deadline
@@ -116,21 +132,36 @@ def run_worker(options: WorkerOptions, log: Callable[[str], None] = print) -> in
         preset,
         data,
         worker=f"{worker_id} ({device})",
-        should_stop=parent_gone,
+        should_stop=stop.parent_gone,
         artifacts=store,
         speed=options.speed,
         should_suspend=lambda: deadline is not None and time.time() >= deadline,
         log=log,
     )
     clock = StackClock(options.deadline, recent_stack_seconds(study, device.type, per_claim))
+    return run_trials_until_done(study, storage, objective, per_claim, stop, clock, log)
+
+
+def run_trials_until_done(
+    study: optuna.Study,
+    storage: RDBStorage,
+    runner: TrialRunner,
+    per_claim: int,
+    stop: StopSignals,
+    clock: StackClock,
+    log: Callable[[str], None] = print,
+) -> int:
+    """The worker's loop: fail stale trials, count, claim up to `per_claim` trials with
+    their heartbeats, hand them to `runner`, until the budget is met, the parent is gone
+    or a stop is asked for. Returns how many trials this worker ran."""
     # Filters on the handlers, which see the records of every optuna.* logger.
     for handler in logging.getLogger("optuna").handlers:
         handler.addFilter(stop.keep_log_record)
     ran = 0
     try:
-        while not parent_gone() and not stop.finish_requested:
+        while not stop.parent_gone() and not stop.finish_requested:
             fail_stale_trials(study)
-            counts = count_trials(study)
+            counts = count_trials(study, with_best=False)
             if counts.done:
                 break
             if counts.unclaimed <= 0 and counts.waiting == 0:
@@ -139,14 +170,18 @@ def run_worker(options: WorkerOptions, log: Callable[[str], None] = print) -> in
             if not clock.room_for_a_stack(time.time()):
                 log(clock.why_stopping(time.time()))
                 break
-            objective.in_hand = []
+            runner.in_hand = []
             try:
                 trials = _claim(study, storage, per_claim)
-                objective.in_hand = [t.number for t in trials]
+                if not trials:
+                    # Another worker took the last of the budget between the count and
+                    # the claim (the storage refused the claim: `BudgetSpent`).
+                    continue
+                runner.in_hand = [t.number for t in trials]
                 started = time.monotonic()
                 with _Heartbeats(storage, trials):
                     # A training error (a GPU out of memory, say) fails these trials alone.
-                    objective.run_trials(study, trials)
+                    runner.run_trials(study, trials)
                 clock.record(time.monotonic() - started)
             except Exception as exc:
                 # A storage out of reach for good can surface from Optuna's own clean-up
@@ -157,11 +192,11 @@ def run_worker(options: WorkerOptions, log: Callable[[str], None] = print) -> in
                 raise lost from None
             ran += len(trials)
     except Suspended:
-        for number in objective.in_hand:
+        for number in runner.in_hand:
             requeue(study, number)
             log(f"trial {number} was checkpointed at the deadline and is queued again")
     except KeyboardInterrupt:
-        for number in objective.in_hand:
+        for number in runner.in_hand:
             requeue(study, number)
             log(f"trial {number} was interrupted and is queued again")
         raise
@@ -177,8 +212,10 @@ STACK_TIME_SAFETY = 1.25
 class StackClock:
     """Whether a worker has time for another stack before its deadline.
 
-    An interrupted stack is thrown away (its trials are queued again and start over), so
-    near the deadline a worker claims only what it expects to finish: a stack is expected
+    A stack cut by the deadline is checkpointed and its trials queued again (they resume
+    where they stopped), but it then takes its stack-mates' places in another run, and
+    without checkpoints it starts over; so near the deadline a worker claims only what it
+    expects to finish, and claims nothing once it has passed: a stack is expected
     to take as long as the longest this worker ran, or, before its first, the longest
     the study's recent trials on this kind of device took (`recent_stack_seconds`),
     times `STACK_TIME_SAFETY`. With nothing to go by, it claims.
@@ -243,10 +280,13 @@ def _claim(study: optuna.Study, storage: RDBStorage, most: int) -> list[optuna.T
         # its trials itself (`_Heartbeats`), as `optimize` would.
         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
         while len(trials) < most:
-            counts = count_trials(study)
+            counts = count_trials(study, with_best=False)
             if trials and counts.unclaimed <= 0 and counts.waiting == 0:
                 break
-            trials.append(study.ask())
+            try:
+                trials.append(study.ask())
+            except BudgetSpent:
+                break
     return trials
 
 
@@ -283,11 +323,13 @@ def _storage_error_behind(exc: BaseException) -> StorageError | None:
     return next((cause for cause in causes(exc) if isinstance(cause, StorageError)), None)
 
 
-class _StopSignals:
+class StopSignals:
     """How a worker is asked to stop. SIGINT and SIGTERM interrupt the trial in hand (the
-    worker queues it again); SIGUSR1 asks it to finish that trial and start no other."""
+    worker queues it again); SIGUSR1 asks it to finish that trial and start no other; and
+    a worker whose parent (`parent_pid`, `run`) is gone stops as if interrupted."""
 
-    def __init__(self) -> None:
+    def __init__(self, parent_pid: int | None = None) -> None:
+        self.parent_pid = parent_pid
         self.interrupted = False
         self.finish_requested = False
         signal.signal(signal.SIGINT, self._interrupt)
@@ -300,6 +342,11 @@ class _StopSignals:
 
     def _finish(self, signum: int, frame: object) -> None:
         self.finish_requested = True
+
+    def parent_gone(self) -> bool:
+        gone = self.parent_pid is not None and os.getppid() != self.parent_pid
+        self.interrupted = self.interrupted or gone
+        return gone
 
     def keep_log_record(self, record: logging.LogRecord) -> bool:
         """Optuna logs an interrupted trial as failed (with a traceback); the worker says

@@ -62,7 +62,10 @@ def free_port() -> int:
 class PgServer:
     """One server; `url(db)` names a database on it, `create_database` makes one."""
 
-    def __init__(self) -> None:
+    def __init__(self, settings: dict[str, str] | None = None) -> None:
+        """`settings`: more server settings (`-c name=value`), e.g. a `max_connections`
+        above the default 100 for benchmarks/load.py's many workers."""
+        self.settings = dict(settings or {})
         bindir = find_bindir()
         assert bindir is not None, why_unavailable()
         self.bindir = bindir
@@ -96,7 +99,7 @@ class PgServer:
             # Skips only the flushes that guard against the machine crashing; a crash of the
             # server (`stop("immediate")`) must still keep every commit it acknowledged.
             "-c fsync=off -c full_page_writes=off"
-        )
+        ) + "".join(f" -c {name}={value}" for name, value in self.settings.items())
         self._run("pg_ctl", "start", "-w", "-t", "30", "-D", str(self.data),
                   "-l", str(self.log), "-o", options)  # fmt: skip
 

@@ -659,3 +659,28 @@ def test_seconds_lost_counts_a_failed_trial_s_training_since_its_last_checkpoint
     ]:
         failed(seconds, system, user)
     assert study_record.seconds_lost(study, None) == 7.5 + 3.0 + 2.0
+
+
+def test_load_benchmark_loses_no_trial_with_a_quarter_killed_and_never_imports_torch(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "load.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.load", "--backend", "sqlite", "--workers", "4",
+         "--budget", "40", "--heartbeat", "1", "--kill-quarter", "--json", str(out)],
+        cwd=GPU_CHECK.parent.parent, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    runs = json.loads(out.read_text())["runs"]
+    assert [(r["workers"], r["killed"] and r["killed"]["workers"]) for r in runs] == [
+        (4, None),
+        (4, 1),
+    ]
+    for run in runs:
+        assert (run["complete"], run["overshoot"], run["lost"]) == (40, 0, 0)
+        assert set(run["states"]) <= {"COMPLETE", "FAIL"}
+        assert run["failed_not_retried"] == 0
+        assert run["torch_imported_by_a_worker"] is False
+        # Every surviving worker wrote its record; without a kill they made every claim.
+        assert run["worker_records"] == 4 - (run["killed"] or {}).get("workers", 0)
+    assert runs[0]["claim_seconds"]["n"] >= 40

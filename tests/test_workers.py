@@ -15,8 +15,10 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 
@@ -30,8 +32,10 @@ from study.budget import count_trials
 from study.database import open_storage
 from study.errors import StorageError, StudyError
 from study.presets import PRESETS
+from study.resilient_storage import BudgetSpent
 from study.sampler import draw_params
-from study.studies import create_or_resume, load_study
+from study.studies import create_or_resume, load_study, requeue
+from study.worker import _claim
 from tests.pgserver import PASSWORD, PgServer
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -118,8 +122,8 @@ def assert_clean_logs(*logs: Path, allowed: str | None = None) -> None:
 def assert_shared_without_repeats(db: str, study: str, budget: int, workers: int) -> None:
     done = trials(db, study)
     counts = count_trials(load_study(open_storage(db, heartbeat=None), study))
-    # Documented overshoot: at most workers - 1 trials past the budget.
-    assert budget <= counts.finished <= budget + workers - 1, counts
+    # Exactly the budget: the storage refuses a claim past it (`BudgetSpent`).
+    assert counts.finished == budget, counts
     assert counts.failed == 0 and counts.retried == 0 and counts.running == 0, counts
     param_sets = [tuple(sorted(t.params.items())) for t in done]
     assert len(set(param_sets)) == len(param_sets)
@@ -629,3 +633,56 @@ def test_a_seed_study_on_the_cpu_shows_its_estimate_and_trial_progress_before_an
     assert re.search(r"^trial 0: epoch \d+/2000, 5 of 5 folds training, mean val acc 0\.\d{4}$",
                      text, re.M), text  # fmt: skip
     assert "[0/200]" in text and "[1/200]" not in text  # no trial had finished
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_claim_past_the_budget_is_refused_but_a_queued_retry_and_ask_and_tell_are_not(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    url = (
+        f"sqlite:///{tmp_path / 'optuna.db'}"
+        if backend == "sqlite"
+        else request.getfixturevalue("postgres_url")
+    )
+    storage = open_storage(url, create=True, heartbeat=1)
+    study, _ = create_or_resume(storage, "exact", PRESETS["tiny"], budget=3, seed=1)
+    claimed = _claim(study, storage, 5)
+    assert [t.number for t in claimed] == [0, 1, 2]
+    assert _claim(study, storage, 1) == []
+    with storage.beating_from_claim(), pytest.raises(BudgetSpent):
+        study.ask()
+    assert len(study.get_trials(deepcopy=False)) == 3  # the refused trial was rolled back
+
+    study.tell(claimed[0], state=TrialState.FAIL)
+    requeue(study, 0)
+    retry = _claim(study, storage, 5)
+    assert [t.number for t in retry] == [3]
+    assert study.get_trials(deepcopy=False)[3].system_attrs["failed_trial"] == 0
+    # Outside the workers' claims a new trial is the user's own (ask-and-tell), as before.
+    assert study.ask().number == 4
+
+
+def test_workers_claiming_at_once_on_postgresql_take_exactly_the_budget(
+    postgres_url: str,
+) -> None:
+    budget, claimers = 40, 8
+    storage = open_storage(postgres_url, create=True, heartbeat=1)
+    create_or_resume(storage, "exact", PRESETS["tiny"], budget=budget, seed=1)
+    start = threading.Barrier(claimers)
+
+    def claim_until_refused() -> list[int]:
+        own = open_storage(postgres_url, heartbeat=1)
+        study = load_study(own, "exact")
+        numbers: list[int] = []
+        start.wait()
+        # Bounded, so that a claim that is never refused fails the test rather than hangs.
+        while len(numbers) < budget and (trials := _claim(study, own, 1)):
+            numbers += [t.number for t in trials]
+        return numbers
+
+    with ThreadPoolExecutor(claimers) as pool:
+        taken = [n for numbers in pool.map(lambda _: claim_until_refused(), range(claimers))
+                 for n in numbers]  # fmt: skip
+    assert sorted(taken) == list(range(budget))
+    counts = count_trials(load_study(storage, "exact"))
+    assert (counts.running, counts.unclaimed) == (budget, 0)
