@@ -17,6 +17,14 @@ if TYPE_CHECKING:
     from optuna.trial import FrozenTrial
 
 
+def backing_storage(study: optuna.Study) -> Any:
+    """The storage a study talks to: behind the cache `optuna.load_study` puts in front
+    of an RDBStorage, where there is one (`study.studies.load_study` leaves it out for
+    studies that read no history), for the project's own methods, which the cache does
+    not pass on (`ResilientRDBStorage.trial_tally` and the like)."""
+    return getattr(study._storage, "_backend", study._storage)
+
+
 @dataclass(frozen=True)
 class StudyCounts:
     """A study's trials against its budget."""
@@ -73,7 +81,7 @@ def count_trials(study: optuna.Study, *, with_best: bool = True) -> StudyCounts:
     `with_best=False` leaves `best` None where the database counts: a worker counts twice
     a trial and never looks at the best, whose whole trial is a read of its own
     (benchmarks/load.py measured it at about a tenth of an instant worker's time)."""
-    storage = getattr(study._storage, "_backend", study._storage)
+    storage = backing_storage(study)
     if not hasattr(storage, "trial_tally"):
         return count_every_trial(study)
     study_id = study._study_id

@@ -24,7 +24,7 @@ from model.data import DataError, load_mnist, to_device
 from model.network import FFNN
 from model.retrain import predict
 from study.artifacts import open_artifact_store, read_curves
-from study.budget import count_trials
+from study.budget import backing_storage, count_trials
 from study.errors import redact
 from study.resilient_storage import ResilientRDBStorage
 from study.stored_paths import resolve_path
@@ -65,7 +65,7 @@ def build_report(
     attrs = study.user_attrs
     preset = study_preset(study)
     counts = count_trials(study)
-    database = getattr(study._storage, "_backend", study._storage)
+    database = backing_storage(study)
     large = isinstance(database, ResilientRDBStorage) and counts.finished > large_above
     sample = draw_sample(study, database, sample_size) if large else None
     # Below the threshold every trial is read whole, as the page always was.

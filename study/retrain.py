@@ -30,6 +30,7 @@ from model.config import TrainConfig
 from model.data import load_mnist, to_device
 from model.kfold import Progress, train_kfold
 from model.retrain import classification_metrics, predict, predict_ensemble, train_final
+from study.budget import backing_storage
 from study.errors import StudyError
 from study.resilient_storage import ResilientRDBStorage
 from study.stored_paths import store_path
@@ -56,7 +57,7 @@ def best_finished_trial(study: optuna.Study) -> FrozenTrial:
     """The study's complete trial with the highest value, the first-numbered of equals:
     found in the database where it is ours (one ordered query, at any study size), else
     by reading every trial."""
-    storage = getattr(study._storage, "_backend", study._storage)
+    storage = backing_storage(study)
     if isinstance(storage, ResilientRDBStorage):
         best_id = storage.best_trial_id(study._study_id)
         best = None if best_id is None else storage.get_trial(best_id)

@@ -36,7 +36,7 @@ from optuna.storages import RDBStorage
 
 from model.config import parameter_count
 from study.artifacts import artifact_dir, open_artifact_store
-from study.budget import count_trials
+from study.budget import backing_storage, count_trials
 from study.database import DEFAULT_HEARTBEAT, open_storage
 from study.errors import StorageError, causes
 from study.objective import Objective, SpeedOptions, Suspended
@@ -252,7 +252,7 @@ def recent_stack_seconds(study: optuna.Study, device_type: str, per_claim: int) 
     the time a stack takes here, before this worker has run one."""
     from optuna.trial import TrialState
 
-    storage = getattr(study._storage, "_backend", study._storage)
+    storage = backing_storage(study)
     if hasattr(storage, "recent_finished_trial_ids"):
         # Only the recent trials are read (a study of 100,000 took 129 s read whole); a
         # few more than needed, since some may have run on another kind of device.
