@@ -19,9 +19,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import optuna
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
 from study.artifacts import attach_curves
+from study.budget import backing_storage
 from study.checkpoints import CHECKPOINT_EVERY_S, Checkpoints
 from study.errors import StorageError, causes
 from study.presets import Preset
@@ -95,6 +97,7 @@ class Objective:
         self.worker = worker
         self.should_stop = should_stop
         self.should_suspend = should_suspend
+        self.log = log
         self.artifacts = artifacts
         self.checkpoints = (
             None
@@ -136,6 +139,8 @@ class Objective:
 
         try:
             self._train(trials, tell)
+        except UpdateFinishedTrialError:
+            self._taken_as_stale(study, trials)
         except Exception as exc:
             if any(isinstance(cause, StorageError) for cause in causes(exc)):
                 # Nothing can be told to a storage out of reach: the trials stay RUNNING,
@@ -151,6 +156,28 @@ class Objective:
             for trial in self._unfinished(trials):
                 study.tell(trial, state=TrialState.FAIL)
             raise
+
+    def _taken_as_stale(self, study: optuna.Study, trials: Sequence[optuna.Trial]) -> None:
+        """One of `trials` was failed by another worker while this one trained it: its
+        heartbeat went unheard for the grace period (a machine so loaded that the beating
+        thread starved), and that worker queued it again. Writing to it now is refused,
+        which stops the stack; its stack-mates are queued again too, to resume from
+        their checkpoints, and the worker goes on."""
+        from study.studies import requeue
+
+        storage = backing_storage(study)
+        for trial in self._unfinished(trials):
+            if storage.get_trial(trial._trial_id).state != TrialState.RUNNING:
+                self.log(
+                    f"trial {trial.number} was failed as stale by another worker while this "
+                    "one trained it (its heartbeat went unheard for the grace period) and "
+                    "was queued again there"
+                )
+                continue
+            study.tell(trial, state=TrialState.FAIL)
+            requeue(study, trial.number)
+            self.log(f"trial {trial.number}, in the same stack, is queued again")
+        self.in_hand = []
 
     def _unfinished(self, trials: Sequence[optuna.Trial]) -> list[optuna.Trial]:
         return [t for t in trials if t.number in self.in_hand]

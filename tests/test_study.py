@@ -18,7 +18,7 @@ from study import resilient_storage
 from study.budget import count_trials
 from study.database import open_storage
 from study.errors import StorageError, StudyError, redact
-from study.objective import Objective
+from study.objective import Objective, SpeedOptions
 from study.presets import PRESETS
 from study.resilient_storage import RETRIED_CALLS, ResilientRDBStorage
 from study.sampler import GaussianPriorSampler, PriorThenTPESampler
@@ -722,3 +722,46 @@ def test_a_worker_on_a_history_free_study_claims_without_reading_every_trial(
     assert asked and all(states is not None for states in asked), asked  # filtered reads only
     requeue(study, 0)  # a finished trial: nothing to queue, and one trial read
     assert all(states is not None for states in asked), asked
+
+
+def test_a_trial_failed_as_stale_by_another_worker_mid_training_stops_its_stack_not_its_worker(
+    tmp_path: Path,
+) -> None:
+    """On a starved machine a live worker's heartbeat can go unheard for the grace period;
+    another worker then fails its trial and queues it again. The worker training it is
+    refused its next write: it queues the trial's stack-mates again, says so, and goes
+    on (it used to end with UpdateFinishedTrialError)."""
+    storage = open_storage(f"sqlite:///{tmp_path / 'optuna.db'}", create=True)
+    create_or_resume(storage, "s", PRESETS["smoke"], budget=10, seed=1)
+    study = load_study(storage, "s")
+    lines: list[str] = []
+    taken: list[int] = []
+
+    def another_worker_fails_the_first_as_stale() -> bool:
+        if not taken:
+            taken.append(trials[0].number)
+            storage.set_trial_state_values(trials[0]._trial_id, TrialState.FAIL)
+            requeue(study, trials[0].number)  # as the other worker's stale check does
+        return False
+
+    objective = Objective(
+        PRESETS["smoke"],
+        synthetic_data(4000),
+        worker="test-worker",
+        should_stop=another_worker_fails_the_first_as_stale,
+        log=lines.append,
+        speed=SpeedOptions(trials_per_worker=2, checkpoint_every=None),
+    )
+    trials = [study.ask(), study.ask()]
+    objective.run_trials(study, trials)  # returns: the worker goes on
+    after = study.get_trials()
+    assert [t.state for t in after[:2]] == [TrialState.FAIL, TrialState.FAIL]
+    retries = {t.system_attrs["failed_trial"] for t in after[2:]}
+    assert retries == {0, 1}  # each queued again once: by the other worker, and here
+    assert all(t.state == TrialState.WAITING for t in after[2:]) and len(after) == 4
+    assert lines == [
+        "trial 0 was failed as stale by another worker while this one trained it (its "
+        "heartbeat went unheard for the grace period) and was queued again there",
+        "trial 1, in the same stack, is queued again",
+    ]
+    assert objective.in_hand == []
