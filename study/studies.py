@@ -115,8 +115,11 @@ def create_or_resume(
     # The file itself: every worker, on any host, rebuilds the study from it alone.
     settings[STUDY_FILE] = preset.text
     settings[STUDY_FILE_SHA256] = preset.sha256
-    for key, value in settings.items():
-        study.set_user_attr(key, value)
+    # One attribute a transaction: `preset` last, so that another process loading the
+    # study meanwhile (a worker, `status`) finds it not yet made rather than half made
+    # (a study file's preset name without its file: CI saw `preset 'long': must be one of`).
+    for key in [*(k for k in settings if k != "preset"), "preset"]:
+        study.set_user_attr(key, settings[key])
     return study, True
 
 
@@ -134,7 +137,8 @@ def load_study(storage: RDBStorage, name: str) -> optuna.Study:
     attrs = _study_attrs(storage, name)
     if "preset" not in attrs or "seed" not in attrs:
         raise StudyError(
-            f"study {name!r} was not made by mnist-study (no preset in its attributes)"
+            f"study {name!r} was not made by mnist-study (no preset in its attributes), "
+            "or `run` is still creating it"
         )
     preset = preset_of(name, attrs)
     # Studies stored before samplers were named all searched at random.

@@ -23,6 +23,7 @@ from study.presets import PRESETS
 from study.resilient_storage import RETRIED_CALLS, ResilientRDBStorage
 from study.sampler import GaussianPriorSampler, PriorThenTPESampler
 from study.studies import create_or_resume, fail_stale_trials, load_study, requeue
+from study.study_file import parse_study
 from tests.conftest import synthetic_data
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -162,6 +163,36 @@ def test_a_study_not_made_by_mnist_study_is_refused(db: str) -> None:
     optuna.create_study(study_name="foreign", storage=storage)
     with pytest.raises(StudyError, match="not made by mnist-study"):
         load_study(storage, "foreign")
+
+
+def test_a_study_being_created_is_either_whole_or_not_yet_one_to_another_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`run` writes a new study's settings one attribute at a time; a worker or `status`
+    loading it meanwhile must find it not yet made (a StudyError it may wait out), never
+    half made. Every moment of the creation is looked at: after each attribute written."""
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    storage = open_storage(url, create=True)
+    other = open_storage(url)
+    # A study file of the user's: its name is no shipped preset's, so a reader that found
+    # the name before the file could not rebuild it.
+    preset = parse_study(PRESETS["smoke"].text, "my-file")
+    assert preset.name not in PRESETS
+    seen: list[str] = []
+    write = optuna.Study.set_user_attr
+
+    def write_then_look(study: optuna.Study, key: str, value: object) -> None:
+        write(study, key, value)
+        try:
+            load_study(other, "s")
+            seen.append("whole")
+        except StudyError as exc:
+            assert "or `run` is still creating it" in str(exc)
+            seen.append("not yet")
+
+    monkeypatch.setattr(optuna.Study, "set_user_attr", write_then_look)
+    create_or_resume(storage, "s", preset, budget=3, seed=1)
+    assert seen[-1] == "whole" and set(seen[:-1]) == {"not yet"}, seen
 
 
 def test_a_file_that_is_not_a_database_is_refused_and_left_untouched(tmp_path: Path) -> None:
