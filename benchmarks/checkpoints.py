@@ -32,7 +32,7 @@ import optuna
 import torch
 from optuna.artifacts import FileSystemArtifactStore
 
-from benchmarks.speed import cpu_model
+from benchmarks.machine import cpu_model
 from model.config import TrainConfig
 from model.data import DeviceData
 from model.kfold import train_trials

@@ -20,10 +20,8 @@ upstream optuna-dashboard copes, for the README.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -36,8 +34,8 @@ from typing import Any
 
 import optuna
 
-from benchmarks.scale import ROOT, STUDY, fill
-from benchmarks.speed import cpu_model
+from benchmarks.machine import storage_run_header
+from benchmarks.scale import ROOT, STUDY, fill, parse_sizes
 from study.database import open_storage
 from study.presets import PRESETS
 from study.studies import create_or_resume
@@ -137,21 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", type=Path, help="also write the results as JSON")
     args = parser.parse_args(argv)
-    try:
-        sizes = tuple(int(s) for s in args.sizes.split(","))
-    except ValueError:
-        parser.error(f"--sizes {args.sizes!r}: whole numbers, comma-separated")
-    if not sizes or min(sizes) < 1:
-        parser.error(f"--sizes {args.sizes!r}: each at least 1")
+    sizes = parse_sizes(parser, args.sizes)
     import optuna_dashboard
 
-    now = datetime.datetime.now(datetime.timezone.utc)
     out: dict[str, Any] = {
-        "machine": f"{cpu_model()}, {os.cpu_count()} cores",
-        "date": now.isoformat(timespec="seconds"),
-        "backend": "sqlite",
-        "python": platform.python_version(),
-        "optuna": optuna.__version__,
+        **storage_run_header("sqlite"),
         "optuna_dashboard": optuna_dashboard.__version__,
         "timeout_seconds": args.timeout,
         "results": [],

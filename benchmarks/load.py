@@ -37,7 +37,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import signal
 import statistics
 import subprocess
@@ -53,6 +52,7 @@ from typing import Any
 # program too, and a worker that never trains should not pay for torch.
 import optuna
 
+from benchmarks.machine import storage_run_header
 from study import worker as study_worker
 from study.database import STORAGE_ENV, open_storage
 from study.presets import PRESETS, Preset
@@ -590,15 +590,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.kill_quarter or args.kill_only:
         plan.append((args.workers, args.budget, True))
 
-    from benchmarks.speed import cpu_model  # imports torch: the parent only
-
-    now = datetime.datetime.now(datetime.timezone.utc)
     out: dict[str, Any] = {
-        "machine": f"{cpu_model()}, {os.cpu_count()} cores",
-        "date": now.isoformat(timespec="seconds"),
-        "backend": args.backend,
-        "python": platform.python_version(),
-        "optuna": optuna.__version__,
+        **storage_run_header(args.backend),
         "postgresql": None,
         "preset": PRESET,
         "target_trials_per_second": TARGET_RATE,

@@ -41,7 +41,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import random
 import statistics
 import subprocess
@@ -55,7 +54,7 @@ from typing import Any
 
 import optuna
 
-from benchmarks.speed import cpu_model
+from benchmarks.machine import storage_run_header
 from study.budget import StudyCounts, count_every_trial, count_trials
 from study.database import open_storage
 from study.presets import PRESETS
@@ -497,6 +496,17 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def parse_sizes(parser: argparse.ArgumentParser, text: str) -> tuple[int, ...]:
+    """`--sizes`: study sizes, comma-separated whole numbers, each at least 1."""
+    try:
+        sizes = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        parser.error(f"--sizes {text!r}: whole numbers, comma-separated")
+    if not sizes or min(sizes) < 1:
+        parser.error(f"--sizes {text!r}: each at least 1")
+    return sizes
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.scale", description=__doc__.split("\n\n")[0]
@@ -518,19 +528,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", type=Path, help="also write the results as JSON")
     args = parser.parse_args(argv)
-    try:
-        sizes = QUICK_SIZES if args.quick else tuple(int(s) for s in args.sizes.split(","))
-    except ValueError:
-        parser.error(f"--sizes {args.sizes!r}: whole numbers, comma-separated")
-    if not sizes or min(sizes) < 1:
-        parser.error(f"--sizes {args.sizes!r}: each at least 1")
-    now = datetime.datetime.now(datetime.timezone.utc)
+    sizes = QUICK_SIZES if args.quick else parse_sizes(parser, args.sizes)
     out: dict[str, Any] = {
-        "machine": f"{cpu_model()}, {os.cpu_count()} cores",
-        "date": now.isoformat(timespec="seconds"),
-        "backend": args.backend,
-        "python": platform.python_version(),
-        "optuna": optuna.__version__,
+        **storage_run_header(args.backend),
         "sizes": list(sizes),
         "results": [],
     }

@@ -31,7 +31,6 @@ import dataclasses
 import functools
 import itertools
 import json
-import platform
 import statistics
 import sys
 import time
@@ -44,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from benchmarks.machine import cpu_model
 from model.config import TrainConfig, parameter_count
 from model.data import DeviceData, default_root, load_mnist, to_device
 from model.kfold import GRAPH_WARMUP_EPOCHS, split_folds, train_kfold, train_trials
@@ -66,17 +66,6 @@ def machine() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
     return f"{cpu_model()}, {torch.get_num_threads()} threads"
-
-
-def cpu_model() -> str:
-    model = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return model
 
 
 # --- the naive way --------------------------------------------------------------------

@@ -103,7 +103,7 @@ def describe(device: str) -> tuple[str, str]:
 
     import torch
 
-    from benchmarks.speed import cpu_model
+    from benchmarks.machine import cpu_model
 
     if not device.startswith("cuda"):
         # The cores the workers shared out (as `run` counts them), not this process's threads.

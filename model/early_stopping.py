@@ -24,6 +24,16 @@ import torch
 from model.network import StackedFFNN, narrow
 
 CURVES = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
+# `FoldState`'s tensors of one value a network, (n,) over the stack.
+PER_NETWORK = (
+    "best_loss",
+    "best_accuracy",
+    "best_epoch",
+    "bad_epochs",
+    "stop_epoch",
+    "active",
+    "diverged_epoch",
+)
 
 
 class FoldOutcome(TypedDict):
@@ -63,15 +73,7 @@ class FoldState:
         """The bookkeeping of networks `index`, for their new stack `model`."""
         kept = object.__new__(FoldState)
         kept.model = model
-        for name in (
-            "best_loss",
-            "best_accuracy",
-            "best_epoch",
-            "bad_epochs",
-            "stop_epoch",
-            "active",
-            "diverged_epoch",
-        ):
+        for name in PER_NETWORK:
             setattr(kept, name, getattr(self, name).index_select(0, index))
         kept.best_params = [
             narrow(best, index, p.shape)

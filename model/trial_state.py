@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from model.config import TrainConfig
-from model.early_stopping import CURVES
+from model.early_stopping import CURVES, PER_NETWORK
 from model.optimizers import StackedAdam, TrialOptimizers
 
 if TYPE_CHECKING:
@@ -34,16 +34,6 @@ if TYPE_CHECKING:
 # Raised whenever the layout below changes: a checkpoint of another layout is not read.
 SNAPSHOT_FORMAT = 1
 
-# Early stopping's per-network tensors (`FoldState`), each (n,) over the stack.
-FOLD_FIELDS = (
-    "best_loss",
-    "best_accuracy",
-    "best_epoch",
-    "bad_epochs",
-    "stop_epoch",
-    "active",
-    "diverged_epoch",
-)
 
 # torch's names for each rule's buffers, in the order a snapshot keeps them: the first
 # moment, then Adam's second moment or Adamax's infinity norm (`StackedAdam`'s `first`
@@ -170,7 +160,7 @@ def take_snapshot(trainer: _Trainer, position: int, seconds: float) -> TrialSnap
         seconds=seconds,
         weights=[cut(p, s) for p, s in zip(model.parameters(), own, strict=True)],
         best_weights=[cut(b, s) for b, s in zip(state.best_params, own, strict=True)],
-        folds={name: getattr(state, name)[nets].cpu().clone() for name in FOLD_FIELDS},
+        folds={name: getattr(state, name)[nets].cpu().clone() for name in PER_NETWORK},
         curves=state.curves[:epoch, :, nets].cpu().clone(),
         moments=moments,
         optimizer_steps=steps,
@@ -219,7 +209,7 @@ def restore_snapshot(trainer: _Trainer, position: int, snapshot: TrialSnapshot) 
         ):
             put(param, value)
             put(best, best_value)
-        for name in FOLD_FIELDS:
+        for name in PER_NETWORK:
             getattr(state, name)[nets] = snapshot.folds[name].to(device)
         state.curves[: snapshot.epoch, :, nets] = snapshot.curves.to(device, like.dtype)
         state.epoch.fill_(snapshot.epoch)

@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import optuna
@@ -280,57 +281,64 @@ def curves_id(trial: FrozenTrial) -> str:
     raise AssertionError(f"trial {trial.number} has no curves")
 
 
-def killed(proc: subprocess.Popen) -> None:
+def killed(proc: subprocess.Popen, log: Path) -> None:
     """SIGKILL `run` and its workers at once, as a machine that is lost."""
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=10)
 
 
+def interrupted(proc: subprocess.Popen, log: Path) -> None:
+    """Ctrl-C on `run`: it exits 130, its worker having queued the trial again."""
+    os.kill(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=60) == 130, log.read_text()
+    assert "trial 0 was interrupted and is queued again" in log.read_text()
+
+
+def cut_then_rerun(
+    tmp_path: Path,
+    args: tuple[str, ...],
+    study: str,
+    checkpointed_trials: int,
+    cut: Callable[[subprocess.Popen, Path], None],
+) -> tuple[str, Path]:
+    """`run` cut by `cut` once its trials each hold a checkpoint, then the same command
+    run to the end (exit 0); the database and the second run's log."""
+    db = f"sqlite:///{tmp_path / 'optuna.db'}"
+    first = tmp_path / "run1.log"
+    running = mnist_study(*args, db=db, log=first, new_session=True)
+    checkpointed(db, study, running, count=checkpointed_trials)
+    cut(running, first)
+    second = tmp_path / "run2.log"
+    rerun = mnist_study(*args, db=db, log=second)
+    assert rerun.wait(timeout=WAIT_S) == 0, second.read_text()
+    return db, second
+
+
 def test_a_killed_run_s_trial_resumes_from_its_checkpoint_and_ends_as_without(
     reference: Reference, tmp_path: Path
 ) -> None:
-    db = f"sqlite:///{tmp_path / 'optuna.db'}"
     args = run_args(reference.space, "alone", "--checkpoint-every", EVERY)
-    cut = mnist_study(*args, db=db, log=tmp_path / "run1.log", new_session=True)
-    checkpointed(db, "alone", cut, count=1)
-    killed(cut)
-    rerun = mnist_study(*args, db=db, log=tmp_path / "run2.log")
-    assert rerun.wait(timeout=WAIT_S) == 0, (tmp_path / "run2.log").read_text()
-    assert_clean_logs(tmp_path / "run2.log")
+    db, log = cut_then_rerun(tmp_path, args, "alone", 1, killed)
+    assert_clean_logs(log)
     assert_resumed_as_uninterrupted(db, "alone", reference, [reference.alone])
 
 
 def test_a_stack_of_three_killed_resumes_each_trial_from_its_checkpoint(
     reference: Reference, tmp_path: Path
 ) -> None:
-    db = f"sqlite:///{tmp_path / 'optuna.db'}"
     args = run_args(reference.space, "stacked", "--n-trials", "3", "--trials-per-worker", "3",
                     "--checkpoint-every", EVERY)  # fmt: skip
-    cut = mnist_study(*args, db=db, log=tmp_path / "run1.log", new_session=True)
-    checkpointed(db, "stacked", cut, count=3)
-    killed(cut)
-    rerun = mnist_study(*args, db=db, log=tmp_path / "run2.log")
-    assert rerun.wait(timeout=WAIT_S) == 0, (tmp_path / "run2.log").read_text()
-    assert_clean_logs(tmp_path / "run2.log")
+    db, log = cut_then_rerun(tmp_path, args, "stacked", 3, killed)
+    assert_clean_logs(log)
     assert_resumed_as_uninterrupted(db, "stacked", reference, reference.stacked)
 
 
 def test_ctrl_c_then_the_same_command_resumes_the_trial_from_its_checkpoint(
     reference: Reference, tmp_path: Path
 ) -> None:
-    db = f"sqlite:///{tmp_path / 'optuna.db'}"
     args = run_args(reference.space, "alone", "--checkpoint-every", EVERY)
-    cut = mnist_study(*args, db=db, log=tmp_path / "run1.log", new_session=True)
-    checkpointed(db, "alone", cut, count=1)
-    os.kill(cut.pid, signal.SIGINT)
-    assert cut.wait(timeout=60) == 130, (tmp_path / "run1.log").read_text()
-    assert "trial 0 was interrupted and is queued again" in (tmp_path / "run1.log").read_text()
-    rerun = mnist_study(*args, db=db, log=tmp_path / "run2.log")
-    assert rerun.wait(timeout=WAIT_S) == 0, (tmp_path / "run2.log").read_text()
-    assert (
-        "trial 1 resumes trial 0 from its checkpoint at epoch"
-        in (tmp_path / "run2.log").read_text()
-    )
+    db, log = cut_then_rerun(tmp_path, args, "alone", 1, interrupted)
+    assert "trial 1 resumes trial 0 from its checkpoint at epoch" in log.read_text()
     assert_resumed_as_uninterrupted(db, "alone", reference, [reference.alone])
 
 
