@@ -26,10 +26,24 @@ NUMERIC_TESTS := tests/test_kfold.py tests/test_fastpath.py tests/test_network.p
 KERNEL_PATHS := "ATEN_CPU_CAPABILITY=default MKL_CBWR=COMPATIBLE" \
 	"ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2"
 
+# The same for numpy, whose kernels the sampler's draws go through (transcendental
+# functions and sorts, tests/rounding.py, 5 and 6): NPY_DISABLE_CPU_FEATURES turns off the
+# dispatch targets above AVX2, then those above the X86_V2 baseline (numpy 2.4's names;
+# naming one this CPU lacks is allowed), for the tests that compare draws with stored ones.
+DRAW_TESTS := tests/test_sampler.py tests/test_study_file.py
+NUMPY_PATHS := "X86_V4 AVX512_ICL AVX512_SPR" "X86_V3 X86_V4 AVX512_ICL AVX512_SPR"
+NUMPY_TARGETS := import numpy._core._multiarray_umath as m; \
+	print("numpy runs", [t for t in m.__cpu_dispatch__ if m.__cpu_features__.get(t)] or "its baseline")
+
 test-kernels: data
 	for path in $(KERNEL_PATHS); do \
 		echo "== $(NUMERIC_TESTS) with $$path"; \
 		env $$path $(BIN)/python -m pytest -q $(NUMERIC_TESTS) || exit 1; \
+	done
+	for disabled in $(NUMPY_PATHS); do \
+		echo "== $(DRAW_TESTS) with NPY_DISABLE_CPU_FEATURES=\"$$disabled\""; \
+		NPY_DISABLE_CPU_FEATURES="$$disabled" $(BIN)/python -c '$(NUMPY_TARGETS)' || exit 1; \
+		NPY_DISABLE_CPU_FEATURES="$$disabled" $(BIN)/python -m pytest -q $(DRAW_TESTS) || exit 1; \
 	done
 
 # Speed benchmarks (about 15 minutes on 2 cores); results in benchmarks/README.md.

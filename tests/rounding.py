@@ -1,5 +1,6 @@
-"""How far two correct computations of the same training may differ through rounding
-alone: the bounds that the comparisons with `tests/reference.py` allow.
+"""How far two correct computations of the same training, or two CPUs' draws of the same
+trials, may differ through rounding alone: the bounds that the comparisons with
+`tests/reference.py` and with stored draws allow.
 
 Two computations of one training step (the trainer's products against `nn.Linear`'s, or
 one kernel path against another: ATen's AVX512, AVX2 or default code, MKL's code
@@ -48,12 +49,41 @@ kernel settings (native AVX512, ATen default and AVX2, MKL's COMPATIBLE, AVX2 an
 AVX512 branches) and at 2 threads, the largest differences were 0.28 of the loss bound
 and 0.23 of the weight bound; in float64 the closest any epoch's validation loss came
 to its fold's best was 580,000 times the bound.
+
+The sampler's draws vary by CPU too, in two ways, both measured on an AMD EPYC with
+AVX-512 under numpy 2.4's three x86 kernel paths (native AVX-512, AVX2 and the X86_V2
+baseline, chosen with NPY_DISABLE_CPU_FEATURES; Makefile, test-kernels):
+
+5. A float that TPE or Optuna's random sampler draws goes through numpy's transcendental
+   functions (log, exp, erf: the log-uniform transform, the Parzen estimator's kernels,
+   its truncated normals), whose SIMD kernels round each result a few ulps differently
+   per path. Over 200 draws of each shipped preset, 209 of 4,642 floats differed between
+   the paths, by at most 17 ε (3.8e-15) relatively. `DRAW_TOLERANCE`, 1e-12 (4,500 ε),
+   allows 250 times that, for TPE's longer histories and other CPUs; a change of the
+   sampler or of a preset moves a draw by far more (another draw differs in its leading
+   digits). Integers, categories and names still compare exactly: they are rounded or
+   chosen from floats that rounding moves far less than a grid step, save on a tie.
+6. TPE's Parzen estimator sorts each parameter's past values with `np.argsort`, whose
+   order among equal values (a depth of 2 drawn twice) is the sort kernel's: here
+   AVX-512's and AVX2's vectorised sorts agreed with each other, and not with the
+   baseline's. The order decides which past trial gets which kernel width, and, with a
+   multivariate TPE, which density the next trial is drawn from: on the baseline path
+   `wide-smoke`'s 24th draw came out another network altogether (58 first-layer units
+   against 19), and every later draw with it; with a stable sort all three paths drew
+   the same 200 networks. That is no rounding, and no tolerance
+   covers it; a stable sort's order is the same on every CPU, so comparisons with draws
+   stored on another machine draw under `stable_sort_ties`.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+from unittest import mock
 
+import numpy as np
 import torch
 
 # The longest sum of a training step: a first-layer unit's product over the pixels.
@@ -105,3 +135,40 @@ def near_ties(gaps: torch.Tensor, dtype: torch.dtype, steps: int) -> int:
     count differently after `steps` steps: their two largest logits, each off by up to
     `loss_tolerance` of the largest, may swap."""
     return int((gaps <= 2 * loss_tolerance(dtype, steps)).sum())
+
+
+# Relative difference that numpy's kernel paths allow in a float the sampler drew (5.).
+DRAW_TOLERANCE = 1e-12
+
+
+def same_draw_value(a: Any, b: Any) -> bool:
+    """Whether two values of one parameter are one draw on two CPUs: floats within
+    `DRAW_TOLERANCE`, everything else (integers, categories, booleans) exactly."""
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, rel_tol=DRAW_TOLERANCE, abs_tol=0.0)
+    return type(a) is type(b) and a == b
+
+
+def assert_same_draws(
+    drawn: Sequence[Mapping[str, Any]], stored: Sequence[Mapping[str, Any]]
+) -> None:
+    """`drawn` are the draws `stored` recorded, as another CPU draws them: the same number
+    of draws, each the same parameters in the same order, each value `same_draw_value`."""
+    assert len(drawn) == len(stored), f"{len(drawn)} draws against {len(stored)} stored"
+    for i, (here, there) in enumerate(zip(drawn, stored, strict=True)):
+        assert list(here) == list(there), f"draw {i}: parameters {list(here)} != {list(there)}"
+        wrong = {k: (here[k], there[k]) for k in here if not same_draw_value(here[k], there[k])}
+        assert not wrong, f"draw {i}: (drawn, stored) differ beyond rounding: {wrong}"
+
+
+@contextmanager
+def stable_sort_ties() -> Iterator[None]:
+    """numpy's `argsort` as a stable sort, while the sampler draws (6.): equal values keep
+    their order, as on every CPU; an order of unequal values is the same either way."""
+    unstable = np.argsort
+
+    def argsort(a: Any, axis: int = -1, kind: str | None = None, **rest: Any) -> np.ndarray:
+        return unstable(a, axis=axis, kind="stable" if kind is None else kind, **rest)
+
+    with mock.patch.object(np, "argsort", argsort):
+        yield

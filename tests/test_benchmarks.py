@@ -46,12 +46,14 @@ from study.sampler import draw_params
 from study.studies import create_or_resume, load_study
 from study.worker import WorkerOptions, run_worker
 from tests.conftest import synthetic_data
+from tests.rounding import assert_same_draws
 
 
 def test_stored_seed_draws_are_what_the_sampler_draws() -> None:
     stored = [json.loads(line) for line in DRAWS_FILE.read_text().splitlines()]
     preset = PRESETS["seed"]
-    assert stored == draw_params(preset.space, preset.defaults, len(stored), 0)
+    # Written on another CPU: within its rounding (tests/rounding.py, 5).
+    assert_same_draws(draw_params(preset.space, preset.defaults, len(stored), 0), stored)
 
 
 def test_naive_reference_trains_every_fold() -> None:

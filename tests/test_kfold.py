@@ -320,6 +320,8 @@ def test_reading_back_rarely_gives_the_same_numbers_as_every_epoch() -> None:
     config = dataclasses.replace(TINY, lr=1e-2, max_epochs=60)
     every_epoch = train_kfold(config, data, sync_every=1)
     every_seventh = train_kfold(config, data, sync_every=7)
+    # Exactly: one process, one thread count, the same products in the same order; only
+    # when the host reads the numbers back differs.
     assert every_seventh.best_epochs == every_epoch.best_epochs
     assert every_seventh.epochs_run == every_epoch.epochs_run
     assert every_seventh.fold_losses == every_epoch.fold_losses
@@ -332,6 +334,7 @@ def test_same_config_and_seed_give_the_same_numbers_and_another_seed_does_not() 
     data = synthetic_data(300)
     config = dataclasses.replace(TINY, dropout=0.3, batch_size=32, max_epochs=5)
     a, b = train_kfold(config, data), train_kfold(config, data)
+    # Exactly: the same computation twice in one process, so rounded the same way.
     assert a.fold_accuracies == b.fold_accuracies
     assert a.curves == b.curves
     c = train_kfold(dataclasses.replace(config, seed=1), data)

@@ -254,6 +254,8 @@ def test_the_same_seed_draws_the_same_configurations_in_another_process() -> Non
     )
     there = json.loads(done.stdout)
     here = draw_params(SPACE, DEFAULTS, 20, 7)
+    # Exactly: both processes run this machine's numpy, on the same kernels (a stored
+    # draw from another CPU compares within rounding: tests/rounding.py, 5 and 6).
     assert there == here
     assert here != draw_params(SPACE, DEFAULTS, 20, 8)
 
@@ -499,6 +501,7 @@ def test_prior_then_tpe_draws_the_same_in_another_process_and_pickled() -> None:
         timeout=120, check=True,
     )  # fmt: skip
     here = prior_then_tpe_study(n=16)
+    # Exactly, as both processes sort and round on this CPU's numpy kernels.
     assert json.loads(done.stdout) == [t.params for t in here.trials]
     # A pickled copy goes on exactly as the original would.
     copy = pickle.loads(pickle.dumps(here.sampler))

@@ -214,6 +214,7 @@ def test_two_workers_on_a_wide_study_draw_the_prior_first_then_tpe_and_never_the
     assert {t.state for t in done} <= {TrialState.COMPLETE, TrialState.PRUNED}
     assert len({t.user_attrs["worker"] for t in done}) == 2
     prior = draw_params(preset.space, preset.defaults, len(done), 6)
+    # Exactly: the workers drew on this machine's numpy kernels, as this process does.
     assert [t.params for t in done[:n_prior]] == prior[:n_prior]
     for trial in done[n_prior:]:  # TPE's: not what the prior would have drawn for it
         assert trial.params != prior[trial.number]
