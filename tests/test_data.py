@@ -17,10 +17,12 @@ from model.data import (
     TEST_LABELS,
     TRAIN_IMAGES,
     DataError,
+    Mnist,
     convert_mnist_pickle,
     ensure_mnist,
     load_mnist,
     raw_dir,
+    read_idx,
     to_device,
     verify_mnist,
     write_idx,
@@ -143,6 +145,34 @@ def test_idx_header_is_big_endian_magic_and_dimensions(tmp_path: Path) -> None:
     path = tmp_path / "x"
     write_idx(path, np.arange(6, dtype=np.uint8).reshape(2, 3))
     assert path.read_bytes() == bytes([0, 0, 8, 2, 0, 0, 0, 2, 0, 0, 0, 3, 0, 1, 2, 3, 4, 5])
+    again = read_idx(path)
+    assert again.shape == (2, 3) and again.tolist() == [[0, 1, 2], [3, 4, 5]]
+    again[0, 0] = 9  # writable, so torch.from_numpy takes it without a warning
+
+
+def test_read_idx_refuses_another_kind_or_a_size_its_header_does_not_give(tmp_path: Path) -> None:
+    path = tmp_path / "x"
+    for content, message in (
+        (bytes([0, 0, 0x0D, 1, 0, 0, 0, 1, 0, 0, 0, 0]), "not an IDX file of unsigned bytes"),
+        (b"\0\0", "not an IDX file of unsigned bytes"),
+        (bytes([0, 0, 8, 2, 0, 0, 0, 2, 0, 0, 0, 3, 0, 1, 2]), r"holds 3 bytes .* \(2, 3\)"),
+        (bytes([0, 0, 8, 2, 0, 0, 0]), r"ends inside its header \(7 bytes\)"),
+    ):
+        path.write_bytes(content)
+        with pytest.raises(DataError, match=message):
+            read_idx(path)
+
+
+def test_load_mnist_reads_the_arrays_torchvision_reads(mnist: Mnist) -> None:
+    root = mnist_data.default_root()
+    for train, images, labels in (
+        (True, mnist.train_images, mnist.train_labels),
+        (False, mnist.test_images, mnist.test_labels),
+    ):
+        theirs = MNIST(str(root), train=train, download=False)
+        assert images.dtype == theirs.data.dtype == torch.uint8
+        assert torch.equal(images, theirs.data)
+        assert labels.dtype == torch.int64 and torch.equal(labels, theirs.targets)
 
 
 def test_when_every_source_fails_one_line_says_what_was_tried_and_nothing_is_written(
