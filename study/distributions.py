@@ -156,7 +156,7 @@ def _q(table: Mapping[str, Any], kind: str, where: str, *, integer: bool) -> Any
         return q
     q = _finite(table, "q", where) if "q" in table else 1.0
     if q <= 0:
-        raise ConfigError(f"{where}.q = {q!r}: must be a number above 0")
+        raise ConfigError(f"{where}.q = {table['q']!r}: must be a number above 0")
     return q
 
 

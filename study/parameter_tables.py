@@ -274,7 +274,7 @@ def _check_own_prior(
         f"parameters.{name}: its prior {own.prior.text()} puts {inside:.2g} of its mass in "
         f"{range_text}"
         + (f" ({said} lies outside it)" if outside else "")
-        + ": its draws could not land there; widen min and max, or move mu"
+        + ": its draws could not land there; widen min and max, or change mu and sigma"
     )
 
 
