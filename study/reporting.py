@@ -30,7 +30,7 @@ from study.budget import backing_storage, count_trials
 from study.errors import redact
 from study.priors import GaussianPrior, grid_masses
 from study.resilient_storage import ResilientRDBStorage
-from study.space import SearchSpace
+from study.space import SearchSpace, int_masses
 from study.stored_paths import resolve_path
 from study.studies import STUDY_FILE, study_preset
 from study.trial_sample import LARGE_STUDY_TRIALS, SAMPLE_TRIALS, StudySample, draw_sample
@@ -167,20 +167,26 @@ def prior_sections(
     named by the prior: the report's compression rule, or the layer's own distribution.
     `values_of` gives a parameter's values (or, `counted`, how many trials drew each)."""
     own = dict(space.own)
+    priors = space.priors()
     sections = []
-    for name, prior in space.priors().items():
-        distribution = space.distributions()[name]
-        if not isinstance(distribution, IntDistribution):
-            continue  # the plots are of neuron counts
+    for name, distribution in space.distributions().items():
+        if not name.startswith("n_units_l") or not (name in own or name in priors):
+            continue  # the plots are of neuron counts with a prior or a table of their own
+        assert isinstance(distribution, IntDistribution)
         low, high = distribution.low, distribution.high
         if name in own:  # the layer's own distribution, from the study file
-            masses = grid_masses(prior, distribution)
-            if masses is None:
-                continue
-            shares = _per_whole_number(masses, distribution.step)
-            label = f"the file's {own[name].given}: {own[name].text()}"
-            what = "its own prior in the study file, put on its grid and"
+            prior = own[name].prior
+            if prior is None:  # int_uniform, q_log_uniform_values: Optuna's random draws
+                shares = int_masses(low, high, log=distribution.log)
+            else:
+                masses = grid_masses(prior, distribution)
+                if masses is None:
+                    continue
+                shares = _per_whole_number(masses, distribution.step)
+            label = f"the file's {own[name].given}: {space.prior_moments()[name].kind}"
+            what = "its own distribution in the study file, put on its grid and"
         else:
+            prior = priors[name]
             assert isinstance(prior, GaussianPrior)  # the compression rule's
             mass = {n: prior.bin_mass(n) for n in range(low, high + 1)}
             total = sum(mass.values())

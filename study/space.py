@@ -267,7 +267,7 @@ class SearchSpace:
                 mean, sd = prior.truncated_moments(low, high)
                 kind = f"N({prior.mu:.2f}, {prior.sigma:.2f}) rounded, in [{low}, {high}]"
             elif _is_int(distribution):
-                mean, sd = _discrete_moments(_int_masses(low, high, log=distribution.log))
+                mean, sd = _discrete_moments(int_masses(low, high, log=distribution.log))
                 scale = "log-uniform" if distribution.log else "uniform"
                 kind = f"{scale} integers [{low}, {high}]"
             elif distribution.log:
@@ -345,7 +345,7 @@ def _is_int(distribution: BaseDistribution) -> bool:
     return isinstance(distribution, IntDistribution)
 
 
-def _int_masses(low: int, high: int, *, log: bool) -> dict[int, float]:
+def int_masses(low: int, high: int, *, log: bool) -> dict[int, float]:
     """P(n) for each integer of [low, high] as Optuna's random sampling draws it: uniform,
     or (log) a log-uniform draw on [low − 0.5, high + 0.5] rounded to the nearest integer."""
     if not log:

@@ -200,6 +200,40 @@ def test_the_readme_s_example_of_each_layer_s_own_prior_is_issue_30_s_file() -> 
     assert parse_study(block, "each-layer").space == parse_study(ISSUE_FILE, "my").space
 
 
+def test_the_report_s_histograms_name_each_layer_s_own_distribution() -> None:
+    from study.reporting import prior_sections
+
+    text = ISSUE_FILE + (
+        '[parameters.n_layers]\nvalue = 3\n[parameters.n_units_l2]\ndistribution = "q_normal"'
+        "\nmu = 64\nsigma = 16\nq = 8\nmin = 8\nmax = 128\n"
+    )
+    preset = parse_study(text, "my")
+    draws = draw_params(preset.space, preset.defaults, 200, 0)
+    sections = prior_sections(preset.space, lambda name, _: [d[name] for d in draws])
+    assert [s.title for s in sections] == [
+        f"Sampled n_units_l{i} against its prior" for i in range(3)
+    ]
+    curves = [s.figure.data[1] for s in sections]  # type: ignore[union-attr]
+    assert [c.name for c in curves] == [
+        "the file's q_normal: N(256, 64) rounded, in [1, 784]",
+        "the file's int_uniform: uniform integers [16, 64]",
+        "the file's q_normal: N(64, 16) rounded to multiples of 8, in [8, 128]",
+    ]
+    # Each curve is the counts its prior expects per bin: 200 draws times the bin's share.
+    for section, curve in zip(sections, curves, strict=True):
+        width = section.figure.data[0].xbins.size  # type: ignore[union-attr]
+        expected = dict(zip(curve.x, curve.y, strict=True))
+        if curve.name.endswith("[1, 784]"):
+            assert expected[256] == pytest.approx(200 * width / (64 * math.sqrt(2 * math.pi)),
+                                                  rel=1e-3)  # fmt: skip
+        elif "int_uniform" in curve.name:
+            flat = [expected[n] for n in range(16, 65)]
+            assert flat == pytest.approx([200 * width / 49] * 49)
+            assert expected.get(15, 0.0) == expected.get(65, 0.0) == 0.0
+        else:  # multiples of 8: each one's share spread over the 8 widths of its cell
+            assert expected[64] == expected[61] == expected[67] > expected[80] > 0
+
+
 def test_a_layer_of_its_own_in_a_searched_depth_is_asked_only_below_the_depth() -> None:
     text = (
         '[study]\nn_trials = 2\n[parameters.n_layers]\ndistribution = "int_uniform"\n'
