@@ -101,9 +101,8 @@ def _space(parameters: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         kind = _kind(table, where)
         if LAYER.fullmatch(key):
             if kind == "value":
-                fixed_units[int(key[len("n_units_l") :])] = int_value(
-                    table["value"], f"{where}.value", 1, MAX_UNITS
-                )
+                only_keys(table, ("value", "when"), f"[{where}]")
+                fixed_units[_layer(key)] = int_value(table["value"], f"{where}.value", 1, MAX_UNITS)
             elif kind in UNITS_DISTRIBUTIONS:
                 own[key] = drawn("units", table, kind, where)
             else:
@@ -142,7 +141,7 @@ def _space(parameters: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
             if kind == "value" and key in FIXABLE:
                 fixed[key] = table["value"]
                 space[key] = None
-            elif kind == RANGES[key]:  # as before distributions of their own: as leniently
+            elif kind == RANGES[key]:  # the form files had before; read as it always was
                 space[key] = _bounds(table, where, integers=False)
                 if kind == "log_uniform_values" and space[key][0] <= 0:
                     raise ConfigError(
@@ -172,7 +171,7 @@ def _layers(parameters: dict[str, Any], space: dict[str, Any]) -> None:
     """Every layer of the deepest network has exactly one table: its own, or
     [parameters.units]; without [parameters.n_layers], the layers' own tables say the
     depth (set in `space`)."""
-    given = sorted(int(key[len("n_units_l") :]) for key in parameters if LAYER.fullmatch(key))
+    given = sorted(_layer(key) for key in parameters if LAYER.fullmatch(key))
     if "units" in parameters:
         if given:
             raise ConfigError(
@@ -201,6 +200,11 @@ def _layers(parameters: dict[str, Any], space: dict[str, Any]) -> None:
                 f"layer's units: give [parameters.n_units_l{i}] (or [parameters.units] for "
                 "every layer)"
             )
+
+
+def _layer(key: str) -> int:
+    """The layer whose own table `key` is (n_units_l2: 2)."""
+    return int(LAYER.fullmatch(key).group(1))  # type: ignore[union-attr]
 
 
 def _units(table: dict[str, Any], kind: str, where: str) -> dict[str, Any]:
