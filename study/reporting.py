@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
 import torch
+from optuna.distributions import IntDistribution
 from optuna.storages import BaseStorage
 from optuna.trial import TrialState
 
@@ -26,7 +28,9 @@ from model.retrain import predict
 from study.artifacts import open_artifact_store, read_curves
 from study.budget import backing_storage, count_trials
 from study.errors import redact
+from study.priors import GaussianPrior, grid_masses
 from study.resilient_storage import ResilientRDBStorage
+from study.space import SearchSpace, int_masses
 from study.stored_paths import resolve_path
 from study.studies import STUDY_FILE, study_preset
 from study.trial_sample import LARGE_STUDY_TRIALS, SAMPLE_TRIALS, StudySample, draw_sample
@@ -113,32 +117,14 @@ def build_report(
         sections += _network_sections(retrained.network, metrics, data_root, images)
 
     sections += _search_sections(study, sample)
-    for name, prior in preset.space.priors().items():
-        distribution = preset.space.distributions()[name]
-        values: list[int] | dict[int, int]
+
+    def values_of(name: str, distribution: IntDistribution) -> list[int] | dict[int, int]:
         if trials is not None:
-            values = [t.params[name] for t in trials if name in t.params]
-        else:
-            counted = database.param_value_counts(study._study_id, name)
-            values = {distribution.to_external_repr(v): c for v, c in counted.items()}
-        low, high = distribution.low, distribution.high
-        mass = {n: prior.bin_mass(n) for n in range(low, high + 1)}
-        total = sum(mass.values())
-        sections.append(
-            Section(
-                f"Sampled {name} against its prior",
-                "Every trial's value of this neuron count beside the report's Gaussian "
-                "prior, rounded and truncated to the parameter's range as the sampler draws."
-                + (" Counted in the database, over every trial." if trials is None else ""),
-                figure=prior_figure(
-                    name,
-                    values,
-                    {n: m / total for n, m in mass.items()},
-                    f"the file's q_normal, compression rule: N({prior.mu:.2f}, "
-                    f"{prior.sigma:.2f}) rounded, redrawn until in [{low}, {high}]",
-                ),
-            )
-        )
+            return [t.params[name] for t in trials if name in t.params]
+        counted = database.param_value_counts(study._study_id, name)
+        return {distribution.to_external_repr(v): c for v, c in counted.items()}
+
+    sections += prior_sections(preset.space, values_of, counted=trials is None)
 
     stored = attrs.get(STUDY_FILE)
     sections.append(
@@ -169,6 +155,67 @@ def build_report(
             )
         )
     return write_report(out_dir, f"mnist-study: {study.study_name}", summary, sections, images)
+
+
+def prior_sections(
+    space: SearchSpace,
+    values_of: Callable[[str, IntDistribution], list[int] | dict[int, int]],
+    *,
+    counted: bool = False,
+) -> list[Section]:
+    """A histogram of each neuron count with a prior, over the counts its prior expects,
+    named by the prior: the report's compression rule, or the layer's own distribution.
+    `values_of` gives a parameter's values (or, `counted`, how many trials drew each)."""
+    own = dict(space.own)
+    priors = space.priors()
+    sections = []
+    for name, distribution in space.distributions().items():
+        if not name.startswith("n_units_l") or not (name in own or name in priors):
+            continue  # the plots are of neuron counts with a prior or a table of their own
+        assert isinstance(distribution, IntDistribution)
+        low, high = distribution.low, distribution.high
+        if name in own:  # the layer's own distribution, from the study file
+            prior = own[name].prior
+            if prior is None:  # int_uniform, q_log_uniform_values: Optuna's random draws
+                shares = int_masses(low, high, log=distribution.log)
+            else:
+                masses = grid_masses(prior, distribution)
+                if masses is None:
+                    continue
+                shares = _per_whole_number(masses, distribution.step)
+            label = f"the file's {own[name].given}: {space.prior_moments()[name].kind}"
+            what = "its own distribution in the study file, put on its grid and"
+        else:
+            prior = priors[name]
+            assert isinstance(prior, GaussianPrior)  # the compression rule's
+            mass = {n: prior.bin_mass(n) for n in range(low, high + 1)}
+            total = sum(mass.values())
+            shares = {n: m / total for n, m in mass.items()}
+            label = (
+                f"the file's q_normal, compression rule: N({prior.mu:.2f}, "
+                f"{prior.sigma:.2f}) rounded, redrawn until in [{low}, {high}]"
+            )
+            what = "the report's Gaussian prior, rounded and"
+        sections.append(
+            Section(
+                f"Sampled {name} against its prior",
+                f"Every trial's value of this neuron count beside {what} truncated to the "
+                "parameter's range as the sampler draws."
+                + (" Counted in the database, over every trial." if counted else ""),
+                figure=prior_figure(name, values_of(name, distribution), shares, label),
+            )
+        )
+    return sections
+
+
+def _per_whole_number(masses: dict[float, float], step: int) -> dict[int, float]:
+    """Each grid value's share spread evenly over the `step` whole numbers of its cell, so
+    that a grid of multiples of 8 draws as a curve over the plot's bins, not as spikes."""
+    out: dict[int, float] = {}
+    for value, share in masses.items():
+        for n in range(int(value) - step // 2, int(value) - step // 2 + step):
+            out[n] = out.get(n, 0.0) + share / step
+    return out
 
 
 def _search_sections(study: optuna.Study, sample: StudySample | None) -> list[Section]:

@@ -1,20 +1,24 @@
-"""`GaussianPriorSampler`: random search with the seed report's priors on neuron counts;
-`PriorThenTPESampler`: those priors first, then Optuna's TPE."""
+"""`GaussianPriorSampler`: random search with the seed report's priors on neuron counts,
+and the priors a study file gives its parameters; `PriorThenTPESampler`: those priors
+first, then Optuna's TPE."""
 
 from __future__ import annotations
 
 import hashlib
+import math
 import secrets
 from collections.abc import Mapping, Sequence
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from optuna.distributions import IntDistribution
+from optuna.distributions import FloatDistribution, IntDistribution
 from optuna.samplers import BaseSampler, RandomSampler, TPESampler
 
 from model.config import TrainConfig
 from study.experimental import experimental_optuna
-from study.space import GaussianPrior, SearchSpace
+from study.priors import Prior
+from study.space import SearchSpace
 
 if TYPE_CHECKING:
     from optuna.distributions import BaseDistribution
@@ -26,12 +30,14 @@ _MAX_REDRAWS = 10_000
 
 
 class GaussianPriorSampler(BaseSampler):
-    """Independent random sampling; integer parameters with a prior follow it.
+    """Independent random sampling; parameters with a prior follow it.
 
-    A parameter named in `priors` (an `IntDistribution`) is drawn as round(N(mu, sigma)),
-    redrawn until it lies in the distribution's [low, high] — Optuna does not check bounds,
-    and an out-of-range value would break a retried trial. Every other parameter is drawn as
-    `RandomSampler` draws it: floats uniform (log-uniform when `log`), categories uniform.
+    A parameter named in `priors` is drawn from its prior (`study.priors`: the report's
+    round(N(mu, sigma)) on a neuron count, or a study file's normal, log-normal or
+    q_uniform), put on the distribution's grid and redrawn until it lies in its
+    [low, high] — Optuna does not check bounds, and an out-of-range value would break a
+    retried trial. Every other parameter is drawn as `RandomSampler` draws it: numbers
+    uniform (log-uniform when `log`), categories uniform.
 
     Each draw comes from its own random stream, derived from (seed, trial number, parameter
     name): workers sharing a study never draw the same trial, and a retried trial (Optuna's
@@ -42,7 +48,7 @@ class GaussianPriorSampler(BaseSampler):
     samplers sample differently. (mnist-study's studies always pass the seed they store.)
     """
 
-    def __init__(self, priors: Mapping[str, GaussianPrior], seed: int | None = None) -> None:
+    def __init__(self, priors: Mapping[str, Prior], seed: int | None = None) -> None:
         self._priors = dict(priors)
         self._seed = secrets.randbits(63) if seed is None else int(seed)
 
@@ -81,7 +87,8 @@ class GaussianPriorSampler(BaseSampler):
     ) -> Any:
         stream = self.stream_seed(_original_number(trial), param_name)
         prior = self._priors.get(param_name)
-        if prior is None or not isinstance(param_distribution, IntDistribution):
+        numeric = isinstance(param_distribution, (IntDistribution, FloatDistribution))
+        if prior is None or not numeric:
             return RandomSampler(seed=stream).sample_independent(
                 study, trial, param_name, param_distribution
             )
@@ -109,7 +116,7 @@ class PriorThenTPESampler(BaseSampler):
 
     def __init__(
         self,
-        priors: Mapping[str, GaussianPrior],
+        priors: Mapping[str, Prior],
         seed: int | None = None,
         *,
         n_prior_trials: int = 20,
@@ -184,17 +191,28 @@ class PriorThenTPESampler(BaseSampler):
 
 
 def draw_from_prior(
-    prior: GaussianPrior, distribution: IntDistribution, rng: np.random.Generator
-) -> int:
-    """round(N(mu, sigma)) on the distribution's grid, redrawn until inside [low, high]."""
+    prior: Prior, distribution: IntDistribution | FloatDistribution, rng: np.random.Generator
+) -> int | float:
+    """A draw of the prior on the distribution's grid (none for a continuous float),
+    redrawn until inside [low, high]; an int for an `IntDistribution`."""
     low, high, step = distribution.low, distribution.high, distribution.step
+    # A float grid's values to q's decimals: low + k·q in floats may pass max by an ulp
+    # (0.05 · 19 is 0.9500000000000001) and print so; the decimal multiple of q does not.
+    decimals = None
+    if step is not None and isinstance(distribution, FloatDistribution):
+        decimals = max(0, -int(Decimal(repr(step)).normalize().as_tuple().exponent))
     for _ in range(_MAX_REDRAWS):
-        value = low + step * round((rng.normal(prior.mu, prior.sigma) - low) / step)
+        value = prior.raw(rng)
+        if not math.isfinite(value):
+            continue  # a log-normal past any float: outside every range
+        if step is not None:
+            value = low + step * round((value - low) / step)
+        if decimals is not None:
+            value = round(value, decimals)
         if low <= value <= high:
-            return int(value)
+            return int(value) if isinstance(distribution, IntDistribution) else float(value)
     raise ValueError(
-        f"prior N({prior.mu:g}, {prior.sigma:g}) gave no value in [{low}, {high}] "
-        f"in {_MAX_REDRAWS} draws"
+        f"prior {prior.text()} gave no value in [{low}, {high}] in {_MAX_REDRAWS} draws"
     )
 
 

@@ -13,6 +13,11 @@ preset). Some parameters then exist only in some trials — a layer's units only
 drawn depth, the max-norm cap only when it is on, SGD's own learning rate only for SGD —
 and each such parameter names the earlier one it depends on (`Condition`). Optuna's
 conditional spaces work this way: a trial simply never asks for a parameter it lacks.
+
+A study file may also give a parameter a W&B distribution of its own (`own`): each
+layer's units by the layer's name, with a prior of its choosing (a `q_normal` of its own
+mu and sigma, a `q_log_normal`, ...), or a continuous parameter drawn from a normal,
+a log-normal or a grid (`study.distributions`).
 """
 
 from __future__ import annotations
@@ -24,35 +29,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from model.config import N_CLASSES, N_INPUTS, TrainConfig
+from study.priors import GaussianPrior, Prior, moments
 
 if TYPE_CHECKING:
     import optuna
     from optuna.distributions import BaseDistribution
 
+    from study.distributions import Drawn
 
-@dataclass(frozen=True)
-class GaussianPrior:
-    """round(N(mu, sigma)), redrawn until inside the parameter's [low, high]."""
-
-    mu: float
-    sigma: float
-
-    def truncated_moments(self, low: int, high: int) -> tuple[float, float]:
-        """Exact mean and standard deviation of the rounded, truncated draw.
-
-        Truncation moves the mean: layer 1's prior (183 ± 89) loses its left tail below 1.
-        """
-        weights = [self.bin_mass(n) for n in range(low, high + 1)]
-        total = sum(weights)
-        mean = sum(n * w for n, w in zip(range(low, high + 1), weights, strict=True)) / total
-        var = sum((n - mean) ** 2 * w for n, w in zip(range(low, high + 1), weights, strict=True))
-        return mean, math.sqrt(var / total)
-
-    def bin_mass(self, n: int) -> float:
-        """P(round(X) = n) for X ~ N(mu, sigma)."""
-        lo = (n - 0.5 - self.mu) / (self.sigma * math.sqrt(2))
-        hi = (n + 0.5 - self.mu) / (self.sigma * math.sqrt(2))
-        return 0.5 * (math.erf(hi) - math.erf(lo))
+__all__ = ["Condition", "GaussianPrior", "PriorMoments", "SearchSpace", "compression_priors"]
 
 
 def compression_priors(n_layers: int, r: float = N_CLASSES / N_INPUTS) -> list[GaussianPrior]:
@@ -130,6 +115,16 @@ class SearchSpace:
     schedules: tuple[str, ...] = ()
     batch_sizes: tuple[int, ...] = ()
     label_smoothing: tuple[float, float] | None = None
+    # Parameters that the study file gives a distribution of their own
+    # (`study.distributions`): a layer's units by the layer's name, or a continuous
+    # parameter drawn otherwise than its field above says (a normal dropout, a uniform lr).
+    # Each replaces what the fields would search for it; a continuous one's field still
+    # says that it is searched, and in which range. Empty for every shipped preset, so
+    # their spaces, and so their draws, stay as they were.
+    own: tuple[tuple[str, Drawn], ...] = ()
+    # Layers whose width the file fixes (`value`), by index: never asked for, set in
+    # every trial deep enough to have them.
+    fixed_units: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
         if self.min_layers is not None and not 1 <= self.min_layers <= self.n_layers:
@@ -149,35 +144,42 @@ class SearchSpace:
         )
 
         out: dict[str, BaseDistribution] = {}
+        own = {name: drawn.distribution for name, drawn in self.own}
+        fixed = dict(self.fixed_units)
+
+        def ranged(name: str, bounds: tuple[float, float], log: bool = False) -> None:
+            out[name] = own[name] if name in own else FloatDistribution(*bounds, log=log)
+
         if self.min_layers is not None:
             out["n_layers"] = IntDistribution(self.min_layers, self.n_layers)
         for i in range(self.n_layers):
-            out[f"n_units_l{i}"] = IntDistribution(
-                self.units_low, self.units_high, log=self.units_log
-            )
+            name = f"n_units_l{i}"
+            if i not in fixed:
+                shorthand = IntDistribution(self.units_low, self.units_high, log=self.units_log)
+                out[name] = own.get(name, shorthand)
         if self.activations:
             out["activation"] = CategoricalDistribution(self.activations)
         if self.optimizers:
             out["optimizer"] = CategoricalDistribution(self.optimizers)
         if self.dropout is not None:
-            out["dropout"] = FloatDistribution(*self.dropout)
+            ranged("dropout", self.dropout)
         if self.input_dropout is not None:
-            out["input_dropout"] = FloatDistribution(*self.input_dropout)
+            ranged("input_dropout", self.input_dropout)
         if self.max_norm is not None:
             out["use_max_norm"] = CategoricalDistribution((False, True))
-            out["max_norm"] = FloatDistribution(*self.max_norm)
+            ranged("max_norm", self.max_norm)
         if self.lr is not None:
-            out["lr"] = FloatDistribution(*self.lr, log=True)
+            ranged("lr", self.lr, log=True)
         if self.sgd_lr is not None:
-            out["sgd_lr"] = FloatDistribution(*self.sgd_lr, log=True)
+            ranged("sgd_lr", self.sgd_lr, log=True)
         if self.weight_decay is not None:
-            out["weight_decay"] = FloatDistribution(*self.weight_decay, log=True)
+            ranged("weight_decay", self.weight_decay, log=True)
         if self.schedules:
             out["schedule"] = CategoricalDistribution(self.schedules)
         if self.batch_sizes:
             out["batch_size"] = CategoricalDistribution(self.batch_sizes)
         if self.label_smoothing is not None:
-            out["label_smoothing"] = FloatDistribution(*self.label_smoothing)
+            ranged("label_smoothing", self.label_smoothing)
         return out
 
     def conditions(self) -> dict[str, Condition]:
@@ -193,13 +195,31 @@ class SearchSpace:
             out["sgd_lr"] = Condition("optimizer", ("sgd",))
         return out
 
-    def priors(self) -> dict[str, GaussianPrior]:
-        """The Gaussian prior of each neuron-count parameter, by name (none for log-uniform
-        widths)."""
-        if self.units_log:
-            return {}
-        priors = compression_priors(self.n_layers, self.compression_r)
-        return {f"n_units_l{i}": prior for i, prior in enumerate(priors)}
+    def priors(self) -> dict[str, Prior]:
+        """Each parameter's prior, by name, for the prior sampler: the compression rule's
+        Gaussian on each layer that [parameters.units] gives (none for log-uniform
+        widths), and the prior of each parameter with a distribution of its own that
+        Optuna's random sampler would not draw as it is."""
+        own = dict(self.own)
+        fixed = dict(self.fixed_units)
+        out: dict[str, Prior] = {}
+        if not self.units_log:
+            for i, prior in enumerate(compression_priors(self.n_layers, self.compression_r)):
+                if f"n_units_l{i}" not in own and i not in fixed:
+                    out[f"n_units_l{i}"] = prior
+        out.update({name: drawn.prior for name, drawn in own.items() if drawn.prior})
+        return out
+
+    def widest(self) -> tuple[int, ...]:
+        """The widest each layer can be drawn."""
+        own = dict(self.own)
+        fixed = dict(self.fixed_units)
+        return tuple(
+            fixed[i] if i in fixed
+            else int(own[f"n_units_l{i}"].distribution.high) if f"n_units_l{i}" in own
+            else self.units_high
+            for i in range(self.n_layers)
+        )  # fmt: skip
 
     def suggest(self, trial: optuna.trial.BaseTrial, defaults: TrainConfig) -> TrainConfig:
         """Ask `trial` for every parameter its earlier answers call for, and lay them over
@@ -222,23 +242,32 @@ class SearchSpace:
         if "sgd_lr" in settings:
             settings["lr"] = settings.pop("sgd_lr")
         depth = settings.get("n_layers", self.n_layers)
+        for i, units in self.fixed_units:
+            if i < depth:
+                settings.setdefault(f"n_units_l{i}", units)
         return _with_hidden(defaults, depth).with_params(settings)
 
     def prior_moments(self) -> dict[str, PriorMoments]:
         """Each numeric parameter's prior, with the mean and standard deviation of a draw
         (of a conditional parameter: of a draw in the trials that ask for it)."""
         priors = self.priors()
+        own = dict(self.own)
         out = {}
         for name, distribution in self.distributions().items():
             if not hasattr(distribution, "low"):
                 continue
             low, high = distribution.low, distribution.high
-            if name in priors:
+            drawn = own.get(name)
+            if drawn is not None and drawn.prior is not None:
+                mean, sd = moments(drawn.prior, distribution)
+                kind = drawn.text()
+            elif name in priors:
                 prior = priors[name]
+                assert isinstance(prior, GaussianPrior)  # the compression rule's
                 mean, sd = prior.truncated_moments(low, high)
                 kind = f"N({prior.mu:.2f}, {prior.sigma:.2f}) rounded, in [{low}, {high}]"
             elif _is_int(distribution):
-                mean, sd = _discrete_moments(_int_masses(low, high, log=distribution.log))
+                mean, sd = _discrete_moments(int_masses(low, high, log=distribution.log))
                 scale = "log-uniform" if distribution.log else "uniform"
                 kind = f"{scale} integers [{low}, {high}]"
             elif distribution.log:
@@ -257,14 +286,23 @@ class SearchSpace:
         """JSON-ready description (stored in the study's user attributes)."""
         out: dict[str, Any] = {}
         priors = self.priors()
+        own = dict(self.own)
         conditions = self.conditions()
         for name, distribution in self.distributions().items():
             entry: dict[str, Any] = {"distribution": type(distribution).__name__}
             entry.update({k: v for k, v in vars(distribution).items() if not k.startswith("_")})
             if "choices" in entry:
                 entry["choices"] = list(entry["choices"])
-            if name in priors:
+            drawn = own.get(name)
+            if drawn is not None:
+                entry["given"] = drawn.given
+            if drawn is not None and drawn.prior is not None:
+                mean, sd = moments(drawn.prior, distribution)  # type: ignore[arg-type]
+                entry["prior"] = {**drawn.prior.describe(), "kind": drawn.text(),
+                                  "mean": mean, "sd": sd}  # fmt: skip
+            elif name in priors:
                 prior = priors[name]
+                assert isinstance(prior, GaussianPrior)  # the compression rule's
                 mean, sd = prior.truncated_moments(self.units_low, self.units_high)
                 entry["prior"] = {
                     "kind": "gaussian, rounded, redrawn until in [low, high]",
@@ -307,7 +345,7 @@ def _is_int(distribution: BaseDistribution) -> bool:
     return isinstance(distribution, IntDistribution)
 
 
-def _int_masses(low: int, high: int, *, log: bool) -> dict[int, float]:
+def int_masses(low: int, high: int, *, log: bool) -> dict[int, float]:
     """P(n) for each integer of [low, high] as Optuna's random sampling draws it: uniform,
     or (log) a log-uniform draw on [low − 0.5, high + 0.5] rounded to the nearest integer."""
     if not log:

@@ -20,7 +20,7 @@ from study.errors import StudyError, redact
 from study.experimental import experimental_optuna
 from study.presets import PRESETS, SAMPLERS, Preset, get_preset
 from study.sampler import GaussianPriorSampler, PriorThenTPESampler
-from study.space import SearchSpace
+from study.space import GaussianPrior, SearchSpace
 from study.study_file import StudyFileError, differences, parse_study
 
 # What the objective returns, as plots and optuna-dashboard name it.
@@ -99,10 +99,7 @@ def create_or_resume(
         "sampler": preset.sampler,
         "seed": seed,
         "pruner": preset.pruner,
-        "priors": {
-            key: {"mu": round(p.mu, 4), "sigma": round(p.sigma, 4)}
-            for key, p in preset.space.priors().items()
-        },
+        "priors": _priors(preset.space),
         "space": preset.space.describe(),
         "training": {
             k: v
@@ -121,6 +118,20 @@ def create_or_resume(
     for key in [*(k for k in settings if k != "preset"), "preset"]:
         study.set_user_attr(key, settings[key])
     return study, True
+
+
+def _priors(space: SearchSpace) -> dict[str, dict[str, Any]]:
+    """Each parameter's prior, as a study's attributes hold it: the compression rule's mu
+    and sigma (as studies always stored them), or the study file's own distribution."""
+    own = dict(space.own)
+    out = {}
+    for key, prior in space.priors().items():
+        if key in own:
+            out[key] = prior.describe()
+        else:
+            assert isinstance(prior, GaussianPrior)  # the compression rule's
+            out[key] = {"mu": round(prior.mu, 4), "sigma": round(prior.sigma, 4)}
+    return out
 
 
 def _name_the_metric(study: optuna.Study) -> None:

@@ -50,6 +50,8 @@ def space_summary(preset: Preset, draws: list[dict[str, Any]], seed: int) -> str
     parameter is summed up over the draws that asked for it, and says how many did."""
     import statistics
 
+    from optuna.distributions import IntDistribution
+
     space = preset.space
     priors = space.priors()
     moments = space.prior_moments()
@@ -77,7 +79,9 @@ def space_summary(preset: Preset, draws: list[dict[str, Any]], seed: int) -> str
         stats = (statistics.fmean(values), sd, min(values), max(values))
         row = f"{name:<{width}} " + " ".join(f"{v:>10.4g}" for v in stats)
         prior = moments[name]
-        shown = ".2f" if name in priors else ".4g"  # neuron counts: hundreds, not 1e-4
+        # A neuron count's prior in hundredths (hundreds of units); the rest as lr's 1e-4.
+        counted = name in priors and isinstance(distribution, IntDistribution)
+        shown = ".2f" if counted else ".4g"
         row += f"   {prior.kind}: mean {prior.mean:{shown}}, sd {prior.sd:{shown}}{asked}"
         lines.append(row)
     return "\n".join(lines)

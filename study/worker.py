@@ -86,8 +86,7 @@ def default_trials_per_worker(device_type: str, preset: Preset) -> int:
     if device_type != "cuda":
         return 1
     most = 8 if preset.defaults.full_batch else 16
-    space = preset.space
-    widest = parameter_count((space.units_high,) * space.n_layers)
+    widest = parameter_count(preset.space.widest())
     per_trial = preset.defaults.k * widest * STACK_BYTES_PER_PARAMETER
     return max(1, min(most, int(GPU_STACK_BYTES // per_trial)))
 

@@ -239,6 +239,30 @@ def changed(old: str, new: str) -> str:
     return GOOD_STUDY_FILE.replace(old, new, 1)
 
 
+def changes(*pairs: tuple[str, str]) -> str:
+    """The good file with each (old, new) of `pairs` made."""
+    text = GOOD_STUDY_FILE
+    for old, new in pairs:
+        assert old in text
+        text = text.replace(old, new, 1)
+    return text
+
+
+# Each layer's own table in place of [parameters.units] (issue 30's file): layer 0 on a
+# Gaussian prior of its own, layer 1 flat.
+UNITS_TABLE = (
+    '[parameters.units]\ndistribution = "q_normal"\nrule = "compression"\nq = 1\nmin = 1\n'
+    "max = 784\n"
+)
+LAYER_0 = (
+    '[parameters.n_units_l0]\ndistribution = "q_normal"\nmu = 256\nsigma = 64\nq = 1\n'
+    "min = 1\nmax = 784\n"
+)
+LAYER_1 = '[parameters.n_units_l1]\ndistribution = "int_uniform"\nmin = 16\nmax = 64\n'
+DROPOUT_TABLE = 'distribution = "uniform"\nmin = 0.3\nmax = 0.5'
+SEARCHED_DEPTH = '[parameters.n_layers]\ndistribution = "int_uniform"\nmin = 1\nmax = 3\n'
+
+
 def study_file_row(row_id: str, content: str | bytes, *says: str) -> Row:
     return Row(row_id, ("run", "--space", "my.toml"), 2, ("study file my.toml", *says) if
                row_id != "file-syntax" else says, setup=study_file(content))  # fmt: skip
@@ -673,6 +697,60 @@ ROWS = [
         "dropout",
     ),
     study_file_row("file-lr-zero", changed("min = 1e-4", "min = 0"), "parameters.lr:", "lr"),
+    # A distribution of the file's own (issue 30): a layer's units, a continuous parameter.
+    study_file_row(
+        "file-sigma-not-positive",
+        changed(UNITS_TABLE, LAYER_0.replace("sigma = 64", "sigma = 0") + LAYER_1),
+        "parameters.n_units_l0.sigma = 0: must be a number above 0",
+    ),
+    study_file_row(
+        "file-q-not-positive",
+        changed(DROPOUT_TABLE, DROPOUT_TABLE.replace('"uniform"', '"q_uniform"') + "\nq = 0"),
+        "parameters.dropout.q = 0: must be a number above 0",
+    ),
+    study_file_row(
+        "file-prior-barely-reaches",
+        changed(UNITS_TABLE, LAYER_0.replace("sigma = 64", "sigma = 1e6") + LAYER_1),
+        "parameters.n_units_l0: its prior N(256, 1e+06) puts 0.00031 of its mass in [1, 784]",
+        "widen min and max, or change mu and sigma",
+    ),
+    study_file_row(
+        "file-mu-outside-range",
+        changed(
+            DROPOUT_TABLE, 'distribution = "normal"\nmu = 0.9\nsigma = 0.05\nmin = 0.0\nmax = 0.5'
+        ),
+        "parameters.dropout: its prior N(0.9, 0.05) puts 6.2e-16 of its mass in [0, 0.5] "
+        "(mu = 0.9 lies outside it)",
+    ),
+    study_file_row(
+        "file-layer-past-depth",
+        changed(UNITS_TABLE, SEARCHED_DEPTH + LAYER_0 + "[parameters.n_units_l9]\nvalue = 32\n"),
+        "parameters.n_units_l9: this space has at most 3 layers (n_units_l0 to n_units_l2)",
+    ),
+    study_file_row(
+        "file-layer-twice",
+        changed(UNITS_TABLE, UNITS_TABLE + LAYER_0),
+        "parameters.n_units_l0: the layer is given twice, by [parameters.units] (every "
+        "layer's) and by [parameters.n_units_l0]",
+    ),
+    study_file_row(
+        "file-layer-without-when",
+        changed(UNITS_TABLE, SEARCHED_DEPTH.replace("max = 3", "max = 2") + LAYER_0 + LAYER_1),
+        "parameters.n_units_l1: asked only when n_layers = 2: say so with when = { parameter "
+        '= "n_layers", values = [2] }',
+    ),
+    study_file_row(
+        "file-tpe-prior-without-range",
+        changes(
+            ("n_trials = 2", 'n_trials = 2\nsampler = "prior_then_tpe"\nn_prior_trials = 1'),
+            (
+                'distribution = "log_uniform_values"\nmin = 1e-4\nmax = 1e-2',
+                'distribution = "log_normal"\nmu = -7.0\nsigma = 1.0',
+            ),
+        ),
+        "parameters.lr: a prior_then_tpe study hands it to TPE after its prior trials, and "
+        "TPE searches a range: give it min and max",
+    ),
     study_file_row(
         "file-syntax", changed("k = 2", "k = = 2"), "study file my.toml: TOML syntax", "line 7"
     ),

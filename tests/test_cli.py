@@ -165,6 +165,23 @@ def test_space_wide_draws_shallow_and_deep_networks_and_first_layers_past_a_thou
     assert "log-uniform integers [128, 4096]" in summary.stdout
 
 
+def test_space_prints_each_layer_s_own_prior_beside_its_draws(tmp_path: Path) -> None:
+    from tests.test_study_file import ISSUE_FILE
+
+    (tmp_path / "my.toml").write_text(ISSUE_FILE)
+    proc = run_cli("space", "--space", "my.toml", "--sample", "1000", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    rows = {line.split()[0]: line for line in proc.stdout.splitlines()[2:]}
+    assert set(rows) == {"n_units_l0", "n_units_l1"}
+    assert rows["n_units_l0"].endswith("N(256, 64) rounded, in [1, 784]: mean 256.01, sd 63.98")
+    assert rows["n_units_l1"].endswith("uniform integers [16, 64]: mean 40, sd 14.14")
+    # The draws' own mean and sd (columns 2 and 3), beside it: within 5 standard errors.
+    mean, sd, low, high = (float(v) for v in rows["n_units_l0"].split()[1:5])
+    assert abs(mean - 256) < 5 * 64 / 1000**0.5 and abs(sd - 64) < 5 * 64 / 2000**0.5
+    assert low >= 1 and high <= 784
+    assert [float(v) for v in rows["n_units_l1"].split()[3:5]] == [16, 64]
+
+
 def test_a_wide_smoke_study_runs_retrains_and_reports_end_to_end(
     tmp_path: Path, mnist: Mnist
 ) -> None:

@@ -15,7 +15,12 @@ from typing import Any
 import numpy as np
 import optuna
 import pytest
-from optuna.distributions import BaseDistribution, FloatDistribution, IntDistribution
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
@@ -384,9 +389,10 @@ def test_a_parameter_without_a_prior_is_drawn_uniformly() -> None:
     assert all(type(v) is int for v in x.tolist())
     assert set(x.tolist()) == set(range(10))
     assert chi_square_uniform(x.tolist(), range(10)) < CHI2_0999[9]
-    # A float parameter named like a prior is not an IntDistribution: it is drawn plainly.
-    y = sample_many(sampler, "n_units_l0", FloatDistribution(0.0, 1.0), 2000)
-    assert ks_uniform(y, 0.0, 1.0) < ks_critical(len(y))
+    # A categorical parameter named like a prior has no grid to put a draw on: it is
+    # drawn plainly. (A float one follows its prior: a study file's normal dropout.)
+    y = sample_many(sampler, "n_units_l0", CategoricalDistribution(("a", "b", "c")), 3000)
+    assert chi_square_uniform(y.tolist(), ("a", "b", "c")) < CHI2_0999[2]
 
 
 def test_the_sampler_has_no_relative_search_space() -> None:
@@ -684,3 +690,248 @@ def test_prior_then_tpe_keeps_to_the_conditional_wide_space_after_its_prior_tria
         assert ("max_norm" in p) == p["use_max_norm"]
     # It learnt: three layers, the optimum's depth, more often than the prior's one in four.
     assert sum(p["n_layers"] == 3 for p in later[-8:]) >= 4
+
+
+# --- a study file's own distributions: each draws what W&B says it does -----------------
+
+N_OWN = 10_000  # straight from `sample_independent`, per distribution: about 0.2 s each
+_erfc = np.frompyfunc(math.erfc, 1, 1)
+
+
+def normal_cdf(x: np.ndarray, mu: float, sigma: float) -> np.ndarray:
+    return 0.5 * _erfc(-(np.asarray(x, dtype=float) - mu) / (sigma * math.sqrt(2))).astype(float)
+
+
+def log_normal_cdf(x: np.ndarray, mu: float, sigma: float) -> np.ndarray:
+    x = np.asarray(x, dtype=float)
+    logs = np.log(np.where(x > 0, x, 1.0))
+    return np.where(x > 0, normal_cdf(logs, mu, sigma), 0.0)
+
+
+def uniform_cdf(x: np.ndarray, low: float, high: float) -> np.ndarray:
+    return np.clip((np.asarray(x, dtype=float) - low) / (high - low), 0.0, 1.0)
+
+
+def log_uniform_cdf(x: np.ndarray, low: float, high: float) -> np.ndarray:
+    x = np.clip(np.asarray(x, dtype=float), low, high)
+    return np.log(x / low) / math.log(high / low)
+
+
+def on_grid(cdf: Any, grid: np.ndarray, q: float) -> tuple[np.ndarray, np.ndarray]:
+    """W&B's round(x / q) · q, redrawn until in range: each grid value takes the mass of
+    its cell, renormalised over the grid."""
+    return grid, cdf(grid + q / 2) - cdf(grid - q / 2)
+
+
+def continuous(cdf: Any, edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The draw truncated to [edges[0], edges[-1]], as 200,000 cells of the CDF."""
+    return (edges[1:] + edges[:-1]) / 2, cdf(edges[1:]) - cdf(edges[:-1])
+
+
+def reference_moments(values: np.ndarray, masses: np.ndarray) -> tuple[float, float, float, float]:
+    """(mean, sd, the standard error of a sample mean of N_OWN, and of its sd), from the
+    masses alone. The sd's by the delta method, Var(s) ≈ (m4 − m2²) / (4 m2 n): for a
+    skewed log-normal about three times the normal's sd / sqrt(2n)."""
+    p = masses / masses.sum()
+    mean = float((p * values).sum())
+    m2 = float((p * (values - mean) ** 2).sum())
+    m4 = float((p * (values - mean) ** 4).sum())
+    return mean, math.sqrt(m2), math.sqrt(m2 / N_OWN), math.sqrt((m4 - m2**2) / (4 * m2 * N_OWN))
+
+
+LN = math.log
+CELLS = 200_001
+# (parameter, its table, the range every draw keeps to, its grid step (None: continuous),
+# and the distribution as its own CDF says it: values and their masses.)
+OWN_CASES: dict[str, tuple[str, str, tuple[float, float], float | None, Any]] = {
+    "units-q_normal": (
+        "n_units_l0", 'distribution = "q_normal"\nmu = 256\nsigma = 64\nq = 1\nmin = 1\nmax = 784',
+        (1, 784), 1, lambda: on_grid(lambda x: normal_cdf(x, 256, 64), np.arange(1, 785), 1),
+    ),
+    "units-q_normal-q8-truncated": (
+        "n_units_l0", 'distribution = "q_normal"\nmu = 100\nsigma = 120\nq = 8\nmin = 8\nmax = 784',
+        (8, 784), 8,
+        lambda: on_grid(lambda x: normal_cdf(x, 100, 120), np.arange(8, 785, 8), 8),
+    ),
+    "units-int_uniform": (
+        "n_units_l0", 'distribution = "int_uniform"\nmin = 16\nmax = 64', (16, 64), 1,
+        lambda: on_grid(lambda x: uniform_cdf(x, 15.5, 64.5), np.arange(16, 65), 1),
+    ),
+    "units-q_uniform": (
+        "n_units_l0", 'distribution = "q_uniform"\nmin = 16\nmax = 64\nq = 4', (16, 64), 4,
+        lambda: on_grid(lambda x: uniform_cdf(x, 16, 64), np.arange(16, 65, 4), 4),
+    ),
+    "units-q_log_uniform_values": (
+        "n_units_l0", 'distribution = "q_log_uniform_values"\nmin = 16\nmax = 256\nq = 1',
+        (16, 256), 1,
+        lambda: on_grid(lambda x: log_uniform_cdf(x, 15.5, 256.5), np.arange(16, 257), 1),
+    ),
+    "units-q_log_normal-whole-range": (
+        "n_units_l0", 'distribution = "q_log_normal"\nmu = 4.6\nsigma = 0.5\nq = 1',
+        (1, 8192), 1,
+        lambda: on_grid(lambda x: log_normal_cdf(x, 4.6, 0.5), np.arange(1, 8193), 1),
+    ),
+    "dropout-uniform": (
+        "dropout", 'distribution = "uniform"\nmin = 0.1\nmax = 0.5', (0.1, 0.5), None,
+        lambda: continuous(lambda x: uniform_cdf(x, 0.1, 0.5), np.linspace(0.1, 0.5, CELLS)),
+    ),
+    "dropout-q_uniform": (
+        "dropout", 'distribution = "q_uniform"\nmin = 0.0\nmax = 0.5\nq = 0.05', (0, 0.5), 0.05,
+        lambda: on_grid(lambda x: uniform_cdf(x, 0, 0.5), np.arange(11) * 0.05, 0.05),
+    ),
+    "dropout-normal": (
+        "dropout", 'distribution = "normal"\nmu = 0.3\nsigma = 0.15\nmin = 0.0\nmax = 0.5',
+        (0, 0.5), None,
+        lambda: continuous(lambda x: normal_cdf(x, 0.3, 0.15), np.linspace(0, 0.5, CELLS)),
+    ),
+    "dropout-q_normal": (
+        "dropout",
+        'distribution = "q_normal"\nmu = 0.3\nsigma = 0.15\nq = 0.05\nmin = 0.0\nmax = 0.5',
+        (0, 0.5), 0.05,
+        lambda: on_grid(lambda x: normal_cdf(x, 0.3, 0.15), np.arange(11) * 0.05, 0.05),
+    ),
+    "lr-log_uniform_values": (
+        "lr", 'distribution = "log_uniform_values"\nmin = 1e-4\nmax = 1e-2', (1e-4, 1e-2), None,
+        lambda: continuous(lambda x: log_uniform_cdf(x, 1e-4, 1e-2),
+                           np.geomspace(1e-4, 1e-2, CELLS)),
+    ),
+    "lr-uniform": (
+        "lr", 'distribution = "uniform"\nmin = 1e-4\nmax = 1e-2', (1e-4, 1e-2), None,
+        lambda: continuous(lambda x: uniform_cdf(x, 1e-4, 1e-2), np.linspace(1e-4, 1e-2, CELLS)),
+    ),
+    "lr-log_normal-whole-range": (
+        "lr", f'distribution = "log_normal"\nmu = {LN(1e-3)}\nsigma = 1.0', (0, 10), None,
+        lambda: continuous(lambda x: log_normal_cdf(x, LN(1e-3), 1.0),
+                           np.geomspace(1e-3 * math.exp(-12), 10, CELLS)),
+    ),
+    "weight_decay-q_log_normal": (
+        "weight_decay",
+        f'distribution = "q_log_normal"\nmu = {LN(1e-4)}\nsigma = 0.5\nq = 1e-5\nmin = 0.0\n'
+        "max = 1e-3",
+        (0, 1e-3), 1e-5,
+        lambda: on_grid(lambda x: log_normal_cdf(x, LN(1e-4), 0.5), np.arange(101) * 1e-5, 1e-5),
+    ),
+    "label_smoothing-log_uniform_values": (
+        "label_smoothing", 'distribution = "log_uniform_values"\nmin = 0.01\nmax = 0.1',
+        (0.01, 0.1), None,
+        lambda: continuous(lambda x: log_uniform_cdf(x, 0.01, 0.1), np.geomspace(0.01, 0.1, CELLS)),
+    ),
+}  # fmt: skip
+
+
+def own_space(parameter: str, table: str) -> SearchSpace:
+    """The space of a file that gives `parameter` the table `table` (one layer of its
+    own, or [parameters.units] beside a continuous parameter)."""
+    from study.study_file import parse_study
+
+    units = '[parameters.units]\ndistribution = "q_log_uniform_values"\nmin = 16\nmax = 64\n'
+    text = "[study]\nn_trials = 2\n" + (
+        f"[parameters.{parameter}]\n{table}\n"
+        if parameter.startswith("n_units_l")
+        else f"{units}[parameters.{parameter}]\n{table}\n"
+    )
+    return parse_study(text, "own").space
+
+
+@pytest.mark.parametrize("case", sorted(OWN_CASES))
+def test_each_distribution_a_file_gives_draws_its_moments_in_its_range(case: str) -> None:
+    name, table, (low, high), q, reference = OWN_CASES[case]
+    space = own_space(name, table)
+    distribution = space.distributions()[name]
+    x = sample_many(GaussianPriorSampler(space.priors(), seed=SEED), name, distribution, N_OWN)
+    # The range exactly: the ends given, or the trainer's whole range, (0, 10] for lr.
+    assert x.min() >= low and x.max() <= high and (low > 0 or name != "lr" or x.min() > 0)
+    if q is not None:
+        steps = x / q
+        assert np.abs(steps - np.round(steps)).max() < 1e-9, "off W&B's grid of multiples of q"
+    if name.startswith("n_units_l"):
+        assert {type(v) for v in x.tolist()} == {int}
+    mean, sd, se_mean, se_sd = reference_moments(*reference())
+    assert x.mean() == pytest.approx(mean, abs=N_SE * se_mean)
+    assert x.std(ddof=1) == pytest.approx(sd, abs=N_SE * se_sd)
+    # What `space --sample` prints beside the draws is that distribution's, exactly.
+    stated = space.prior_moments()[name]
+    assert stated.mean == pytest.approx(mean, rel=1e-6)
+    assert stated.sd == pytest.approx(sd, rel=1e-5)
+
+
+def test_q_uniform_draws_its_end_values_half_as_often_as_w_and_b_rounds() -> None:
+    """round(U(16, 64) / 4) · 4: 16 takes the draws in [16, 18), its inner neighbours
+    whole cells of 4; not 13 values equally likely (Optuna's stepped uniform)."""
+    space = own_space("n_units_l0", OWN_CASES["units-q_uniform"][1])
+    distribution = space.distributions()["n_units_l0"]
+    x = sample_many(GaussianPriorSampler(space.priors(), seed=SEED), "n_units_l0", distribution,
+                    N_OWN)  # fmt: skip
+    for value, p in ((16, 1 / 24), (64, 1 / 24), (40, 1 / 12)):
+        se = math.sqrt(p * (1 - p) / N_OWN)
+        assert np.mean(x == value) == pytest.approx(p, abs=N_SE * se)
+    assert abs(np.mean(x == 16) - 1 / 13) > N_SE * math.sqrt(1 / 13 * 12 / 13 / N_OWN)
+
+
+def test_a_file_s_own_priors_draw_per_seed_trial_and_parameter_as_the_report_s_do() -> None:
+    space = own_space("dropout", OWN_CASES["dropout-q_normal"][1])
+    distribution = space.distributions()["dropout"]
+    a, b = (GaussianPriorSampler(space.priors(), seed=3) for _ in range(2))
+    assert (
+        sample_many(a, "dropout", distribution, 50).tolist()
+        == sample_many(b, "dropout", distribution, 50).tolist()
+    )
+    other = GaussianPriorSampler(space.priors(), seed=4)
+    assert (
+        sample_many(a, "dropout", distribution, 50).tolist()
+        != sample_many(other, "dropout", distribution, 50).tolist()
+    )
+    # A retried trial draws the value of the trial it retries; another trial its own.
+    retry = trial_numbered(9, {"failed_trial": 3})
+    assert a.sample_independent(None, retry, "dropout", distribution) == a.sample_independent(  # type: ignore[arg-type]
+        None,
+        trial_numbered(3),
+        "dropout",
+        distribution,  # type: ignore[arg-type]
+    )
+    assert pickle.loads(pickle.dumps(a)).sample_independent(
+        None,
+        trial_numbered(3),
+        "dropout",
+        distribution,  # type: ignore[arg-type]
+    ) == a.sample_independent(None, trial_numbered(3), "dropout", distribution)  # type: ignore[arg-type]
+
+
+def test_prior_then_tpe_hands_a_file_s_own_priors_to_tpe_as_their_min_max_range() -> None:
+    from study.study_file import parse_study
+
+    text = (
+        '[study]\nn_trials = 2\nsampler = "prior_then_tpe"\nn_prior_trials = 6\n'
+        f"[parameters.n_units_l0]\n{OWN_CASES['units-q_normal-q8-truncated'][1]}\n"
+        '[parameters.n_units_l1]\ndistribution = "q_log_normal"\nmu = 3.5\nsigma = 0.4\n'
+        "q = 1\nmin = 8\nmax = 128\n"
+        f"[parameters.dropout]\n{OWN_CASES['dropout-q_normal'][1]}\n"
+        f'[parameters.lr]\ndistribution = "log_normal"\nmu = {LN(1e-3)}\nsigma = 1.0\n'
+        "min = 1e-4\nmax = 1e-2\n"
+    )
+    preset = parse_study(text, "tpe")
+    space = preset.space
+    distributions = space.distributions()
+    assert distributions["n_units_l0"] == IntDistribution(8, 784, step=8)
+    assert distributions["n_units_l1"] == IntDistribution(8, 128, log=True)
+    assert distributions["dropout"] == FloatDistribution(0.0, 0.5, step=0.05)
+    assert distributions["lr"] == FloatDistribution(1e-4, 1e-2, log=True)
+
+    def target(trial: optuna.Trial) -> float:
+        config = space.suggest(trial, preset.defaults)
+        return -abs(config.hidden[0] - 600) / 600 - abs(config.dropout - 0.1)
+
+    sampler = PriorThenTPESampler(space.priors(), seed=SEED, n_prior_trials=6)
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    study.optimize(target, n_trials=20)
+    params = [t.params for t in study.trials]
+    assert params[:6] == draw_params(space, preset.defaults, 6, SEED)
+    for p in params[6:]:  # TPE: inside each range and on its grid
+        assert 8 <= p["n_units_l0"] <= 784 and p["n_units_l0"] % 8 == 0
+        assert 8 <= p["n_units_l1"] <= 128
+        assert (
+            0 <= p["dropout"] <= 0.5
+            and abs(p["dropout"] / 0.05 - round(p["dropout"] / 0.05)) < 1e-9
+        )
+        assert 1e-4 <= p["lr"] <= 1e-2
+    assert params[6:] != draw_params(space, preset.defaults, 20, SEED)[6:]

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 import pytest
 from hypothesis import event, given, settings
@@ -21,10 +22,12 @@ from model.data import default_root
 from model.kfold import train_kfold
 from study.presets import PRESETS
 from study.sampler import draw_params
+from study.space import GaussianPrior
 from study.studies import make_sampler
 from study.study_file import StudyFileError, differences, parse_study
 from tests.conftest import synthetic_data
 from tests.rounding import assert_same_draws, stable_sort_ties
+from tests.test_sampler import N_SE
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -139,6 +142,134 @@ def test_probabilities_are_refused_rather_than_ignored() -> None:
         parse_study(text, "p")
 
 
+# --- each layer's own prior, W&B's way (issue 30) ---------------------------------------
+
+# Issue 30's file: each parameter named as the study names it, a Gaussian prior of the
+# user's own on the first layer, a flat range on the second.
+ISSUE_FILE = """
+[study]
+n_trials = 4
+
+[parameters.n_units_l0]
+distribution = "q_normal"
+mu = 256
+sigma = 64
+q = 1
+min = 1
+max = 784
+
+[parameters.n_units_l1]
+distribution = "int_uniform"
+min = 16
+max = 64
+"""
+
+
+def test_issue_30_s_file_draws_its_own_gaussian_on_layer_one_and_layer_two_flat() -> None:
+    preset = parse_study(ISSUE_FILE, "my")
+    draws = draw_params(preset.space, preset.defaults, 1000, 0)
+    assert {tuple(d) for d in draws} == {("n_units_l0", "n_units_l1")}
+    first = np.array([d["n_units_l0"] for d in draws])
+    # N(256, 64) rounded, redrawn into [1, 784]: the truncation moves it by under 0.01.
+    assert first.mean() == pytest.approx(256, abs=N_SE * 64 / math.sqrt(1000))
+    assert first.std(ddof=1) == pytest.approx(64, abs=N_SE * 64 / math.sqrt(2 * 1000))
+    assert first.min() >= 1 and first.max() <= 784
+    # Flat over 16-64: every one of its 49 widths, and nothing past them.
+    second = [d["n_units_l1"] for d in draws]
+    assert set(second) == set(range(16, 65))
+    sd = math.sqrt((49**2 - 1) / 12)
+    assert np.mean(second) == pytest.approx(40, abs=N_SE * sd / math.sqrt(1000))
+    # What `space` prints beside them; each configuration is the drawn network.
+    moments = preset.space.prior_moments()
+    assert moments["n_units_l0"].kind == "N(256, 64) rounded, in [1, 784]"
+    assert (moments["n_units_l0"].mean, moments["n_units_l0"].sd) == pytest.approx(
+        (256.0088, 63.9830), abs=1e-4
+    )
+    assert moments["n_units_l1"].kind == "uniform integers [16, 64]"
+    config = preset.space.configure(draws[0], preset.defaults)
+    assert config.hidden == (draws[0]["n_units_l0"], draws[0]["n_units_l1"])
+    # No [parameters.n_layers]: as deep as the layers the file gives.
+    assert preset.space.n_layers == 2 and preset.space.priors() == {
+        "n_units_l0": GaussianPrior(256.0, 64.0)
+    }
+
+
+def test_the_readme_s_example_of_each_layer_s_own_prior_is_issue_30_s_file() -> None:
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = readme.split("```toml\n# each-layer.toml\n", 1)[1].split("```", 1)[0]
+    assert parse_study(block, "each-layer").space == parse_study(ISSUE_FILE, "my").space
+
+
+def test_the_report_s_histograms_name_each_layer_s_own_distribution() -> None:
+    from study.reporting import prior_sections
+
+    text = ISSUE_FILE + (
+        '[parameters.n_layers]\nvalue = 3\n[parameters.n_units_l2]\ndistribution = "q_normal"'
+        "\nmu = 64\nsigma = 16\nq = 8\nmin = 8\nmax = 128\n"
+    )
+    preset = parse_study(text, "my")
+    draws = draw_params(preset.space, preset.defaults, 200, 0)
+    sections = prior_sections(preset.space, lambda name, _: [d[name] for d in draws])
+    assert [s.title for s in sections] == [
+        f"Sampled n_units_l{i} against its prior" for i in range(3)
+    ]
+    curves = [s.figure.data[1] for s in sections]  # type: ignore[union-attr]
+    assert [c.name for c in curves] == [
+        "the file's q_normal: N(256, 64) rounded, in [1, 784]",
+        "the file's int_uniform: uniform integers [16, 64]",
+        "the file's q_normal: N(64, 16) rounded to multiples of 8, in [8, 128]",
+    ]
+    # Each curve is the counts its prior expects per bin: 200 draws times the bin's share.
+    for section, curve in zip(sections, curves, strict=True):
+        width = section.figure.data[0].xbins.size  # type: ignore[union-attr]
+        expected = dict(zip(curve.x, curve.y, strict=True))
+        if curve.name.endswith("[1, 784]"):
+            assert expected[256] == pytest.approx(200 * width / (64 * math.sqrt(2 * math.pi)),
+                                                  rel=1e-3)  # fmt: skip
+        elif "int_uniform" in curve.name:
+            flat = [expected[n] for n in range(16, 65)]
+            assert flat == pytest.approx([200 * width / 49] * 49)
+            assert expected.get(15, 0.0) == expected.get(65, 0.0) == 0.0
+        else:  # multiples of 8: each one's share spread over the 8 widths of its cell
+            assert expected[64] == expected[61] == expected[67] > expected[80] > 0
+
+
+def test_a_layer_of_its_own_in_a_searched_depth_is_asked_only_below_the_depth() -> None:
+    text = (
+        '[study]\nn_trials = 2\n[parameters.n_layers]\ndistribution = "int_uniform"\n'
+        'min = 1\nmax = 3\n[parameters.n_units_l0]\ndistribution = "q_log_normal"\nmu = 5.0\n'
+        "sigma = 0.5\n[parameters.n_units_l1]\nvalue = 64\n"
+        'when = { parameter = "n_layers", values = [2, 3] }\n'
+        '[parameters.n_units_l2]\ndistribution = "q_uniform"\nmin = 8\nmax = 32\nq = 8\n'
+        'when = { parameter = "n_layers", values = [3] }\n'
+    )
+    preset = parse_study(text, "deep")
+    draws = draw_params(preset.space, preset.defaults, 200, 1)
+    assert {d["n_layers"] for d in draws} == {1, 2, 3}
+    for d in draws:
+        # A fixed width is never asked for; every trial deep enough has it.
+        assert set(d) == {"n_layers", "n_units_l0"} | ({"n_units_l2"} if d["n_layers"] == 3
+                                                       else set())  # fmt: skip
+        hidden = preset.space.configure(d, preset.defaults).hidden
+        assert hidden == (d["n_units_l0"], 64, d.get("n_units_l2", 0))[: d["n_layers"]]
+        assert d.get("n_units_l2", 8) in (8, 16, 24, 32)
+    assert preset.space.widest() == (8192, 64, 32)  # a log-normal without min, max: [1, 8192]
+
+
+def test_today_s_units_and_ranges_keep_today_s_space_beside_the_new_tables() -> None:
+    """The forms files had before layers had tables of their own build the fields they
+    built, with nothing of their own: their studies, stored as text, load as they were."""
+    for text in (*(p.text for p in PRESETS.values()), USER_FILE):
+        space = parse_study(text, "before").space
+        assert (space.own, space.fixed_units) == ((), ())
+    # Only a distribution that the field does not mean is one of its own.
+    lr = SEED_TEXT.replace('distribution = "log_uniform_values"\nmin = 1e-4',
+                           'distribution = "uniform"\nmin = 1e-4')  # fmt: skip
+    space = parse_study(lr, "lr").space
+    assert [name for name, _ in space.own] == ["lr"]
+    assert space.distributions()["lr"] == optuna.distributions.FloatDistribution(1e-4, 1e-2)
+
+
 # --- random files: each trains one tiny trial or is refused in one line ----------------
 
 
@@ -201,19 +332,66 @@ BASE = {
 LEAF = (
     st.integers(-3, 5000) | st.floats(allow_nan=True) | st.floats(-1, 2) | st.booleans()
     | st.sampled_from(["relu", "adam", "sgd", "uniform", "q_normal", "compression", "all",
-                       "full", "int_uniform", "log_uniform_values", "x"])
+                       "full", "int_uniform", "log_uniform_values", "q_uniform", "normal",
+                       "log_normal", "q_log_normal", "q_log_uniform_values", "x"])
     | st.lists(st.integers(0, 600) | st.sampled_from(["relu", "adam"]), max_size=3)
 )  # fmt: skip
 KEYS = sorted({"value", "values", "distribution", "min", "max", "q", "mu", "sigma", "r",
                "rule", "when", "probabilities", "n_trials", "k", "subset", "max_epochs",
                "batch_size", "dropout", "lr", "sampler", "pruner", "nonsense"})  # fmt: skip
+# Each layer's own table, as a W&B user writes one (issue 30), and the continuous
+# parameters' other distributions: what a random file may put in place of the base's.
+LAYER_TABLES = [
+    {"distribution": "q_normal", "mu": 256, "sigma": 64, "q": 1, "min": 1, "max": 784},
+    {"distribution": "int_uniform", "min": 16, "max": 64},
+    {"distribution": "q_uniform", "min": 8, "max": 64, "q": 8},
+    {"distribution": "q_log_uniform_values", "min": 16, "max": 256, "q": 1},
+    {"distribution": "q_log_normal", "mu": 4.0, "sigma": 0.5, "q": 1},
+    {"value": 32},
+]
+RANGE_TABLES = {
+    "dropout": [
+        {"distribution": "q_uniform", "min": 0.0, "max": 0.5, "q": 0.05},
+        {"distribution": "normal", "mu": 0.3, "sigma": 0.1, "min": 0.0, "max": 0.5},
+        {"distribution": "q_normal", "mu": 0.3, "sigma": 0.1, "q": 0.05, "min": 0.0,
+         "max": 0.5},
+        {"distribution": "log_normal", "mu": -1.5, "sigma": 0.5},
+        {"distribution": "q_log_normal", "mu": -1.5, "sigma": 0.5, "q": 0.01},
+    ],
+    "lr": [
+        {"distribution": "log_normal", "mu": -6.9, "sigma": 1.0, "min": 1e-4, "max": 1e-2},
+        {"distribution": "q_log_normal", "mu": -6.9, "sigma": 1.0, "q": 1e-4, "min": 1e-4,
+         "max": 1e-2},
+        {"distribution": "uniform", "min": 1e-4, "max": 1e-2},
+    ],
+    "max_norm": [
+        {"distribution": "normal", "mu": 2.0, "sigma": 0.5, "min": 1.0, "max": 3.0},
+        {"distribution": "q_uniform", "min": 1.0, "max": 3.0, "q": 0.5},
+    ],
+}  # fmt: skip
 
 
 @st.composite
 def study_files(draw: st.DrawFn) -> dict[str, Any]:
-    """The base file, then up to three changes: a key set to a random value, removed, or
-    a whole parameter table dropped; so files valid and almost valid."""
+    """The base file, perhaps with each layer's own table in place of [parameters.units]
+    and other distributions for the continuous parameters; then up to three changes: a
+    key set to a random value, removed, or a whole parameter table dropped; so files valid
+    and almost valid."""
     data = copy.deepcopy(BASE)
+    parameters = data["parameters"]
+    if draw(st.booleans()):
+        del parameters["units"]
+        for i in range(3):  # n_layers is 1 to 3: layer i is asked when it is deeper than i
+            table = copy.deepcopy(draw(st.sampled_from(LAYER_TABLES)))
+            if i > 0:
+                table["when"] = {"parameter": "n_layers", "values": list(range(i + 1, 4))}
+            parameters[f"n_units_l{i}"] = table
+    for name, tables in RANGE_TABLES.items():
+        if draw(st.booleans()):
+            when = parameters[name].get("when")
+            parameters[name] = copy.deepcopy(draw(st.sampled_from(tables)))
+            if when is not None:
+                parameters[name]["when"] = when
     for _ in range(draw(st.integers(0, 3))):
         section = draw(st.sampled_from(["study", "train", "parameters"]))
         if section == "parameters":
@@ -246,6 +424,9 @@ def test_random_study_files_train_a_tiny_trial_or_are_refused_in_one_line(
         event("refused")
         return
     event("trained")
+    own = {name for name, _ in preset.space.own}
+    event(f"layers of their own: {any(n.startswith('n_units_l') for n in own)}")
+    event(f"other distributions of their own: {bool(own & set(RANGE_TABLES))}")
     sampler = make_sampler(preset.sampler, preset.space, 1, preset.n_prior_trials)
     [params] = draw_params(preset.space, preset.defaults, 1, 1, sampler=sampler)
     config = preset.space.configure(params, preset.defaults)
@@ -293,15 +474,16 @@ max = 1e-2
 """
 
 
+def mnist_study(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "study", *args, "--root", str(default_root().resolve())],
+        cwd=cwd, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
 def test_a_study_from_a_file_runs_and_a_worker_without_the_file_joins_its_space(
     tmp_path: Path, mnist: object
 ) -> None:
-    def mnist_study(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "study", *args, "--root", str(default_root().resolve())],
-            cwd=cwd, capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
-
     (tmp_path / "mine.toml").write_text(USER_FILE)
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     ran = mnist_study("run", "--space", "mine.toml", "--storage", url, "--workers", "2",
@@ -333,3 +515,75 @@ def test_a_study_from_a_file_runs_and_a_worker_without_the_file_joins_its_space(
     assert refused.returncode == 2
     assert "it differs in parameters.dropout.max: 0.45 → 0.5" in refused.stderr
     assert len(optuna.load_study(study_name="mnist-mine", storage=url).get_trials()) == 6
+
+
+# Each layer's own prior, and a continuous parameter's, in the tiniest study that trains.
+LAYERS_FILE = """
+[study]
+summary = "a Gaussian prior of its own on layer 1, layer 2 flat, a normal dropout"
+n_trials = 2
+[train]
+subset = 400
+batch_size = "full"
+max_epochs = 1
+patience = 1
+k = 2
+[parameters.n_units_l0]
+distribution = "q_normal"
+mu = 256
+sigma = 64
+q = 1
+min = 1
+max = 784
+[parameters.n_units_l1]
+distribution = "int_uniform"
+min = 16
+max = 64
+[parameters.optimizer]
+value = "adam"
+[parameters.dropout]
+distribution = "q_normal"
+mu = 0.4
+sigma = 0.05
+q = 0.01
+min = 0.3
+max = 0.5
+[parameters.lr]
+distribution = "log_normal"
+mu = -5.8
+sigma = 0.5
+min = 1e-4
+max = 1e-2
+"""
+
+
+def test_a_study_of_each_layer_s_own_prior_runs_and_a_worker_without_the_file_draws_the_same(
+    tmp_path: Path, mnist: object
+) -> None:
+    (tmp_path / "layers.toml").write_text(LAYERS_FILE)
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    ran = mnist_study("run", "--space", "layers.toml", "--storage", url, "--workers", "1",
+                      "--no-retrain", cwd=tmp_path)  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    elsewhere = tmp_path / "elsewhere"  # another host: no file, only the database
+    elsewhere.mkdir()
+    study = optuna.load_study(study_name="mnist-layers", storage=url)
+    study.set_user_attr("budget", 4)
+    joined = mnist_study("worker", "--study", "mnist-layers", "--storage", url, cwd=elsewhere)
+    assert joined.returncode == 0, joined.stderr
+    trials = optuna.load_study(study_name="mnist-layers", storage=url).get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 4
+    preset = parse_study(LAYERS_FILE, "layers")
+    expected = draw_params(preset.space, preset.defaults, 4, study.user_attrs["seed"])
+    assert [t.params for t in trials] == expected  # the same priors, the same seeded draws
+    for t in trials:
+        assert 16 <= t.params["n_units_l1"] <= 64 and 0.3 <= t.params["dropout"] <= 0.5
+        assert t.params["dropout"] == round(t.params["dropout"], 2)  # on its grid of 0.01
+    # What the study stores of its priors: each one's own distribution.
+    assert study.user_attrs["priors"]["n_units_l0"] == {
+        "distribution": "normal", "mu": 256.0, "sigma": 64.0
+    }  # fmt: skip
+    assert study.user_attrs["priors"]["lr"]["distribution"] == "log_normal"
+    assert study.user_attrs["space"]["n_units_l0"]["prior"]["kind"] == (
+        "N(256, 64) rounded, in [1, 784]"
+    )
