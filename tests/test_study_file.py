@@ -20,10 +20,11 @@ from hypothesis import strategies as st
 
 from model.data import default_root
 from model.kfold import train_kfold
+from study.database import open_storage
 from study.presets import PRESETS
 from study.sampler import draw_params
 from study.space import GaussianPrior
-from study.studies import make_sampler
+from study.studies import create_or_resume, make_sampler
 from study.study_file import StudyFileError, differences, parse_study
 from tests.conftest import synthetic_data
 from tests.rounding import assert_same_draws, stable_sort_ties
@@ -560,16 +561,17 @@ max = 1e-2
 def test_a_study_of_each_layer_s_own_prior_runs_and_a_worker_without_the_file_draws_the_same(
     tmp_path: Path, mnist: object
 ) -> None:
-    (tmp_path / "layers.toml").write_text(LAYERS_FILE)
+    # Made from the file as `run --space` makes a study (the test above runs that command
+    # itself); one worker process on another host then trains it from the database alone.
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
-    ran = mnist_study("run", "--space", "layers.toml", "--storage", url, "--workers", "1",
-                      "--no-retrain", cwd=tmp_path)  # fmt: skip
-    assert ran.returncode == 0, ran.stderr
+    create_or_resume(
+        open_storage(url, create=True), "mnist-layers", parse_study(LAYERS_FILE, "layers"),
+        budget=4, seed=3,
+    )  # fmt: skip
     elsewhere = tmp_path / "elsewhere"  # another host: no file, only the database
     elsewhere.mkdir()
-    study = optuna.load_study(study_name="mnist-layers", storage=url)
-    study.set_user_attr("budget", 4)
     joined = mnist_study("worker", "--study", "mnist-layers", "--storage", url, cwd=elsewhere)
+    study = optuna.load_study(study_name="mnist-layers", storage=url)
     assert joined.returncode == 0, joined.stderr
     trials = optuna.load_study(study_name="mnist-layers", storage=url).get_trials()
     assert [t.state.name for t in trials] == ["COMPLETE"] * 4
