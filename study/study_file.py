@@ -78,6 +78,7 @@ class StudyFileError(ConfigError):
     """A study file that cannot be used; the message names the file and what is wrong."""
 
 
+DEFAULT_N_TRIALS = 20
 STUDY_KEYS = ("name", "summary", "n_trials", "sampler", "n_prior_trials", "pruner", "ensemble")
 TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 
@@ -155,7 +156,9 @@ def _build(data: dict[str, Any], name: str, text: str) -> Preset:
         name=_typed(study, "name", str, name),
         summary=_typed(study, "summary", str, ""),
         defaults=defaults,
-        n_trials=_whole(study, "n_trials", 1, default=None, where="[study]"),
+        # Optional, so that a W&B sweep's `parameters` alone make a file (`--n-trials` sets
+        # another budget either way).
+        n_trials=_whole(study, "n_trials", 1, default=DEFAULT_N_TRIALS, where="[study]"),
         pruner=_typed(study, "pruner", str, "none"),
         space=space,
         sampler=sampler,

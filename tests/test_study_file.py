@@ -146,11 +146,9 @@ def test_probabilities_are_refused_rather_than_ignored() -> None:
 # --- each layer's own prior, W&B's way (issue 30) ---------------------------------------
 
 # Issue 30's file: each parameter named as the study names it, a Gaussian prior of the
-# user's own on the first layer, a flat range on the second.
+# user's own on the first layer, a flat range on the second; no [study] table, as a W&B
+# sweep's parameters alone have none.
 ISSUE_FILE = """
-[study]
-n_trials = 4
-
 [parameters.n_units_l0]
 distribution = "q_normal"
 mu = 256
@@ -168,6 +166,7 @@ max = 64
 
 def test_issue_30_s_file_draws_its_own_gaussian_on_layer_one_and_layer_two_flat() -> None:
     preset = parse_study(ISSUE_FILE, "my")
+    assert preset.n_trials == 20  # the budget a file without one gets
     draws = draw_params(preset.space, preset.defaults, 1000, 0)
     assert {tuple(d) for d in draws} == {("n_units_l0", "n_units_l1")}
     first = np.array([d["n_units_l0"] for d in draws])
