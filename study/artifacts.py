@@ -41,7 +41,9 @@ def open_artifact_store(path: Path, *, create: bool = True) -> FileSystemArtifac
     if not path.is_dir():
         if not create:
             return None
-        path.mkdir(parents=True)
+        # exist_ok: workers starting together each find no folder, and all but the first
+        # would fail on the one the first made ("File exists", seen with three workers).
+        path.mkdir(parents=True, exist_ok=True)
     return FileSystemArtifactStore(str(path))
 
 

@@ -61,6 +61,26 @@ def study_with_trials(db: str, name: str, n: int, *, artifacts: Path | None = No
     return storage, load_study(storage, name)
 
 
+def test_workers_opening_the_artifact_store_at_once_all_get_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The race, as the fault tests met it: each worker found no folder, then one made it.
+    store_dir = tmp_path / "optuna.db.artifacts"
+    store_dir.mkdir()
+    is_dir, looks = Path.is_dir, []
+
+    def not_yet_there(self: Path) -> bool:  # the first look, before the other worker's mkdir
+        looks.append(self)
+        return len(looks) > 1 and is_dir(self)
+
+    monkeypatch.setattr(Path, "is_dir", not_yet_there)
+    assert open_artifact_store(store_dir) is not None
+    monkeypatch.undo()
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(FileExistsError):
+        open_artifact_store(tmp_path / "a-file")
+
+
 def test_retrain_writes_a_checkpoint_and_metrics_that_agree_with_its_predictions(
     tmp_path: Path, mnist: Mnist
 ) -> None:

@@ -89,6 +89,9 @@ def mnist_study(*args: str, db: str, log: Path, new_session: bool = False) -> su
     proc = subprocess.Popen(
         [sys.executable, "-m", "study", *args, "--root", str(default_root().resolve())],
         env=env,
+        # In the test's folder: a PostgreSQL study's artifact store is ./artifacts, which
+        # would otherwise be the checkout's own, shared by every test.
+        cwd=log.parent,
         stdout=subprocess.DEVNULL,
         stderr=log.open("w"),
         start_new_session=new_session,
