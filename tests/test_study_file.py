@@ -517,8 +517,10 @@ def test_a_study_from_a_file_runs_and_a_worker_without_the_file_joins_its_space(
     assert len(optuna.load_study(study_name="mnist-mine", storage=url).get_trials()) == 6
 
 
-# Each layer's own prior, and a continuous parameter's, in the tiniest study that trains.
-LAYERS_FILE = """
+# Issue 30's layers, and a continuous parameter's own prior, in the tiniest study that
+# trains.
+LAYERS_FILE = (
+    """
 [study]
 summary = "a Gaussian prior of its own on layer 1, layer 2 flat, a normal dropout"
 n_trials = 2
@@ -528,17 +530,9 @@ batch_size = "full"
 max_epochs = 1
 patience = 1
 k = 2
-[parameters.n_units_l0]
-distribution = "q_normal"
-mu = 256
-sigma = 64
-q = 1
-min = 1
-max = 784
-[parameters.n_units_l1]
-distribution = "int_uniform"
-min = 16
-max = 64
+"""
+    + ISSUE_FILE
+    + """
 [parameters.optimizer]
 value = "adam"
 [parameters.dropout]
@@ -555,6 +549,7 @@ sigma = 0.5
 min = 1e-4
 max = 1e-2
 """
+)
 
 
 def test_a_study_of_each_layer_s_own_prior_runs_and_a_worker_without_the_file_draws_the_same(
