@@ -13,10 +13,12 @@ took 1.32 s as one `torch.bmm` and 1.10 s as five plain `mm` calls (weight gradi
 0.80 s against 0.66 s); stacking five `mm` results with `torch.stack` copied more than
 it saved (benchmarks/README.md). On a GPU one `baddbmm` for all networks stays.
 
-Trials stacked together are stepped one after another (`_TrialStep`), each at its own
-true widths: the products read each network's corner of the padded stack (strided
-views), so padding costs nothing here, and each trial keeps its own buffers, activation,
-dropout and random stream. One optimizer step then updates the whole stack.
+Trials stacked together are stepped one after another (`_TrialStep`), each on its own
+parameters (the stack keeps each trial at its own widths) with its own buffers,
+activation, dropout and random stream. One optimizer step then updates the whole stack.
+The GPU's step fuses the trials' first layers into one product (`model.network`); here
+a trial's first layer is already one `addmm` per fold over 48,000 rows, which keeps both
+cores busy, and the per-trial outputs stay contiguous for the passes that follow.
 
 The step draws its dropout masks with `model.dropout.keep_mask` from each trial's
 generator in the same order as the autograd step, so from the same streams both give the
@@ -33,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from model import activations
-from model.dropout import keep_mask, kept_probability
+from model.dropout import inverse_keep, keep_mask
 from model.network import StackedFFNN
 
 
@@ -53,7 +55,6 @@ class CpuStep:
         self.model = model
         self.optimizer = optimizer
         # The optimizer reads .grad; the step writes gradients straight into these.
-        # Zeros: a narrow trial's padding is never written, and must stay without gradient.
         for param in model.parameters():
             param.grad = torch.zeros_like(param)
         self.trials = [
@@ -105,21 +106,15 @@ class _TrialStep:
         self.label_smoothing = shape.label_smoothing
         self.activation = activations.get(shape.activation)
         sizes = shape.sizes
-
-        def corner(tensor: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-            return tensor[self.networks, :rows, :cols]
-
-        fans = list(itertools.pairwise(sizes))
-        weights = list(zip(model.weights, fans, strict=True))
-        biases = list(zip(model.biases, fans, strict=True))
-        self.weights = [corner(w.detach(), a, b) for w, (a, b) in weights]
-        self.biases = [corner(b.detach(), 1, n) for b, (_, n) in biases]
-        self.weight_grads = [corner(w.grad, a, b) for w, (a, b) in weights]
-        self.bias_grads = [corner(b.grad, 1, n) for b, (_, n) in biases]
+        weights, biases = model.weights_of(t), model.biases_of(t)
+        self.weights = [w.detach() for w in weights]
+        self.biases = [b.detach() for b in biases]
+        self.weight_grads = [w.grad for w in weights]
+        self.bias_grads = [b.grad for b in biases]
         widths = sizes[1:]
         # The model's dtype: float32 in training; the tests also run it in float64, where
         # an error of 1e-5 (a dropout scale slightly off) stands far above the rounding.
-        self.dtype = dtype = model.weights[0].dtype
+        self.dtype = dtype = model.flat.dtype
         # out[i]: layer i's output after activation and dropout; pre[i]: before them
         # (kept only where the derivative needs it); grad_out[i]: its gradient.
         self.out = [torch.empty(k, max_rows, n, dtype=dtype) for n in widths]
@@ -143,8 +138,8 @@ class _TrialStep:
         )
         self.val_out: list[torch.Tensor] = []
         # 1/keep for the keep probability `keep_mask` really draws with.
-        self.scale = _inverse_keep(self.dropout)
-        self.input_scale = _inverse_keep(self.input_dropout)
+        self.scale = inverse_keep(self.dropout)
+        self.input_scale = inverse_keep(self.input_dropout)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rows = x.shape[1]
@@ -242,11 +237,6 @@ class _TrialStep:
             pre = self.pre[i][:, : out.shape[1]]
             derivative = self.activation.backward_from_input(grad, pre)
             grad.copy_(derivative).mul_(torch.ne(out, 0, out=flags))
-
-
-def _inverse_keep(dropout: float) -> float:
-    """1/keep for the keep probability `keep_mask` really draws with; 1 without dropout."""
-    return 1.0 if dropout == 0.0 else 1.0 / kept_probability(1.0 - dropout)
 
 
 def _cross_entropy_and_grad(

@@ -64,6 +64,12 @@ def _thresholds(threshold: int, device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.int16, device=device)
 
 
+def inverse_keep(dropout: float) -> float:
+    """The scale 1/keep of a kept value, for the keep probability `keep_mask` really draws
+    with at this dropout; 1 without dropout."""
+    return 1.0 if dropout == 0.0 else 1.0 / kept_probability(1.0 - dropout)
+
+
 def kept_probability(keep: float) -> float:
     """The keep probability `keep_mask` really draws with for `keep`."""
     return _threshold(keep) / 32768

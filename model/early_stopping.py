@@ -21,7 +21,7 @@ from typing import TypedDict
 
 import torch
 
-from model.network import StackedFFNN, narrow
+from model.network import StackedFFNN
 
 CURVES = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
 # `FoldState`'s tensors of one value a network, (n,) over the stack.
@@ -61,7 +61,8 @@ class FoldState:
         self.stop_epoch = torch.full((n,), max_epochs, dtype=torch.int64, device=device)
         self.active = torch.ones(n, dtype=torch.bool, device=device)
         self.diverged_epoch = torch.zeros(n, dtype=torch.int64, device=device)
-        self.best_params = [p.detach().clone() for p in model.parameters()]
+        # Laid out as the stack's `flat`: one pass keeps every improved network's weights.
+        self.best = model.flat.detach().clone()
         # Rows: CURVES; filled per epoch.
         self.curves = torch.full((max_epochs, len(CURVES), n), math.nan, device=device)
         # Epochs booked: on the device, counted up by each (maybe replayed) epoch; and
@@ -69,16 +70,14 @@ class FoldState:
         self.epoch = torch.zeros((), dtype=torch.int64, device=device)
         self.epochs_done = 0
 
-    def select(self, model: StackedFFNN, index: torch.Tensor) -> FoldState:
-        """The bookkeeping of networks `index`, for their new stack `model`."""
+    def select(self, model: StackedFFNN, keep: list[int], index: torch.Tensor) -> FoldState:
+        """The bookkeeping of the trials at positions `keep` (networks `index`), for
+        their new stack `model`."""
         kept = object.__new__(FoldState)
         kept.model = model
         for name in PER_NETWORK:
             setattr(kept, name, getattr(self, name).index_select(0, index))
-        kept.best_params = [
-            narrow(best, index, p.shape)
-            for best, p in zip(self.best_params, model.parameters(), strict=True)
-        ]
+        kept.best = self.model.gather(self.best, keep)
         kept.curves = self.curves.index_select(2, index)
         kept.epoch = self.epoch.clone()
         kept.epochs_done = self.epochs_done
@@ -107,8 +106,8 @@ class FoldState:
         self.best_epoch.copy_(torch.where(improved, epoch, self.best_epoch))
         self.bad_epochs.copy_(torch.where(improved, 0, self.bad_epochs + 1))
         with torch.no_grad():
-            for best, param in zip(self.best_params, self.model.parameters(), strict=True):
-                best.copy_(torch.where(improved.view(-1, 1, 1), param, best))
+            improved_elements = improved.index_select(0, self.model.element_network)
+            self.best.copy_(torch.where(improved_elements, self.model.flat, self.best))
         stopping = self.active & ((self.bad_epochs >= patience) | newly_diverged)
         self.stop_epoch.copy_(torch.where(stopping, epoch, self.stop_epoch))
         self.active &= ~stopping
@@ -117,7 +116,7 @@ class FoldState:
         """The trial at `position` in the stack: its folds' figures and best weights."""
         networks = self.model.trial(position)
         k = self.model.k
-        model = self.model.select([position], self.best_params)
+        model = self.model.select([position], self.best)
         stop = self.stop_epoch[networks].clamp(max=self.epochs_done).tolist()
         curves = self.curves[:, :, networks].cpu()
         per_fold = {

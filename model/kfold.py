@@ -27,15 +27,13 @@ from model.early_stopping import FoldState
 from model.network import NetShape, StackedFFNN
 from model.optimizers import Optimizer, make_optimizer
 from model.steps import (
-    AutogradStep,
     TrialStreams,
     make_step,
     matmul_precision,
     resolve_precision,
-    tile,
     train_epoch,
 )
-from model.trial_state import TrialSnapshot, resume_stack, take_snapshot
+from model.trial_state import TrialSnapshot, restore_snapshot, take_snapshot
 
 _log = logging.getLogger(__name__)
 
@@ -275,7 +273,7 @@ def train_trials(
     )
     trainer = _Trainer(configs, data, precision, compile, graphs)
     if resume is not None:
-        resume_stack(trainer, list(resume))
+        trainer.resume(list(resume))
     with matmul_precision(precision, device):
         return trainer.run(sync_every, on_progress, on_result, checkpoint_due, on_checkpoint)
 
@@ -308,19 +306,18 @@ class _Trainer:
         self.train_idx, val_idx = (idx.to(device) for idx in split_folds(len(data), first))
         n_train = self.train_idx.shape[1]
         # Validation sets never change: gather them once.
-        self.x_val_folds, self.y_val_folds = data.gather(val_idx)
+        self.x_val, self.y_val = data.gather(val_idx)
         self.full_batch = first.full_batch or first.batch_size >= n_train
         self.batch_size = n_train if self.full_batch else first.batch_size
         # One training part per fold, shared by every trial: at full batch gather it once.
         self.x_train = self.y_train = None
         if self.full_batch:
             self.x_train, self.y_train = data.gather(self.train_idx)
-        # Neighbours by activation, as the stack wants them; stable, so ties keep order.
-        self.live = sorted(range(len(configs)), key=lambda i: configs[i].activation)
-        stacked = [configs[i] for i in self.live]
-        model = StackedFFNN([net_shape(c) for c in stacked], first.k)
+        # The trials still training, by their position in the stack.
+        self.live = list(range(len(configs)))
+        stacked = configs
+        model = StackedFFNN([net_shape(c) for c in stacked], first.k, device=device)
         model.reset_parameters([c.seed for c in stacked])
-        model.to(device)
         streams = TrialStreams([c.seed for c in stacked], device)
         # A captured epoch needs an optimizer whose step count lives on the device.
         optimizer = make_optimizer(
@@ -346,20 +343,24 @@ class _Trainer:
             precision=self.precision,
             compile=self.compile,
         )
-        self.gathered = None
-        tiled = isinstance(self.step, AutogradStep)
-        if self.full_batch:
-            # Repeated for every network once per stack, not once per step.
-            self.gathered = (
-                (tile(self.x_train, model.n), tile(self.y_train, model.n))
-                if tiled
-                else (self.x_train, self.y_train)
-            )
-        self.x_val, self.y_val = (
-            (tile(self.x_val_folds, model.n), tile(self.y_val_folds, model.n))
-            if tiled
-            else (self.x_val_folds, self.y_val_folds)
-        )
+        # Each fold's rows, shared by every trial's network of that fold: never repeated.
+        self.gathered = (self.x_train, self.y_train) if self.full_batch else None
+
+    def resume(self, snapshots: list[TrialSnapshot | None]) -> None:
+        """Put each trial's snapshot (`snapshots[i]` for trial i) into the fresh stack."""
+        if len(snapshots) != len(self.configs):
+            raise ValueError(f"{len(snapshots)} snapshots for {len(self.configs)} trials")
+        if all(s is None for s in snapshots):
+            return
+        if len({None if s is None else s.epoch for s in snapshots}) > 1:
+            raise ValueError("trials resumed in one stack must all stop at one epoch")
+        for position, trial in enumerate(self.live):
+            snapshot = snapshots[trial]
+            assert snapshot is not None
+            config = self.configs[trial]
+            snapshot.check_resumes(config, self.data.device)
+            restore_snapshot(self, position, config, snapshot)
+            self.seconds_before[trial] = snapshot.seconds
 
     def run(
         self,
@@ -435,7 +436,9 @@ class _Trainer:
             if on_checkpoint is not None and checkpoint_due is not None and checkpoint_due(since):
                 on_checkpoint(
                     {
-                        trial: take_snapshot(self, position, self._seconds(trial))
+                        trial: take_snapshot(
+                            self, position, self.configs[trial], self._seconds(trial)
+                        )
                         for position, trial in enumerate(self.live)
                     }
                 )
@@ -492,7 +495,7 @@ class _Trainer:
         index = self.model.network_index(keep)
         optimizer = self.optimizer.select(model, keep, index)
         self.live = [self.live[p] for p in keep]
-        self.state = self.state.select(model, index)
+        self.state = self.state.select(model, keep, index)
         self._build(model, optimizer, self.streams.select(keep))
         # A new stack has new shapes: warm up and capture it afresh.
         self.graph = None

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from model.config import SGD_MOMENTUM, TrainConfig
-from model.network import StackedFFNN, narrow, per_network
+from model.network import StackedFFNN
 
 
 def make_optimizer(
@@ -76,14 +76,16 @@ def lr_factors(schedule: str, warmup: float, total_steps: int) -> torch.Tensor:
 
 class MaxNorm:
     """The dropout paper's max-norm constraint: after each step, every hidden unit's
-    incoming weights (a column of a hidden layer's (n, fan_in, fan_out) weight) are
-    scaled down to an L2 norm of at most the network's cap, in place (no host sync, so a
-    CUDA graph may capture it). Networks without a cap have an infinite one. A padded
-    column is zero and stays zero."""
+    incoming weights (a column of a hidden layer's (k, fan_in, fan_out) weight) are
+    scaled down to an L2 norm of at most its trial's cap, in place (no host sync, so a
+    CUDA graph may capture it). Trials without a cap are left alone."""
 
     def __init__(self, model: StackedFFNN, caps: Sequence[float | None]) -> None:
-        self.weights = list(model.weights)[:-1]
-        self.cap = per_network(model, [math.inf if c is None else c for c in caps])
+        self.capped = [
+            (weights[:-1], cap)
+            for weights, cap in zip((model.weights_of(t) for t in range(len(caps))), caps)
+            if cap is not None
+        ]
 
     @classmethod
     def of(cls, model: StackedFFNN, configs: Sequence[TrainConfig]) -> MaxNorm | None:
@@ -92,16 +94,16 @@ class MaxNorm:
 
     @torch.no_grad()
     def __call__(self) -> None:
-        for weight in self.weights:
-            norms = torch.linalg.vector_norm(weight, dim=1, keepdim=True)
-            weight.mul_((self.cap / norms).clamp_(max=1.0))
+        for weights, cap in self.capped:
+            for weight in weights:
+                norms = torch.linalg.vector_norm(weight, dim=1, keepdim=True)
+                weight.mul_((cap / norms).clamp_(max=1.0))
 
 
 class TrialOptimizers:
     """torch's Adam (fused), AdamW (fused), Adamax (multi-tensor) or SGD with Nesterov
-    momentum (multi-tensor) for each trial, over its k networks: the leading slice of
-    every stacked tensor, which is contiguous, so each trial's update is one fused pass.
-    A trial's padding has zero gradients and stays zero.
+    momentum (multi-tensor) for each trial, over its own parameters (each contiguous, so
+    each trial's update is one fused pass).
 
     Measured on the project's 2-core CPU: one step for two trials of the quick preset
     (6 networks, 784-249-36-10) took 0.8 ms as fused Adam and 17 ms as `StackedAdam`'s
@@ -114,12 +116,8 @@ class TrialOptimizers:
         self.model = model
         self.configs = list(configs)
         self.total_steps = total_steps
-        self.views = [
-            [p.detach()[model.trial(t)] for p in model.parameters()] for t in range(len(configs))
-        ]
         self.optimizers = [
-            _torch_optimizer(views, config)
-            for views, config in zip(self.views, configs, strict=True)
+            _torch_optimizer(model.trial_params(t), config) for t, config in enumerate(configs)
         ]
         # Each trial's learning rate for each step; None where it stays constant.
         self.rates: list[list[float] | None] = [
@@ -136,14 +134,9 @@ class TrialOptimizers:
             param.grad = None
 
     def step(self) -> None:
-        params = list(self.model.parameters())
         # Past the schedule's end (a caller training longer than it said) the last rate holds.
         at = min(self.steps_done, self.total_steps - 1)
-        for t, (views, optimizer) in enumerate(zip(self.views, self.optimizers, strict=True)):
-            # The step may have made new gradient tensors (autograd): see them through.
-            for view, param in zip(views, params, strict=True):
-                view.grad = param.grad[self.model.trial(t)]
-            rates = self.rates[t]
+        for optimizer, rates in zip(self.optimizers, self.rates, strict=True):
             if rates is not None:
                 for group in optimizer.param_groups:
                     group["lr"] = rates[at]
@@ -152,18 +145,21 @@ class TrialOptimizers:
         if self.max_norm is not None:
             self.max_norm()
 
+    def state_of(self, t: int) -> list[dict[str, torch.Tensor]]:
+        """Trial t's optimizer state, one dict per parameter (empty before a step)."""
+        state = self.optimizers[t].state
+        return [state.get(param, {}) for param in self.model.trial_params(t)]
+
     def select(self, model: StackedFFNN, keep: list[int], index: torch.Tensor) -> TrialOptimizers:
         """The optimizers of the trials at positions `keep`, where they stand, on `model`
         (their stack)."""
         kept = TrialOptimizers(model, [self.configs[t] for t in keep], self.total_steps)
         kept.steps_done = self.steps_done
         for new, t in enumerate(keep):
-            old_views, old = self.views[t], self.optimizers[t]
-            for old_view, view in zip(old_views, kept.views[new], strict=True):
-                if old_view in old.state:
-                    kept.optimizers[new].state[view] = {
-                        name: narrow_like(value, view)
-                        for name, value in old.state[old_view].items()
+            for param, old in zip(model.trial_params(new), self.state_of(t), strict=True):
+                if old:
+                    kept.optimizers[new].state[param] = {
+                        name: value.clone() for name, value in old.items()
                     }
         return kept
 
@@ -182,25 +178,16 @@ def _torch_optimizer(params: list[torch.Tensor], config: TrainConfig) -> torch.o
     return torch.optim.Adamax(params, lr=lr, weight_decay=decay, foreach=True)
 
 
-def narrow_like(value: object, like: torch.Tensor) -> object:
-    """Optimizer state cut to a narrower stack's shape: a tensor shaped as a parameter is
-    cut to `like`'s (its corner holds the trial; the rest is padding); anything else
-    (the step count) is copied."""
-    if isinstance(value, torch.Tensor) and value.dim() == like.dim() == 3:
-        return value[:, : like.shape[1], : like.shape[2]].clone()
-    return value.clone() if isinstance(value, torch.Tensor) else value
-
-
 class StackedAdam:
     """Adam and Adamax (torch's formulas, L2 penalty added to the gradient) over a stack
     whose trials each have their own rule, learning rate and penalty.
 
-    Every quantity is a tensor over the whole stack, with the per-network settings as
-    (n, 1, 1) tensors, so a step is a fixed sequence of element-wise operations per
-    parameter tensor whatever the mix of trials: no loop over networks, and nothing read
-    back to the host (the step count lives on the device too, ready for graph capture).
-    A padded zero weight has zero gradient and zero moments, so its update is 0/(0 + ε)
-    (Adam) or 0/ε (Adamax): exactly zero.
+    The stack's parameters are views of one flat tensor (`StackedFFNN.flat`), so the
+    moments are two more such tensors and the per-trial settings are spread over each
+    trial's share of them: a step is a fixed sequence of element-wise passes over the
+    whole stack whatever the mix of trials — no loop over trials or parameters, and
+    nothing read back to the host (the step count lives on the device, ready for graph
+    capture).
     """
 
     BETAS = (0.9, 0.999)
@@ -210,17 +197,20 @@ class StackedAdam:
         unsupported = {c.optimizer for c in configs} - {"adam", "adamax"}
         if unsupported:
             raise ValueError(f"StackedAdam steps adam and adamax, not {', '.join(unsupported)}")
-        device = model.weights[0].device
-        dtype = model.weights[0].dtype
+        self.model = model
         self.params = list(model.parameters())
-        self.weight_decay = per_network(model, [c.weight_decay for c in configs])
-        self.adamax = per_network(model, [float(c.optimizer == "adamax") for c in configs]).bool()
-        # Each network's learning rate at every step, (T, n, 1, 1): the step count on the
+        self.weight_decay = model.per_element([c.weight_decay for c in configs])
+        self.adamax = model.per_element([float(c.optimizer == "adamax") for c in configs]).bool()
+        # Each trial's learning rate at every step, (T, trials): the step count on the
         # device indexes it, so a captured step follows the schedule when replayed.
-        self.rates = _stacked_rates(model, configs, total_steps)
-        self.step_count = torch.zeros((), dtype=dtype, device=device)
-        self.first = [torch.zeros_like(p) for p in self.params]
-        self.second = [torch.zeros_like(p) for p in self.params]
+        like = model.flat
+        self.rates = torch.stack(
+            [c.lr * lr_factors(c.schedule, c.warmup, total_steps) for c in configs], dim=1
+        ).to(like.device, like.dtype)
+        self.trial_of = model.element_network // model.k
+        self.step_count = torch.zeros((), dtype=like.dtype, device=like.device)
+        self.first = torch.zeros_like(like)
+        self.second = torch.zeros_like(like)
         self.max_norm = MaxNorm.of(model, configs)
         self._configs = list(configs)
 
@@ -228,20 +218,20 @@ class StackedAdam:
     def step(self) -> None:
         beta1, beta2 = self.BETAS
         at = self.step_count.long().clamp(max=self.rates.shape[0] - 1)
-        lr = self.rates.index_select(0, at.view(1)).squeeze(0)
+        lr = self.rates.index_select(0, at.view(1)).view(-1).index_select(0, self.trial_of)
         self.step_count += 1
         step_size = lr / (1 - beta1**self.step_count)
         root_correction = torch.sqrt(1 - beta2**self.step_count)
-        for param, first, second in zip(self.params, self.first, self.second, strict=True):
-            grad = param.grad.addcmul(param, self.weight_decay)
-            first.lerp_(grad, 1 - beta1)
-            adam_second = second * beta2 + (1 - beta2) * grad * grad
-            adamax_second = torch.maximum(second * beta2, grad.abs() + self.EPS)
-            second.copy_(torch.where(self.adamax, adamax_second, adam_second))
-            denominator = torch.where(
-                self.adamax, second, second.sqrt() / root_correction + self.EPS
-            )
-            param.sub_(step_size * first / denominator)
+        param = self.model.flat
+        grad = torch.cat([p.grad.reshape(-1) for p in self.params])
+        grad.addcmul_(param, self.weight_decay)
+        first, second = self.first, self.second
+        first.lerp_(grad, 1 - beta1)
+        adam_second = second * beta2 + (1 - beta2) * grad * grad
+        adamax_second = torch.maximum(second * beta2, grad.abs() + self.EPS)
+        second.copy_(torch.where(self.adamax, adamax_second, adam_second))
+        denominator = torch.where(self.adamax, second, second.sqrt() / root_correction + self.EPS)
+        param.sub_(step_size * first / denominator)
         if self.max_norm is not None:
             self.max_norm()
 
@@ -252,30 +242,12 @@ class StackedAdam:
     def select(self, model: StackedFFNN, keep: list[int], index: torch.Tensor) -> StackedAdam:
         """This optimizer's state for the trials at positions `keep` (networks `index`),
         on `model` (their stack)."""
-        kept = object.__new__(StackedAdam)
-        kept.params = list(model.parameters())
-        kept.rates = self.rates.index_select(1, index)
-        kept.weight_decay = self.weight_decay.index_select(0, index)
-        kept.adamax = self.adamax.index_select(0, index)
+        kept = StackedAdam(model, [self._configs[t] for t in keep], 1)
+        kept.rates = self.rates[:, keep]
         kept.step_count = self.step_count.clone()
-        shapes = [p.shape for p in kept.params]
-        kept.first = [narrow(m, index, s) for m, s in zip(self.first, shapes, strict=True)]
-        kept.second = [narrow(v, index, s) for v, s in zip(self.second, shapes, strict=True)]
-        kept.max_norm = MaxNorm.of(model, [self._configs[t] for t in keep])
-        kept._configs = [self._configs[t] for t in keep]
+        kept.first = self.model.gather(self.first, keep)
+        kept.second = self.model.gather(self.second, keep)
         return kept
-
-
-def _stacked_rates(
-    model: StackedFFNN, configs: list[TrainConfig], total_steps: int
-) -> torch.Tensor:
-    """(T, n, 1, 1): each network's learning rate at each of the T steps."""
-    like = model.weights[0]
-    per_trial = torch.stack(
-        [c.lr * lr_factors(c.schedule, c.warmup, total_steps) for c in configs], dim=1
-    )
-    rates = per_trial.repeat_interleave(model.k, dim=1)
-    return rates.to(like.device, like.dtype).view(total_steps, -1, 1, 1)
 
 
 Optimizer = TrialOptimizers | StackedAdam

@@ -113,7 +113,7 @@ def predict_ensemble(stack: StackedFFNN, x: torch.Tensor, batch: int = 2048) -> 
     """Predicted digits of the stack's networks together: the argmax of their averaged
     class probabilities (each network's softmax, without dropout), for images x (N, 784)."""
     stack.eval()
-    x = x.to(stack.weights[0].device)
+    x = x.to(stack.flat.device)
     return torch.cat(
         [
             stack(x[i : i + batch]).softmax(dim=2).mean(dim=0).argmax(dim=1)

@@ -16,17 +16,18 @@ them.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from model.config import PRECISIONS
+from model.config import N_INPUTS, PRECISIONS
 from model.cpu_step import CpuStep
 from model.data import DeviceData
-from model.dropout import keep_mask
-from model.network import StackedFFNN, per_network
+from model.dropout import inverse_keep, keep_mask
+from model.network import StackedFFNN, TrialMasks, per_network
 
 if TYPE_CHECKING:
     from model.optimizers import Optimizer
@@ -34,6 +35,9 @@ if TYPE_CHECKING:
 
 class AutogradStep:
     """The training step through autograd: any device, any precision. See `make_step`.
+
+    The first layer of the trials that share the batch is one product (`StackedFFNN`):
+    a (k, B, 784) batch is read once per fold, never repeated per network.
 
     `bf16` runs forward and loss under autocast (matrix products in bfloat16, weights
     and optimizer in float32). `compile` hands forward and loss to `torch.compile`; on a
@@ -61,18 +65,18 @@ class AutogradStep:
             self.smoothing = per_network(model, smoothing).view(-1, 1)
         self.forward = self._forward
         if compile:
-            cuda = model.weights[0].device.type == "cuda"
+            cuda = model.flat.device.type == "cuda"
             self.forward = torch.compile(self._forward, mode="reduce-overhead" if cuda else None)
 
     def _forward(
-        self, x: torch.Tensor, y: torch.Tensor, masks: Masks
+        self, x: torch.Tensor, y: torch.Tensor, masks: list[TrialMasks]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         device_type = x.device.type
         # No autocast cache: a CUDA graph may capture this, and the cache would outlive it.
         with torch.autocast(
             device_type, dtype=torch.bfloat16, enabled=self.bf16, cache_enabled=False
         ):
-            logits = self.model(x, masks.hidden, masks.input)
+            logits = self.model(x, masks)
         log_probs = logits.float().log_softmax(dim=2)
         losses = -log_probs.gather(2, y.unsqueeze(2)).squeeze(2)
         if self.smoothing is not None:
@@ -83,9 +87,8 @@ class AutogradStep:
         return losses.mean(dim=1), correct
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = tile(x, self.model.n), tile(y, self.model.n)
         masks = draw_masks(self.model, x.shape[1], self.generators)
-        per_network, correct = self.forward(x, y, masks)
+        per_network, correct = self.forward(x, tile(y, self.model.n), masks)
         self.optimizer.zero_grad(set_to_none=True)
         # Summing the networks' losses gives each one's weights exactly its own gradient.
         per_network.sum().backward()
@@ -96,7 +99,7 @@ class AutogradStep:
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean loss and accuracy (n,) without dropout."""
         n = self.model.n
-        x, y = tile(x, n), tile(y, n)
+        y = tile(y, n)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             logits = self.model(x).float()
         losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
@@ -104,46 +107,40 @@ class AutogradStep:
         return losses.view(n, -1).mean(dim=1), accuracy
 
 
-def tile(x: torch.Tensor, n: int) -> torch.Tensor:
-    """A (k, …) batch shared by the folds of every trial, repeated to the stack's n
-    networks; an (n, …) batch as it is."""
-    return x if x.shape[0] == n else x.repeat(n // x.shape[0], *([1] * (x.dim() - 1)))
+def tile(y: torch.Tensor, n: int) -> torch.Tensor:
+    """(k, B) labels shared by the folds of every trial, repeated to the stack's n
+    networks (labels are 1/784 of a batch's bytes); (n, B) labels as they are."""
+    return y if y.shape[0] == n else y.repeat(n // y.shape[0], 1)
 
 
-class Masks(NamedTuple):
-    """One step's dropout for the autograd path: `input` (n, rows, 784) over the pixels,
-    and `hidden`, one (n, rows, width) tensor per hidden layer; 0 or 1/keep each, None
-    where no trial of the stack drops there."""
-
-    input: torch.Tensor | None
-    hidden: list[torch.Tensor] | None
-
-
-def draw_masks(model: StackedFFNN, rows: int, generators: list[torch.Generator]) -> Masks:
-    """Each trial's part drawn from its own generator by `keep_mask`'s rule, in the order
+def draw_masks(
+    model: StackedFFNN, rows: int, generators: list[torch.Generator]
+) -> list[TrialMasks]:
+    """Each trial's masks drawn from its own generator by `keep_mask`'s rule, in the order
     `CpuStep` draws in: the input mask (if it drops inputs), then each hidden layer's (if
-    it drops units)."""
-    device = model.weights[0].device
-    dtype = model.weights[0].dtype
+    it drops units); each one draw of (k, rows, width) 0/1 values in the model's dtype."""
+    device, dtype = model.flat.device, model.flat.dtype
 
-    def ones(width: int) -> torch.Tensor:
-        return torch.ones(model.n, rows, width, device=device, dtype=dtype)
+    def draw(width: int, dropout: float, generator: torch.Generator) -> torch.Tensor:
+        shape = (model.k, rows, width)
+        bits = torch.empty(4 * -(-math.prod(shape) // 4), dtype=dtype, device=device)
+        mask, _ = keep_mask(shape, 1.0 - dropout, bits=bits, generator=generator, device=device)
+        return mask
 
-    shapes = model.shapes
-    inputs = ones(model.weights[0].shape[1]) if any(s.input_dropout for s in shapes) else None
-    hidden = [ones(width) for width in model.hidden] if any(s.dropout for s in shapes) else None
-    for t, (shape, generator) in enumerate(zip(shapes, generators, strict=True)):
-        drawn = []
-        if shape.input_dropout > 0.0 and inputs is not None:
-            drawn.append((inputs, shape.input_dropout, inputs.shape[2]))
-        if shape.dropout > 0.0 and hidden is not None:
-            drawn += [(m, shape.dropout, w) for m, w in zip(hidden, shape.hidden, strict=False)]
-        for mask, dropout, width in drawn:
-            keep, kept = keep_mask(
-                (model.k, rows, width), 1.0 - dropout, generator=generator, device=device
+    masks = []
+    for shape, generator in zip(model.shapes, generators, strict=True):
+        pixels = None
+        if shape.input_dropout > 0.0:
+            pixels = draw(N_INPUTS, shape.input_dropout, generator)
+        hidden = None
+        if shape.dropout > 0.0:
+            hidden = [draw(width, shape.dropout, generator) for width in shape.hidden]
+        masks.append(
+            TrialMasks(
+                pixels, hidden, inverse_keep(shape.input_dropout), inverse_keep(shape.dropout)
             )
-            mask[model.trial(t), :, :width] = keep.to(dtype) * (1.0 / kept)
-    return Masks(inputs, hidden)
+        )
+    return masks
 
 
 Step = AutogradStep | CpuStep
@@ -168,7 +165,7 @@ def make_step(
     `hand_written=False` asks for the autograd step instead (the tests compare the two).
     """
     if hand_written is None:
-        on_cpu = model.weights[0].device.type == "cpu"
+        on_cpu = model.flat.device.type == "cpu"
         hand_written = on_cpu and precision == "fp32" and not compile
     if hand_written:
         return CpuStep(model, optimizer, max_rows, generators)

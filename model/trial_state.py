@@ -5,31 +5,41 @@ another: what a checkpoint holds, so that an interrupted trial resumes where it 
 Its own file because the epoch loop (`model.kfold`) only asks for a snapshot now and then
 and starts some trials from one; where each piece of a trial's state lives in a stack —
 the stacked weights, early stopping's bookkeeping (`FoldState`), the optimizer's moments,
-the random stream — is what this file knows.
+the random stream — is what this file knows. It reads them from any `Training` (the
+trainer's stack, its bookkeeping, optimizer and streams), not from the trainer itself.
 
-A snapshot holds, for the trial's k networks cut to its own widths (a stack pads every
-network to its widest): the weights; early stopping's best weights, best figures,
-patience counts and stop epochs; the learning curves so far; the optimizer's moments and
-step count; and the state of the trial's random stream. Put back into a stack of the same
-trials it continues exactly as if never stopped; into another stack, up to the order of
-floating-point sums, as any stacking is (`train_trials`).
+A snapshot holds, for the trial's k networks at its own widths: the weights; early
+stopping's best weights, best figures, patience counts and stop epochs; the learning
+curves so far; the optimizer's moments and step count; and the state of the trial's random
+stream. Put back into a stack of the same trials it continues exactly as if never
+stopped; into another stack, up to the order of floating-point sums, as any stacking is
+(`train_trials`). The layout of a snapshot is the trial's own parameters, which is also
+what the padded stacks before the fused first layer cut theirs to: their checkpoints
+resume.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
 from model.config import TrainConfig
-from model.early_stopping import CURVES, PER_NETWORK
-from model.optimizers import StackedAdam, TrialOptimizers
+from model.early_stopping import CURVES, PER_NETWORK, FoldState
+from model.network import StackedFFNN
+from model.optimizers import Optimizer, StackedAdam, TrialOptimizers
+from model.steps import TrialStreams
 
-if TYPE_CHECKING:
-    from model.kfold import _Trainer
+
+class Training(Protocol):
+    """Where a stack's trials keep their state as they train (`model.kfold`'s trainer)."""
+
+    model: StackedFFNN
+    state: FoldState
+    optimizer: Optimizer
+    streams: TrialStreams
 
 # Raised whenever the layout below changes: a checkpoint of another layout is not read.
 SNAPSHOT_FORMAT = 1
@@ -118,143 +128,109 @@ class TrialSnapshot:
 
 def own_shapes(config: TrainConfig) -> list[tuple[int, int, int]]:
     """The shapes of one trial's stacked parameters at its own widths, in the order of
-    `StackedFFNN.parameters()`: every weight (k, fan_in, fan_out), then every bias
+    `StackedFFNN.trial_params`: every weight (k, fan_in, fan_out), then every bias
     (k, 1, fan_out)."""
     sizes = [784, *config.hidden, 10]
     weights = [(config.k, fan_in, fan_out) for fan_in, fan_out in itertools.pairwise(sizes)]
     return weights + [(config.k, 1, fan_out) for fan_out in sizes[1:]]
 
 
-def take_snapshot(trainer: _Trainer, position: int, seconds: float) -> TrialSnapshot:
-    """The state of the trial at `position` in `trainer`'s stack, after its last epoch."""
-    model, state = trainer.model, trainer.state
-    config = trainer.configs[trainer.live[position]]
+def take_snapshot(
+    training: Training, position: int, config: TrainConfig, seconds: float
+) -> TrialSnapshot:
+    """The state of the trial at `position` in `training`'s stack, after its last epoch."""
+    model, state, optimizer = training.model, training.state, training.optimizer
     nets = model.trial(position)
-    own = own_shapes(config)
 
-    def cut(tensor: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
-        return tensor.detach()[nets, : shape[1], : shape[2]].cpu().clone()
+    def copy(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [t.detach().cpu().clone() for t in tensors]
 
-    optimizer = trainer.optimizer
     if isinstance(optimizer, TrialOptimizers):
-        buffers = optimizer.optimizers[position].state
-        views = optimizer.views[position]
         names = TORCH_BUFFERS[config.optimizer]
-        # A view indexes the trial's networks already: cut its corner alone.
-        moments = [
-            [buffers[view][name].detach()[:, : s[1], : s[2]].cpu().clone() for name in names]
-            for view, s in zip(views, own, strict=True)
-        ]
+        moments = [copy([buffers[name] for name in names]) for buffers in optimizer.state_of(position)]
         steps = optimizer.steps_done
     else:
         moments = [
-            [cut(first, s), cut(second, s)]
-            for first, second, s in zip(optimizer.first, optimizer.second, own, strict=True)
+            copy([first, second])
+            for first, second in zip(
+                model.views(optimizer.first, position),
+                model.views(optimizer.second, position),
+                strict=True,
+            )
         ]
         steps = int(optimizer.step_count.item())
     epoch = state.epochs_done
     return TrialSnapshot(
         config=config.params(),
-        device=trainer.data.device.type,
+        device=model.flat.device.type,
         epoch=epoch,
         seconds=seconds,
-        weights=[cut(p, s) for p, s in zip(model.parameters(), own, strict=True)],
-        best_weights=[cut(b, s) for b, s in zip(state.best_params, own, strict=True)],
+        weights=copy(model.trial_params(position)),
+        best_weights=copy(model.views(state.best, position)),
         folds={name: getattr(state, name)[nets].cpu().clone() for name in PER_NETWORK},
         curves=state.curves[:epoch, :, nets].cpu().clone(),
         moments=moments,
         optimizer_steps=steps,
-        generator=trainer.streams.generators[position].get_state(),
+        generator=training.streams.generators[position].get_state(),
     )
 
 
-def resume_stack(trainer: _Trainer, snapshots: list[TrialSnapshot | None]) -> None:
-    """Put each trial's snapshot (`snapshots[i]` for trial i) into `trainer`'s fresh stack."""
-    if len(snapshots) != len(trainer.configs):
-        raise ValueError(f"{len(snapshots)} snapshots for {len(trainer.configs)} trials")
-    if all(s is None for s in snapshots):
-        return
-    if len({None if s is None else s.epoch for s in snapshots}) > 1:
-        raise ValueError("trials resumed in one stack must all stop at one epoch")
-    for position, trial in enumerate(trainer.live):
-        snapshot = snapshots[trial]
-        assert snapshot is not None
-        snapshot.check_resumes(trainer.configs[trial], trainer.data.device)
-        restore_snapshot(trainer, position, snapshot)
-        trainer.seconds_before[trial] = snapshot.seconds
-
-
-def restore_snapshot(trainer: _Trainer, position: int, snapshot: TrialSnapshot) -> None:
-    """Put `snapshot` into the trial at `position` of `trainer`'s freshly built stack.
+def restore_snapshot(
+    training: Training, position: int, config: TrainConfig, snapshot: TrialSnapshot
+) -> None:
+    """Put `snapshot` into the trial at `position` of `training`'s freshly built stack.
 
     The caller has checked it (`check_resumes`) and that every trial it resumes in this
     stack stopped at the same epoch: the stack shares one epoch count."""
-    model, state = trainer.model, trainer.state
-    config = trainer.configs[trainer.live[position]]
+    model, state = training.model, training.state
     nets = model.trial(position)
-    device = trainer.data.device
-    like = model.weights[0]
+    flat = model.flat
 
-    def put(into: torch.Tensor, value: torch.Tensor) -> None:
-        # The rest of the slice is padding, zero in a fresh stack, and stays so.
-        into[nets, : value.shape[1], : value.shape[2]] = value.to(device, like.dtype)
+    def put(into: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        for tensor, value in zip(into, values, strict=True):
+            tensor.copy_(value.to(flat.device, flat.dtype))
 
     with torch.no_grad():
-        for param, best, value, best_value in zip(
-            model.parameters(),
-            state.best_params,
-            snapshot.weights,
-            snapshot.best_weights,
-            strict=True,
-        ):
-            put(param, value)
-            put(best, best_value)
+        put(model.trial_params(position), snapshot.weights)
+        put(model.views(state.best, position), snapshot.best_weights)
         for name in PER_NETWORK:
-            getattr(state, name)[nets] = snapshot.folds[name].to(device)
-        state.curves[: snapshot.epoch, :, nets] = snapshot.curves.to(device, like.dtype)
+            getattr(state, name)[nets] = snapshot.folds[name].to(flat.device)
+        state.curves[: snapshot.epoch, :, nets] = snapshot.curves.to(flat.device, flat.dtype)
         state.epoch.fill_(snapshot.epoch)
     state.epochs_done = snapshot.epoch
-    optimizer = trainer.optimizer
+    optimizer = training.optimizer
     if isinstance(optimizer, TrialOptimizers):
         _restore_torch_optimizer(optimizer, position, config, snapshot)
     else:
-        _restore_stacked_adam(optimizer, snapshot, put)
-    trainer.streams.generators[position].set_state(snapshot.generator)
+        with torch.no_grad():
+            for first, second, (first_value, second_value) in zip(
+                model.views(optimizer.first, position),
+                model.views(optimizer.second, position),
+                snapshot.moments,
+                strict=True,
+            ):
+                put([first, second], [first_value, second_value])
+            optimizer.step_count.fill_(snapshot.optimizer_steps)
+    training.streams.generators[position].set_state(snapshot.generator)
 
 
 def _restore_torch_optimizer(
     optimizer: TrialOptimizers, position: int, config: TrainConfig, snapshot: TrialSnapshot
 ) -> None:
     torch_optimizer = optimizer.optimizers[position]
-    views = optimizer.views[position]
+    params = optimizer.model.trial_params(position)
     names = TORCH_BUFFERS[config.optimizer]
     # torch keeps the step count in the default float type, except fused and capturable
     # optimizers, where `load_state_dict` moves it to the parameter's device as float32.
     scalar = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
     state: dict[int, dict[str, torch.Tensor]] = {}
-    for i, (view, buffers) in enumerate(zip(views, snapshot.moments, strict=True)):
+    for i, (param, buffers) in enumerate(zip(params, snapshot.moments, strict=True)):
         # SGD keeps no step count of its own.
         steps = torch.tensor(float(snapshot.optimizer_steps), dtype=scalar)
         entry = {} if config.optimizer == "sgd" else {"step": steps}
         for name, value in zip(names, buffers, strict=True):
-            padded = torch.zeros_like(view)
-            padded[:, : value.shape[1], : value.shape[2]] = value.to(view.device, view.dtype)
-            entry[name] = padded
+            entry[name] = value.to(param.device, param.dtype).clone()
         state[i] = entry
     saved = torch_optimizer.state_dict()
     torch_optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
     optimizer.steps_done = snapshot.optimizer_steps
-
-
-def _restore_stacked_adam(
-    optimizer: StackedAdam,
-    snapshot: TrialSnapshot,
-    put: Callable[[torch.Tensor, torch.Tensor], None],
-) -> None:
-    with torch.no_grad():
-        for first, second, (first_value, second_value) in zip(
-            optimizer.first, optimizer.second, snapshot.moments, strict=True
-        ):
-            put(first, first_value)
-            put(second, second_value)
-        optimizer.step_count.fill_(snapshot.optimizer_steps)

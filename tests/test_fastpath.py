@@ -56,7 +56,7 @@ def batches(data: DeviceData, k: int, rows: list[int]) -> list[tuple[torch.Tenso
 def reference_networks(config: TrainConfig, dtype: torch.dtype) -> list[torch.nn.Sequential]:
     """Each fold's network alone, as `nn.Sequential`, from the trainer's initial weights."""
     model = initial_model(config).to(dtype)
-    layers = list(zip(model.weights, model.biases, strict=True))
+    layers = list(zip(model.weights_of(0), model.biases_of(0), strict=True))
     return [
         network_from(config, [(w[j].T, b[j, 0]) for w, b in layers], dtype) for j in range(config.k)
     ]
@@ -134,8 +134,9 @@ def test_training_step_matches_each_network_stepped_alone(
         assert difference.mean() <= weight_tolerance(dtype, len(steps), config.lr, max(rows))
 
 
-# Three trials that differ in everything a stack lets differ: widths (so two are padded),
-# activation, dropout, optimizer, learning rate, penalty and seed.
+# Three trials that differ in everything a stack lets differ: widths (so the first layer's
+# fused product has three parts and a padded tail), activation, dropout, optimizer,
+# learning rate, penalty and seed.
 STACKED_TRIALS = [
     TrainConfig(hidden=(40, 20), activation="silu", dropout=0.35, optimizer="adam", lr=1e-3,
                 weight_decay=1e-4, k=2, seed=11),
@@ -172,8 +173,8 @@ def step_stack_against_reference(
     trials: list[TrainConfig], kind: str, capturable: bool, rows: list[int]
 ) -> StackedFFNN:
     """Steps `trials` stacked (k = 2) on batches of `rows`, and each network alone by the
-    reference; asserts each step's losses and counts and the final weights agree, and
-    that the padding stayed zero. Returns the stack."""
+    reference; asserts each step's losses and counts and the final weights agree.
+    Returns the stack."""
     hand_written, dtype = STEP_KINDS[kind]
     data = synthetic_data(600)
     k = trials[0].k
@@ -208,10 +209,6 @@ def step_stack_against_reference(
             difference = network_difference(extracted, trainer.net)
             tolerance = weight_tolerance(dtype, len(steps), config.lr, max(rows))
             assert difference.mean() <= tolerance
-    # Padding stays exactly zero through training.
-    for param in model.parameters():
-        padding = 1 - mask_of(model, param).to(dtype)
-        assert (param.detach() * padding).abs().max() == 0
     return model
 
 
@@ -219,7 +216,7 @@ def step_stack_against_reference(
 @pytest.mark.parametrize("kind", STEP_KINDS)
 def test_stacked_trials_step_as_each_network_stepped_alone(kind: str, capturable: bool) -> None:
     model = step_stack_against_reference(STACKED_TRIALS, kind, capturable, [150, 64, 23])
-    assert model.hidden == (40, 33)
+    assert [shape.hidden for shape in model.shapes] == [c.hidden for c in STACKED_TRIALS]
 
 
 @pytest.mark.parametrize("capturable", [False, True], ids=["per-trial-optimizers", "stacked-adam"])
@@ -454,15 +451,16 @@ def test_both_optimizers_give_each_trial_its_own_update_and_keep_it_through_a_se
         grads = [torch.randn(p.shape, generator=generator) for p in models[0].parameters()]
         for optimizer, model in zip(optimizers, models, strict=True):
             for param, grad in zip(model.parameters(), grads, strict=True):
-                # Zero gradient on the padding, as training gives it.
-                param.grad = grad * mask_of(model, param)
+                param.grad = grad.clone()
             optimizer.step()
+        per_trial = 2 * models[0].depth
         for position, n in enumerate(networks):
+            t, j = divmod(position, k)
+            own = grads[t * per_trial : (t + 1) * per_trial]
             linears = [m for m in alone[n].net if isinstance(m, torch.nn.Linear)]
             for i, linear in enumerate(linears):
-                fan_out, fan_in = linear.weight.shape
-                linear.weight.grad = grads[i][position, :fan_in, :fan_out].T.contiguous()
-                linear.bias.grad = grads[len(linears) + i][position, 0, :fan_out].clone()
+                linear.weight.grad = own[i][j].T.contiguous()
+                linear.bias.grad = own[len(linears) + i][j, 0].clone()
             alone[n].update()
 
     for _ in range(3):
@@ -481,34 +479,13 @@ def test_both_optimizers_give_each_trial_its_own_update_and_keep_it_through_a_se
             smaller[1].extract(position).parameters(), alone[n].net.parameters(), strict=True
         ):
             torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
-    for n in range(smaller[0].n):  # the padding stayed zero
-        for p in smaller[0].parameters():
-            assert (p[n] * (1 - mask_of(smaller[0], p)[n])).abs().max() == 0
 
 
 def network_of(model: StackedFFNN, n: int, config: TrainConfig) -> torch.nn.Sequential:
-    """Network n of a stack as the reference's `nn.Sequential`, at its own widths."""
-    sizes = model.shape_of(n).sizes
-    layers = [
-        (w[n, :fan_in, :fan_out].T, b[n, 0, :fan_out])
-        for w, b, fan_in, fan_out in zip(
-            model.weights, model.biases, sizes[:-1], sizes[1:], strict=True
-        )
-    ]
+    """Network n of a stack as the reference's `nn.Sequential`."""
+    t, j = divmod(n, model.k)
+    layers = [(w[j].T, b[j, 0]) for w, b in zip(model.weights_of(t), model.biases_of(t), strict=True)]
     return network_from(config, [(w.detach(), b.detach()) for w, b in layers], torch.float32)
-
-
-def mask_of(model: StackedFFNN, param: torch.Tensor) -> torch.Tensor:
-    """1 where a stacked tensor holds a network's own weights, 0 on its padding."""
-    layer = next(i for i, p in enumerate(model.parameters()) if p is param)
-    weights = len(model.weights)
-    i = layer if layer < weights else layer - weights
-    mask = torch.zeros(param.shape)
-    for n in range(model.n):
-        sizes = model.shape_of(n).sizes
-        rows = sizes[i] if layer < weights else 1
-        mask[n, :rows, : sizes[i + 1]] = 1
-    return mask
 
 
 # T = 20 steps, warm-up 0.2: cosine warms up over W = 4 steps and decays over 16;

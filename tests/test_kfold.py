@@ -79,7 +79,7 @@ def test_stacked_trainer_matches_each_fold_trained_alone(
     data = synthetic_in(DTYPES[dtype], learnable=learnable)
     with training_dtype(DTYPES[dtype]):
         result = train_kfold(config, data)
-    assert result.model.weights[0].dtype == DTYPES[dtype]
+    assert result.model.weights_of(0)[0].dtype == DTYPES[dtype]
     assert_matches_reference(result, data)
 
 
@@ -243,7 +243,7 @@ def test_stacked_trials_with_every_new_setting_each_match_their_folds_trained_al
         assert result.config == config
         assert_matches_reference(result, data)
         if config.max_norm is not None:  # the cap bound on the first layer's units
-            norms = torch.linalg.vector_norm(result.model.weights[0], dim=1)
+            norms = torch.linalg.vector_norm(result.model.weights_of(0)[0], dim=1)
             assert norms.max().item() == pytest.approx(config.max_norm, rel=1e-5)
 
 
@@ -261,7 +261,7 @@ def test_networks_of_one_hidden_layer_match_their_folds_trained_alone(
     with training_dtype(DTYPES[dtype]):
         results = train_trials(configs, data)
     for config, result in zip(configs, results, strict=True):
-        assert result.config == config and len(result.model.weights) == 2
+        assert result.config == config and result.model.depth == 2
         assert_matches_reference(result, data)
 
 

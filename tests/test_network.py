@@ -40,8 +40,9 @@ def test_extracting_every_fold_round_trips_the_stack() -> None:
     stacked = StackedFFNN.uniform(3, (24, 12, 6), "hardswish", 0.2)
     stacked.reset_parameters(0)
     rebuilt = StackedFFNN.from_networks([stacked.extract(j) for j in range(3)])
-    for before, after in zip(stacked.parameters(), rebuilt.parameters(), strict=True):
-        assert torch.equal(before, after)
+    for j in range(3):
+        pairs = zip(stacked.extract(j).parameters(), rebuilt.extract(j).parameters(), strict=True)
+        assert all(torch.equal(before, after) for before, after in pairs)
     x = torch.rand(7, 28, 28)
     torch.testing.assert_close(
         stacked.eval()(x.reshape(7, 784))[1], stacked.extract(1).eval()(x), rtol=1e-5, atol=1e-5
@@ -55,45 +56,50 @@ def test_each_trial_draws_its_dropout_masks_from_its_own_stream() -> None:
     seeds = [3, 4, 3]
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     masks = draw_masks(stacked, 64, generators)
-    assert masks.input is None  # no trial drops input pixels: nothing drawn for them
-    assert masks.hidden is not None
-    out = stacked(x, masks.hidden, masks.input)
+    assert all(m.input is None for m in masks)  # no trial drops pixels: nothing drawn
+    out = stacked(x, masks)
     # Identical weights and input: only the masks make the outputs differ, and a trial's
     # masks come from its own seed alone, whatever stands beside it.
     assert not torch.allclose(out[0], out[1])
     torch.testing.assert_close(out[0], out[2])
-    kept = masks.hidden[0][0] > 0
-    assert 0.6 < kept.float().mean().item() < 0.8  # dropout 0.3
-    scale = 1 / kept_probability(0.7)
-    torch.testing.assert_close(
-        masks.hidden[0][0][kept], torch.full_like(masks.hidden[0][0][kept], scale)
-    )
+    hidden = masks[0].hidden
+    assert hidden is not None and hidden[0].shape == (1, 64, 256)
+    assert set(hidden[0].unique().tolist()) == {0.0, 1.0}
+    assert 0.6 < hidden[0].mean().item() < 0.8  # dropout 0.3
+    assert masks[0].scale == 1 / kept_probability(0.7)
+    # The kept units are scaled by 1/keep: the network's output is the masked one's.
+    reference = FFNN((256,), "relu", 0.0)
+    reference.load_state_dict(net.state_dict())
+    layer1, layer2 = reference.layers
+    expected = layer2(torch.relu(layer1(x)) * hidden[0][0] * masks[0].scale)
+    torch.testing.assert_close(out[0], expected, rtol=1e-5, atol=1e-5)
     assert stacked(x).shape == (3, 64, 10)
     torch.testing.assert_close(stacked(x)[0], stacked(x)[1])  # no masks, no dropout
 
 
 def test_input_masks_are_drawn_first_and_only_for_the_trials_that_drop_pixels() -> None:
     """A trial with input dropout draws its (k, rows, 784) pixel mask from its stream
-    before its hidden masks; a trial without it keeps every pixel (a mask of ones)."""
+    before its hidden masks; a trial without it draws none."""
     shapes = [
         NetShape((20,), "relu", 0.3, input_dropout=0.2),
         NetShape((20,), "relu", 0.3),
     ]
     stacked = StackedFFNN(shapes, 2)
     masks = draw_masks(stacked, 8, [torch.Generator().manual_seed(s) for s in (4, 4)])
-    assert masks.input is not None and masks.input.shape == (4, 8, 784)
-    torch.testing.assert_close(masks.input[2:], torch.ones(2, 8, 784))
+    assert masks[0].input is not None and masks[0].input.shape == (2, 8, 784)
+    assert masks[1].input is None
     generator = torch.Generator().manual_seed(4)
     pixels, kept = keep_mask((2, 8, 784), 0.8, generator=generator)
     hidden, _ = keep_mask((2, 8, 20), 0.7, generator=generator)
-    torch.testing.assert_close(masks.input[:2], pixels.float() / kept)
-    assert torch.equal(masks.hidden[0][:2] > 0, hidden)
+    assert torch.equal(masks[0].input > 0, pixels)
+    assert masks[0].input_scale == 1 / kept
+    assert torch.equal(masks[0].hidden[0] > 0, hidden)
     # The second trial's first draw is its hidden mask: the same words as trial 1's pixels.
     first, _ = keep_mask((2, 8, 20), 0.7, generator=torch.Generator().manual_seed(4))
-    assert torch.equal(masks.hidden[0][2:] > 0, first)
+    assert torch.equal(masks[1].hidden[0] > 0, first)
 
 
-def test_networks_of_different_widths_stack_padded_and_keep_their_outputs() -> None:
+def test_networks_of_different_widths_stack_at_their_own_widths_and_keep_their_outputs() -> None:
     torch.manual_seed(2)
     networks = [
         FFNN((12, 30), "relu", 0.1),
@@ -101,7 +107,9 @@ def test_networks_of_different_widths_stack_padded_and_keep_their_outputs() -> N
         FFNN((7, 9), "silu", 0.5),
     ]
     stacked = StackedFFNN.from_networks(networks)
-    assert stacked.hidden == (40, 30)
+    # No padding: the stack holds exactly its networks' parameters.
+    assert stacked.flat.numel() == sum(p.numel() for net in networks for p in net.parameters())
+    assert [w.shape for w in stacked.weights_of(0)] == [(1, 784, 12), (1, 12, 30), (1, 30, 10)]
     x = torch.rand(3, 25, 784)
     out = stacked(x)
     for n, net in enumerate(networks):
@@ -110,13 +118,66 @@ def test_networks_of_different_widths_stack_padded_and_keep_their_outputs() -> N
         assert extracted.hidden == net.hidden
         for a, b in zip(extracted.parameters(), net.parameters(), strict=True):
             assert torch.equal(a, b)
-    # The padding is zero: the narrow network's corner is all it has.
-    assert stacked.weights[0][0, :, 12:].abs().sum() == 0
-    assert stacked.weights[1][0, 12:, :].abs().sum() == 0
-    # A selection keeps its networks' weights and is as narrow as they allow.
+    # A selection keeps its networks' weights.
     narrower = stacked.select([0, 2])
-    assert narrower.hidden == (12, 30)
+    assert [s.hidden for s in narrower.shapes] == [(12, 30), (7, 9)]
     torch.testing.assert_close(narrower(x[[0, 2]]), out[[0, 2]])
+
+
+@pytest.mark.parametrize("align", [1, 16], ids=["unaligned", "aligned-to-16"])
+def test_the_fused_first_layer_gives_each_trial_its_own_outputs_and_gradients(
+    align: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Trials reading the folds' shared rows share one first-layer product, padded with
+    zero columns to a multiple of `ALIGN`; every trial's logits and every parameter's
+    gradient are those of its networks run alone, and a trial dropping pixels has its
+    own product beside the fused one."""
+    import model.network as network
+
+    monkeypatch.setattr(network, "ALIGN", align)
+    torch.manual_seed(3)
+    k, shapes = 2, [
+        NetShape((13, 7), "relu", 0.2),
+        NetShape((6, 4), "silu", 0.0),
+        NetShape((9, 3), "leaky_relu", 0.1, input_dropout=0.3),
+    ]
+    stacked = StackedFFNN(shapes, k, dtype=torch.float64)
+    stacked.reset_parameters([1, 2, 3])
+    x = torch.rand(k, 11, 784, dtype=torch.float64)  # fold j's rows for every trial
+    masks = draw_masks(stacked, 11, [torch.Generator().manual_seed(s) for s in (5, 6, 7)])
+    out = stacked(x, masks)
+    out.square().sum().backward()
+    for t, shape in enumerate(shapes):
+        for j in range(k):
+            net = stacked.extract(t * k + j).double()
+            mask = masks[t]
+            a = x[j] if mask.input is None else x[j] * mask.input[j] * mask.input_scale
+            for i, layer in enumerate(net.layers):
+                a = layer(a)
+                if i < len(net.layers) - 1:
+                    a = net._act(a)
+                    if mask.hidden is not None:
+                        a = a * mask.hidden[i][j] * mask.scale
+            torch.testing.assert_close(out[t * k + j], a, rtol=1e-12, atol=1e-12)
+            a.square().sum().backward()
+            grads = [p.grad[j] for p in stacked.trial_params(t)]
+            theirs = [layer.weight.grad.T for layer in net.layers]
+            theirs += [layer.bias.grad.view(1, -1) for layer in net.layers]
+            for ours, reference in zip(grads, theirs, strict=True):
+                torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-12)
+
+
+def test_the_stack_moves_between_dtypes_with_its_parameters_still_views_of_one_tensor() -> None:
+    stacked = StackedFFNN([NetShape((5,), "relu", 0.0), NetShape((3,), "relu", 0.0)], 2)
+    stacked.reset_parameters([1, 2])
+    before = [p.detach().clone() for p in stacked.parameters()]
+    stacked.double()
+    assert stacked.flat.dtype == torch.float64
+    for p, b in zip(stacked.parameters(), before, strict=True):
+        assert p.dtype == torch.float64 and torch.equal(p.float(), b)
+    with torch.no_grad():
+        stacked.flat.zero_()
+    assert all(p.abs().sum() == 0 for p in stacked.parameters())
 
 
 def test_initialisation_is_seeded_independent_per_network_and_within_linear_bounds() -> None:
@@ -125,9 +186,10 @@ def test_initialisation_is_seeded_independent_per_network_and_within_linear_boun
     a.reset_parameters(5)
     b.reset_parameters(5)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
-    assert not torch.equal(a.weights[0][0], a.weights[0][1])
-    assert a.weights[0].abs().max() <= 1 / 784**0.5
-    assert a.weights[1].abs().max() <= 1 / 50**0.5
+    first, second = a.weights_of(0)
+    assert not torch.equal(first[0], first[1])
+    assert first.abs().max() <= 1 / 784**0.5
+    assert second.abs().max() <= 1 / 50**0.5
 
 
 @pytest.mark.parametrize("hidden", [(5,), (40, 30, 20)])
@@ -138,12 +200,9 @@ def test_network_has_one_layer_per_hidden_size_plus_the_output(hidden: tuple[int
     assert net(torch.rand(3, 784)).shape == (3, 10)
 
 
-def test_networks_of_different_depths_or_scattered_activations_do_not_stack() -> None:
+def test_networks_of_different_depths_do_not_stack() -> None:
     with pytest.raises(ValueError, match="one depth"):
         StackedFFNN.from_networks([FFNN((4,), "relu", 0.0), FFNN((5, 3), "relu", 0.0)])
-    scattered = [FFNN((4,), name, 0.0) for name in ("relu", "silu", "relu")]
-    with pytest.raises(ValueError, match="neighbours"):
-        StackedFFNN.from_networks(scattered)
 
 
 def test_an_activation_the_table_lacks_is_refused_not_replaced_by_another() -> None:
