@@ -28,7 +28,6 @@ the CPU in float32.
 
 from __future__ import annotations
 
-import itertools
 from typing import Any
 
 import torch

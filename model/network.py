@@ -146,9 +146,7 @@ class StackedFFNN(nn.Module):
         self.depth = len(self.shapes[0].hidden) + 1
         # Looked up once here, not in `forward`, which torch.compile may trace.
         self._acts = [activations.get(shape.activation).forward for shape in self.shapes]
-        sizes = [
-            [math.prod(s) for s in shape.parameter_shapes(self.k)] for shape in self.shapes
-        ]
+        sizes = [[math.prod(s) for s in shape.parameter_shapes(self.k)] for shape in self.shapes]
         starts = list(itertools.accumulate((sum(s) for s in sizes), initial=0))
         self._ranges = list(itertools.pairwise(starts))
         flat = torch.zeros(starts[-1], device=device, dtype=dtype or torch.get_default_dtype())
@@ -158,7 +156,7 @@ class StackedFFNN(nn.Module):
         """Make every parameter a view of `flat` (trial-major, as `parameter_shapes`)."""
         self.flat = flat
         self._trial_params: list[list[nn.Parameter]] = []
-        for t, shape in enumerate(self.shapes):
+        for t in range(len(self.shapes)):
             views = self.views(flat, t)
             params = [nn.Parameter(view) for view in views]
             for i, param in enumerate(params):
@@ -217,7 +215,7 @@ class StackedFFNN(nn.Module):
         parts = []
         network = torch.arange(self.n, device=self.flat.device)
         for t, shape in enumerate(self.shapes):
-            for k, rows, cols in shape.parameter_shapes(self.k):
+            for _, rows, cols in shape.parameter_shapes(self.k):
                 parts.append(network[self.trial(t)].repeat_interleave(rows * cols))
         return torch.cat(parts)
 

@@ -82,9 +82,7 @@ class MaxNorm:
 
     def __init__(self, model: StackedFFNN, caps: Sequence[float | None]) -> None:
         self.capped = [
-            (weights[:-1], cap)
-            for weights, cap in zip((model.weights_of(t) for t in range(len(caps))), caps)
-            if cap is not None
+            (model.weights_of(t)[:-1], cap) for t, cap in enumerate(caps) if cap is not None
         ]
 
     @classmethod

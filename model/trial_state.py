@@ -29,7 +29,7 @@ import torch
 from model.config import TrainConfig
 from model.early_stopping import CURVES, PER_NETWORK, FoldState
 from model.network import StackedFFNN
-from model.optimizers import Optimizer, StackedAdam, TrialOptimizers
+from model.optimizers import Optimizer, TrialOptimizers
 from model.steps import TrialStreams
 
 
@@ -40,6 +40,7 @@ class Training(Protocol):
     state: FoldState
     optimizer: Optimizer
     streams: TrialStreams
+
 
 # Raised whenever the layout below changes: a checkpoint of another layout is not read.
 SNAPSHOT_FORMAT = 1
@@ -147,7 +148,7 @@ def take_snapshot(
 
     if isinstance(optimizer, TrialOptimizers):
         names = TORCH_BUFFERS[config.optimizer]
-        moments = [copy([buffers[name] for name in names]) for buffers in optimizer.state_of(position)]
+        moments = [copy([own[name] for name in names]) for own in optimizer.state_of(position)]
         steps = optimizer.steps_done
     else:
         moments = [

@@ -484,7 +484,8 @@ def test_both_optimizers_give_each_trial_its_own_update_and_keep_it_through_a_se
 def network_of(model: StackedFFNN, n: int, config: TrainConfig) -> torch.nn.Sequential:
     """Network n of a stack as the reference's `nn.Sequential`."""
     t, j = divmod(n, model.k)
-    layers = [(w[j].T, b[j, 0]) for w, b in zip(model.weights_of(t), model.biases_of(t), strict=True)]
+    own = zip(model.weights_of(t), model.biases_of(t), strict=True)
+    layers = [(w[j].T, b[j, 0]) for w, b in own]
     return network_from(config, [(w.detach(), b.detach()) for w, b in layers], torch.float32)
 
 

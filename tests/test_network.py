@@ -136,18 +136,21 @@ def test_the_fused_first_layer_gives_each_trial_its_own_outputs_and_gradients(
 
     monkeypatch.setattr(network, "ALIGN", align)
     torch.manual_seed(3)
-    k, shapes = 2, [
-        NetShape((13, 7), "relu", 0.2),
-        NetShape((6, 4), "silu", 0.0),
-        NetShape((9, 3), "leaky_relu", 0.1, input_dropout=0.3),
-    ]
+    k, shapes = (
+        2,
+        [
+            NetShape((13, 7), "relu", 0.2),
+            NetShape((6, 4), "silu", 0.0),
+            NetShape((9, 3), "leaky_relu", 0.1, input_dropout=0.3),
+        ],
+    )
     stacked = StackedFFNN(shapes, k, dtype=torch.float64)
     stacked.reset_parameters([1, 2, 3])
     x = torch.rand(k, 11, 784, dtype=torch.float64)  # fold j's rows for every trial
     masks = draw_masks(stacked, 11, [torch.Generator().manual_seed(s) for s in (5, 6, 7)])
     out = stacked(x, masks)
     out.square().sum().backward()
-    for t, shape in enumerate(shapes):
+    for t in range(len(shapes)):
         for j in range(k):
             net = stacked.extract(t * k + j).double()
             mask = masks[t]
