@@ -215,3 +215,38 @@ def test_an_activation_the_table_lacks_is_refused_not_replaced_by_another() -> N
     ):
         with pytest.raises(KeyError, match="tanh"):
             network()
+
+
+def test_the_first_layer_of_trials_sharing_the_folds_rows_is_one_product_each_way() -> None:
+    """Four trials on the k folds' shared rows: their first layers are one batched
+    product forward and one for the weight gradient, N their widths summed and aligned,
+    and the images are never repeated per network (no product reads n copies)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from model.network import ALIGN
+
+    products = {torch.ops.aten.bmm.default, torch.ops.aten.baddbmm.default}
+
+    class Products(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.shapes: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            if func in products:
+                a, b = args[-2:] if func is torch.ops.aten.baddbmm.default else args
+                self.shapes.append((tuple(a.shape), tuple(b.shape)))
+            return func(*args, **(kwargs or {}))
+
+    k, widths = 3, (13, 30, 7, 21)
+    stacked = StackedFFNN([NetShape((w, 5), "relu", 0.2) for w in widths], k)
+    stacked.reset_parameters([1, 2, 3, 4])
+    x = torch.rand(k, 17, 784)
+    masks = draw_masks(stacked, 17, [torch.Generator().manual_seed(s) for s in range(4)])
+    with Products() as seen:
+        stacked(x, masks).sum().backward()
+    fused = -(-sum(widths) // ALIGN) * ALIGN
+    first_layer = [shapes for shapes in seen.shapes if 784 in shapes[0] + shapes[1]]
+    assert sorted(first_layer) == sorted(
+        [((k, 17, 784), (k, 784, fused)), ((k, 784, 17), (k, 17, fused))]
+    )

@@ -28,6 +28,7 @@ from model.trial_state import SNAPSHOT_FORMAT, SnapshotError, TrialSnapshot
 from study.checkpoints import CHECKPOINT_ATTR
 from study.database import sqlite_file
 from study.errors import StorageError, StudyError
+from tests.conftest import synthetic_data
 from tests.rounding import loss_tolerance, same_best_epoch
 from tests.test_kfold import (
     DTYPES,
@@ -123,6 +124,40 @@ def test_a_snapshot_resumes_only_its_own_configuration_and_format() -> None:
     other = saved_and_read(snapshots_by_epoch([config], data)[3][0])
     with pytest.raises(ValueError, match="one epoch"):
         train_trials([config, config], data, resume=[snapshot, other])
+
+
+# Written by the trainer before the fused first layer (commit 3430d55), whose stacks were
+# padded to their widest trial and cut each snapshot to the trial's own widths: two trials
+# of different widths, optimizers and activations after epoch 3, float32, on the CPU.
+PADDED_LAYOUT_SNAPSHOTS = Path(__file__).with_name("data") / "padded-layout-snapshots.pt"
+PADDED_LAYOUT_TRIALS = [
+    dataclasses.replace(TINY, hidden=(4, 3), k=2, dropout=0.3, max_epochs=20, patience=3, seed=5),
+    dataclasses.replace(
+        TINY, hidden=(3, 2), k=2, activation="silu", optimizer="adamax", lr=1e-2,
+        max_epochs=20, patience=3, seed=6,
+    ),
+]  # fmt: skip
+
+
+def test_checkpoints_of_the_padded_layout_resume_as_the_trials_would_have_gone_on() -> None:
+    """A checkpoint from before the fused first layer resumes in today's stack: each
+    trial ends as its folds trained alone by the reference would, and today's trainer,
+    run from the start, stands where the old one stood at the checkpoint's epoch."""
+    data = synthetic_data(240, learnable=False)
+    payloads = torch.load(PADDED_LAYOUT_SNAPSHOTS, weights_only=True)
+    old = [TrialSnapshot.from_payload(p) for p in payloads]
+    assert [s.epoch for s in old] == [3, 3]
+    for together in ([0, 1], [1]):  # the stack it stopped in, and a stack of its own
+        resumed = train_trials(
+            [PADDED_LAYOUT_TRIALS[i] for i in together], data, resume=[old[i] for i in together]
+        )
+        for result in resumed:
+            assert_matches_reference(result, data)
+    ours = snapshots_by_epoch(PADDED_LAYOUT_TRIALS, data)[3]
+    for t, snapshot in enumerate(old):
+        # Three float32 epochs of Adam apart, in another order of sums: about 1e-7.
+        for a, b in zip(ours[t].weights, snapshot.weights, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
 # --- real processes: a trial cut short by SIGKILL, Ctrl-C or --timeout, then resumed ----
