@@ -129,7 +129,7 @@ def test_a_snapshot_resumes_only_its_own_configuration_and_format() -> None:
 # Written by the trainer before the fused first layer (commit 3430d55), whose stacks were
 # padded to their widest trial and cut each snapshot to the trial's own widths: two trials
 # of different widths, optimizers and activations after epoch 3, float32, on the CPU.
-PADDED_LAYOUT_SNAPSHOTS = Path(__file__).with_name("data") / "padded-layout-snapshots.pt"
+PADDED_LAYOUT_SNAPSHOTS = Path(__file__).with_name("padded-layout-snapshots.pt")
 PADDED_LAYOUT_TRIALS = [
     dataclasses.replace(TINY, hidden=(4, 3), k=2, dropout=0.3, max_epochs=20, patience=3, seed=5),
     dataclasses.replace(
