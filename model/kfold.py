@@ -2,7 +2,12 @@
 
 How fast it is, on the project's CPU and on GPUs: benchmarks/README.md (the report's
 network on 5 folds of 60,000 images: 0.497 s per model-epoch on 2 CPU cores, 3.2× a
-naive fold-after-fold trainer; about 5 ms per 5-fold epoch on an H100).
+naive fold-after-fold trainer; about 5 ms per 5-fold epoch on an H100). With the first
+layer fused across trials (`model.network`), measured side by side with the padded stack
+of 3430d55 on this machine (2026-12-07, `speed.py cases`, one round, another job on the
+cores): 0.472 s per model-epoch at full batch against 0.520, 0.466 at mini-batch against
+0.484. On a GPU the cost model predicts the 8-trial seed stack 2.5× faster than before
+(13.3 ms an epoch on an H200; benchmarks/README.md, "The cost model"), not yet measured.
 
 Data flow, per trial: the training images already sit on the device (`DeviceData`);
 `split_folds` picks the same k folds for every configuration; the k networks live in one
