@@ -9,7 +9,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-kernels data lint format bench clean gpu-wheels gpu-mnist
+.PHONY: demo test test-kernels data lint format bench clean gpu-wheels gpu-mnist gpu-baseline
 
 demo: data
 	$(BIN)/mnist-study run --preset quick --workers 2
@@ -89,6 +89,27 @@ gpu-mnist:
 		gzip -9c $(MNIST_RAW)/$$f > .mnist-gz/$$f.gz.tmp && mv .mnist-gz/$$f.gz.tmp .mnist-gz/$$f.gz \
 		|| exit 1; done
 	du -sh .mnist-gz
+
+# Today's trainer, for the side-by-side that begins the GPU check's first call
+# (benchmarks/paths.py): the device machine gets the working tree but no .git, so the code
+# the new trainer (issue 31) is measured against travels as an ignored folder, carried
+# like .wheels. The commit is the last one before that rewrite: the code that ran the seed
+# study's first 32 trials. tests/ comes along for the graphs' gate, which must test the
+# trainer the study runs on. GPU_BASELINE_DIR: where (the tests make one in a tmp folder).
+BASELINE_COMMIT := 3430d55
+BASELINE_PATHS := model tests
+GPU_BASELINE_DIR ?= .baseline
+
+gpu-baseline:
+	@git rev-parse -q --verify '$(BASELINE_COMMIT)^{commit}' > /dev/null || { echo \
+		"gpu-baseline: commit $(BASELINE_COMMIT) is not in this clone (git fetch --unshallow)" \
+		>&2; exit 1; }
+	rm -rf $(GPU_BASELINE_DIR) && mkdir -p $(GPU_BASELINE_DIR)
+	git archive -o $(GPU_BASELINE_DIR)/.archive.tar $(BASELINE_COMMIT) $(BASELINE_PATHS)
+	tar -xf $(GPU_BASELINE_DIR)/.archive.tar -C $(GPU_BASELINE_DIR)
+	rm $(GPU_BASELINE_DIR)/.archive.tar
+	git rev-parse --short '$(BASELINE_COMMIT)^{commit}' > $(GPU_BASELINE_DIR)/COMMIT
+	du -sh $(GPU_BASELINE_DIR)
 
 data: $(STAMP)
 	$(BIN)/mnist-study data

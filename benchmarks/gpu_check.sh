@@ -5,24 +5,33 @@
 #   GPU_CHECK_CALL=studies benchmarks/gpu_check.sh OUTDIR   # call 1 (the default)
 #   GPU_CHECK_CALL=tests   benchmarks/gpu_check.sh OUTDIR   # call 2, with the time left
 #
-# Call 1 carries the studies on from lease to lease. The seed study lives in a committed
-# database, results/seed-study/optuna.db: the call copies it (or starts the study, the
-# first time), runs the graphs' gate, resumes the study until shortly before its deadline,
-# records the run and hands the database back in OUTDIR, for the session to commit over
-# the old one. Once the seed study is whole, the next call first retrains its best trial
-# and writes its report, then gives its time to the wide study, carried the same way in
-# results/wide-study/optuna.db. Call 2 runs the benchmarks, then the CUDA tests, each under
-# its own cap. benchmarks/README.md ("The GPU check") gives the session's exact calls and
-# where each file that comes back is committed.
+# Call 1 begins with the side-by-side (benchmarks/paths.py, at most 90 s): today's trainer
+# (the commit that `make gpu-baseline` puts in .baseline/) and the checkout's, each
+# training the seed study's first 8 draws as one stack, eager and as CUDA graphs, with the
+# card's ceilings and a check that the two agree. The studies then run on the faster path
+# that agreed: on today's where the new one fails or disagrees, on the new one alone where
+# there is no .baseline/. Then it carries the studies on from lease to lease. The seed
+# study lives in a committed database, results/seed-study/optuna.db: the call copies it
+# (or starts the study, the first time), runs the graphs' gate (the chosen path's own
+# tests), resumes the study until shortly before its deadline, records the run and hands
+# the database back in OUTDIR, for the session to commit over the old one. Once the seed
+# study is whole, the next call first retrains its best trial and writes its report, then
+# gives its time to the wide study, carried the same way in results/wide-study/optuna.db.
+# Call 2 runs the benchmarks, then the CUDA tests, each under its own cap.
+# benchmarks/README.md ("The GPU check") gives the session's exact calls and where each
+# file that comes back is committed.
 #
 # Written for a lent machine with one NVIDIA GPU, Python 3.12, PyTorch, torchvision and
 # pytest but no Optuna and no network, run from a copy of this repository: the code runs
-# from the checkout; Optuna and the study's other dependencies are installed from the
+# from the checkout (today's trainer from .baseline/ on PYTHONPATH, ahead of it, when the
+# side-by-side chooses it); Optuna and the study's other dependencies are installed from the
 # wheels in .wheels/ (`make gpu-wheels`) when they are missing; MNIST comes from ./data or
 # from the gzipped IDX files in .mnist-gz/ (`make gpu-mnist`). On a machine without CUDA
-# it runs too (CUDA tests skipped, everything on the CPU), to try it out:
+# it runs too (CUDA tests skipped, everything on the CPU, the side-by-side at a CPU's
+# sizes, printing CPU times), to try it out:
 #
-#   SEED_STUDY_PRESET=tiny SEED_STUDY_DB=/tmp/tiny/optuna.db GPU_CHECK_SECONDS=60 \
+#   make gpu-baseline    # today's trainer in .baseline/ (else the new path runs alone)
+#   SEED_STUDY_PRESET=tiny SEED_STUDY_DB=/tmp/tiny/optuna.db GPU_CHECK_SECONDS=150 \
 #     benchmarks/gpu_check.sh /tmp/gpu-check
 #
 # Settings, from the environment:
@@ -30,6 +39,12 @@
 #   GPU_CHECK_SECONDS   everything ends by then (default 540; give the call's timeout_s
 #                       less 30, as the device brings back only what OUTDIR holds by then)
 #   GPU_CHECK_QUICK=1   tests call: shortens every benchmark
+#   GPU_CHECK_PATH      studies call: auto (default): the side-by-side first, the studies
+#                       on the path it chooses; new or baseline: no side-by-side, the
+#                       studies on that path
+#   GPU_CHECK_PATHS_SECONDS  the side-by-side's cap (default 90; it never takes more than
+#                       what leaves the seed study the 90 s it needs at the least)
+#   GPU_CHECK_BASELINE  today's trainer (default .baseline, made by `make gpu-baseline`)
 #   GPU_CHECK_STUDIES   studies call: which may run, in this order: "seed wide" (default),
 #                       "seed", "wide", or "" for none; the wide study runs only once the
 #                       seed study is whole and retrained
@@ -51,8 +66,9 @@
 #   check.txt           the set-up (with the wheels' installation); in the tests call, the
 #                       benchmarks' and the tests' output, one section each
 #   benchmarks.json     tests call: the benchmarks' numbers, written after every case
-#   studies.txt         studies call: what each study's gate, run, retrain, report and
-#                       record printed
+#   studies.txt         studies call: the side-by-side's table and choice, then what each
+#                       study's gate, run, retrain, report and record printed
+#   paths.json          studies call: the side-by-side's numbers (benchmarks/paths.py)
 #   seed-study.db       the seed study's database after this call (commit it as
 #                       results/seed-study/optuna.db)
 #   <preset>-study-<gpu>-<date>.json  the seed study's record of this call's run
@@ -60,6 +76,10 @@
 #                       and the report's PNGs
 #   wide-study.db, wide-study-<gpu>-<date>.json: the wide study's, likewise (its tar and
 #                       result record wait for a call in which it is whole)
+# (At most 8 in a studies call: paths.json, check.txt, studies.txt and the seed study's
+# three with the wide study's two where the seed study becomes whole and retrained and
+# the wide one starts in one call; in a later call the seed study brings back only its
+# database.)
 set -uo pipefail
 out=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
 call=${GPU_CHECK_CALL:-studies}
@@ -75,6 +95,18 @@ for name in $studies; do
   esac
 done
 wants() { [[ $studies == *" $1 "* ]]; }
+path_choice=${GPU_CHECK_PATH:-auto}
+case $path_choice in
+  auto | new | baseline) ;;
+  *) echo "GPU_CHECK_PATH: no path '$path_choice' (auto, new, baseline)" >&2; exit 2 ;;
+esac
+# Today's trainer, as an absolute path: the studies run in folders of their own.
+baseline=${GPU_CHECK_BASELINE:-$(dirname "$0")/../.baseline}
+[ -d "$baseline" ] && baseline=$(cd "$baseline" && pwd)
+if [ "$path_choice" = baseline ] && [ ! -d "$baseline/model" ]; then
+  echo "GPU_CHECK_PATH=baseline: no model/ in $baseline (make gpu-baseline)" >&2
+  exit 2
+fi
 mkdir -p "$out" && out=$(cd "$out" && pwd)  # absolute: the studies run in folders of their own
 cd "$(dirname "$0")/.." || exit 2
 repo=$PWD
@@ -165,6 +197,7 @@ in_study_dir() { (cd "$1" && shift && MNIST_ROOT="$repo/data" "$@"); }
 since() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.3f", b - a }'; }
 # One setting of the study of kind $kind: SEED_STUDY_$1 or WIDE_STUDY_$1, else $2.
 setting() { local name="${kind^^}_STUDY_$1"; echo "${!name:-$2}"; }
+has_cuda() { "$py" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; }
 # Where the study stands, from `mnist-study status --json`: sets finished, budget, best
 # and retrained (trial numbers, or -); fails, saying so, where the database cannot tell.
 read_standing() {
@@ -225,11 +258,13 @@ study_block() {
       # numbers with eager ones to the last few ulps run in the tests call: on 2026-12-04
       # one of them failed on an H200 on a near-tie of two epochs' losses, and kept graphs
       # from a study they would not have harmed.
+      # They are the chosen path's own tests, run from its folder, whose model/ `python -m`
+      # puts first on the path: today's tests gate today's trainer.
       graphs=0
-      if "$py" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
-        if timeout $(($(left) / 3)) "$py" -m pytest -q -p no:cacheprovider \
-            tests/test_fastpath.py \
-            -k "graph_epochs_with_dropout or graph_epochs_of_seed_trials or failed_capture"; then
+      if has_cuda; then
+        if (cd "$gate_dir" && MNIST_ROOT="$repo/data" timeout $(($(left) / 3)) "$py" -m pytest \
+            -q -p no:cacheprovider tests/test_fastpath.py \
+            -k "graph_epochs_with_dropout or graph_epochs_of_seed_trials or failed_capture"); then
           graphs=1
         else
           echo "graphs' gate failed: the study runs eager epochs"
@@ -304,6 +339,41 @@ study_block() {
 }
 
 : > "$out/studies.txt"
+# The side-by-side, first: the lease's figure of the new trainer against today's, and the
+# choice of the code the studies run on. It leaves the seed study what it needs at the
+# least; until it has measured both paths, its choice file says today's.
+if [ "$path_choice" = auto ]; then
+  paths_seconds=$(($(left) - least - margin - after - 5))
+  cap=${GPU_CHECK_PATHS_SECONDS:-90}
+  [ "$paths_seconds" -gt "$cap" ] && paths_seconds=$cap
+  path_choice=new
+  [ -d "$baseline/model" ] && path_choice=baseline
+  {
+    echo "== side by side: today's trainer and the new one =="
+    if [ "$paths_seconds" -lt 20 ]; then
+      echo "side-by-side not run: $(left) s left; the studies run on the $path_choice path"
+    else
+      paths_args=(compare "$out" --seconds "$paths_seconds" --choice "$logs/path")
+      [ -d "$baseline/model" ] && paths_args+=(--baseline "$baseline")
+      has_cuda || paths_args+=(--small)
+      # Past its cap by 20 s, for a measurement gone wrong: it keeps to its cap itself.
+      timeout -k 5 $((paths_seconds + 20)) "$py" -m benchmarks.paths "${paths_args[@]}"
+      rc=$?
+      echo "side-by-side exit status: $rc"
+      [ -s "$logs/path" ] && path_choice=$(< "$logs/path")
+    fi
+  } >> "$out/studies.txt" 2>&1
+  grep -q "^side-by-side exit status: 0$" "$out/studies.txt" || status=1
+fi
+gate_dir=$repo
+if [ "$path_choice" = baseline ]; then
+  # Ahead of the checkout: the study's workers, the retrain and the report load its model/.
+  export PYTHONPATH="$baseline:$PYTHONPATH"
+  gate_dir=$baseline
+fi
+echo "the studies run on the $path_choice path: model/ from" \
+  "$(cd "$logs" && "$py" -c 'import os, model; print(os.path.dirname(model.__file__))' 2>&1)" \
+  >> "$out/studies.txt"
 if [ -z "${studies// /}" ]; then
   echo "no study: GPU_CHECK_STUDIES is empty" >> "$out/studies.txt"
 elif ! "$py" -c "$study_imports" 2>> "$out/studies.txt"; then
@@ -325,6 +395,6 @@ else
   fi
 fi
 
-grep -E "^== |^resumed|^no .*: the study starts|not run|gate failed|whole|^no study|exit status|trials \(|test accuracy|left out|starting no more" \
+grep -E "^== |^side by side:|^  (eager|CUDA graphs)|^agreement|^choice:|^no baseline|^the studies run on|failed \(|timed out|^resumed|^no .*: the study starts|not run|gate failed|whole|^no study|exit status|trials \(|test accuracy|left out|starting no more" \
   "$out/studies.txt"
 exit $status

@@ -23,7 +23,7 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from benchmarks import speed, study_record
+from benchmarks import paths, speed, study_record
 from benchmarks.speed import (
     DRAWS_FILE,
     FORWARD,
@@ -409,7 +409,8 @@ def test_a_result_record_keeps_the_metrics_and_names_its_file_by_what_device_and
     assert not (tmp_path / "other").exists()
 
 
-GPU_CHECK = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.sh"
+REPO = Path(__file__).resolve().parent.parent
+GPU_CHECK = REPO / "benchmarks" / "gpu_check.sh"
 
 
 def _gpu_check(out: Path, **env: str) -> subprocess.CompletedProcess[str]:
@@ -422,27 +423,89 @@ def _gpu_check(out: Path, **env: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Today's trainer as the device gets it, made by the Makefile's own target from this
+    clone's history (`make gpu-baseline`), in a tmp folder."""
+    if not (REPO / ".git").exists():
+        pytest.skip("not a git clone: the baseline is made from its history")
+    folder = tmp_path_factory.mktemp("baseline") / ".baseline"
+    done = subprocess.run(
+        ["make", "-s", "-C", str(REPO), "gpu-baseline", f"GPU_BASELINE_DIR={folder}"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert (folder / "model" / "kfold.py").is_file() and (folder / "tests").is_dir()
+    assert not (folder / ".git").exists() and not (folder / "study").exists()
+    return folder
+
+
 def test_gpu_check_carries_a_study_across_calls_and_retrains_it_once_it_is_whole(
-    tmp_path: Path, mnist: Mnist
+    tmp_path: Path, mnist: Mnist, baseline: Path
 ) -> None:
     """Three calls, as three device leases would make them: each resumes the database the
     last one handed back (the session commits it between them), adds up the trials with
     none repeated and says how many the call before had finished; the call that finds the
-    study whole retrains its best trial and brings back the report's pictures."""
+    study whole retrains its best trial and brings back the report's pictures. The first
+    begins with the side-by-side of today's trainer and the checkout's, at a CPU's sizes,
+    and runs the study on the path it chose; the second runs on today's, the third on the
+    new one, each as named."""
     committed = tmp_path / "results" / "optuna.db"
     committed.parent.mkdir()
     env = {"GPU_CHECK_STUDIES": "seed", "SEED_STUDY_PRESET": "tiny", "SEED_STUDY_WORKERS": "1",
-           "SEED_STUDY_TRIALS_PER_WORKER": "2", "SEED_STUDY_DB": str(committed)}  # fmt: skip
-    records = []
+           "SEED_STUDY_TRIALS_PER_WORKER": "2", "SEED_STUDY_DB": str(committed),
+           "GPU_CHECK_BASELINE": str(baseline)}  # fmt: skip
+    records, summaries = [], []
     # 155 s: a run's call then leaves less than the 150 s that a retrain is given (the
     # set-up, the workers' start and six trials take more than 5 s), so the retrain waits
     # for the third call, as it does when a lease's call ends with the study whole.
-    for call, (budget, seconds) in enumerate((("6", "155"), ("12", "155"), ("", "200"))):
+    calls = (("6", "155", "auto"), ("12", "155", "baseline"), ("", "200", "new"))
+    for call, (budget, seconds, path) in enumerate(calls):
         out = tmp_path / f"call{call}"
-        done = _gpu_check(out, SEED_STUDY_BUDGET=budget, GPU_CHECK_SECONDS=seconds, **env)
+        done = _gpu_check(
+            out, SEED_STUDY_BUDGET=budget, GPU_CHECK_SECONDS=seconds, GPU_CHECK_PATH=path, **env
+        )  # fmt: skip
         assert done.returncode == 0, done.stdout + (out / "studies.txt").read_text()
         shutil.copy(out / "seed-study.db", committed)  # what the session commits
         records += [json.loads(p.read_text()) for p in out.glob("tiny-study-*.json")]
+        summaries.append(done.stdout)
+    first = tmp_path / "call0"
+    side = json.loads((first / "paths.json").read_text())
+    assert side["small"] and side["commit_of_baseline"] and side["torch"] == torch.__version__
+    for label, root in (("baseline", baseline), ("new", REPO)):
+        record = side["paths"][label]
+        assert record["status"] == "ok", record
+        assert Path(record["model"]) == (root / "model").resolve()  # each its own trainer
+        assert record["stack"]["trials"] == 8 and record["stack"]["networks"] == 40
+        for way in ("eager_epoch", "eager"):
+            assert record[way]["ms_per_epoch"] > 0 and record[way]["useful_flop_per_s"] > 0
+        assert record["graphs"] is None  # CUDA graphs are a GPU's
+        assert record["ceilings"]["gemm"]["fp32"] > 0
+        assert record["ceilings"]["copy"]["gb_per_s"] > 0
+    for way in ("eager_epoch", "eager"):
+        assert side["speedup"][way] == pytest.approx(
+            side["paths"]["baseline"][way]["ms_per_epoch"]
+            / side["paths"]["new"][way]["ms_per_epoch"]
+        )
+    verdict = side["agreement"]
+    assert verdict["checked"] and verdict["agreed"] and verdict["differ"] == []
+    assert verdict["folds"] == 40
+    assert verdict["same_best_epoch"] + verdict["within_a_tie"] == 40
+    assert 0 < verdict["stopped_early"]["baseline"] < 40  # early stopping was reached
+    assert 0 <= verdict["max_relative_loss_difference"] < 1e-3
+    chosen = {"new": REPO, "baseline": baseline}
+    assert side["choice"] in chosen
+    # The summary repeats the table's lines, the verdict and the choice.
+    assert "agreement (fp32" in summaries[0] and f"choice: {side['why']}\n" in summaries[0]
+    assert re.search(r"^  eager, as trained +[\d.]+ +[\d.]+ +[\d.]+×$", summaries[0], re.M)
+    for call, path in enumerate((side["choice"], "baseline", "new")):
+        line = f"the studies run on the {path} path: model/ from {chosen[path] / 'model'}\n"
+        assert line in summaries[call]
+        assert ("side by side: 8 seed draws" in summaries[call]) == (call == 0)
+    # The side-by-side's file counts in the 8 that come back: 5 here.
+    *names, record_file = sorted(p.name for p in first.iterdir())
+    assert names == ["check.txt", "paths.json", "seed-study.db", "studies.txt"]
+    assert re.fullmatch(r"tiny-study-cpu-\d{4}-\d\d-\d\d\.json", record_file)
     assert [(r["trials_before"], r["trials_this_run"], r["budget"]) for r in records] == [
         (0, 6, 6), (6, 6, 12),
     ]  # fmt: skip
@@ -482,6 +545,8 @@ def test_gpu_check_starts_the_wide_study_only_after_the_seed_study_is_whole(
     assert done.returncode == 1  # the seed study had no time to run
     studies = (out / "studies.txt").read_text()
     assert re.search(r"^seed study not run: \d+ s left, it needs 90$", studies, re.M), studies
+    # Nor the side-by-side, which leaves the seed study the 90 s it needs at the least.
+    assert re.search(r"^side-by-side not run: \d+ s left; the studies run on", studies, re.M)
     assert "wide study not run: the seed study is not yet whole and retrained" in studies
     assert "$ mnist-study" not in studies
     assert sorted(p.name for p in out.iterdir()) == ["check.txt", "studies.txt"]
@@ -495,6 +560,107 @@ def test_gpu_check_refuses_an_unknown_study_or_call_before_anything_runs(tmp_pat
     done = _gpu_check(tmp_path / "out", GPU_CHECK_CALL="everything")
     assert done.returncode == 2
     assert done.stderr.strip() == "GPU_CHECK_CALL: no call 'everything' (studies, tests)"
+    done = _gpu_check(tmp_path / "out", GPU_CHECK_PATH="fastest")
+    assert done.returncode == 2
+    assert done.stderr.strip() == "GPU_CHECK_PATH: no path 'fastest' (auto, new, baseline)"
+    done = _gpu_check(
+        tmp_path / "out", GPU_CHECK_PATH="baseline", GPU_CHECK_BASELINE=str(tmp_path / "none")
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        f"GPU_CHECK_PATH=baseline: no model/ in {tmp_path / 'none'} (make gpu-baseline)"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+# --- the side-by-side of today's trainer and the new one (benchmarks/paths.py) --------
+
+
+def agreement_record(best: list[int], run: list[int], val_loss: list[list[float]]) -> dict:
+    """A path's record with one trial's agreement run (k = len(best)), capped at 20 epochs."""
+    losses = [curve[b - 1] for curve, b in zip(val_loss, best, strict=True)]
+    trial = {"best_epochs": best, "epochs_run": run, "diverged": None, "val_loss": val_loss,
+             "fold_losses": losses}  # fmt: skip
+    run_record = {"images": 100, "max_epochs": 20, "patience": 2, "trials": [trial]}
+    return {"status": "ok", "agreement_run": run_record, "eager": {"ms_per_epoch": 10.0}}
+
+
+TODAY_LOSSES = [[2.0, 1.5, 1.2, 1.20001, 1.3, 1.4], [2.0, 1.0, 1.1, 1.2, 1.3, 1.4]]
+
+
+def test_side_by_side_agreement_allows_a_best_epoch_moved_only_by_a_tie_of_today_s_losses() -> None:
+    today = agreement_record([3, 2], [5, 4], TODAY_LOSSES)
+    # Fold 0 broke the tie of epochs 3 and 4 the other way (1.2 against 1.20001).
+    new = agreement_record([4, 2], [6, 4], [[0.0] * 6, [2.0, 1.0]])
+    verdict = paths.agreement(today, new)
+    assert verdict["agreed"] and verdict["within_a_tie"] == 1 and verdict["same_best_epoch"] == 1
+    assert verdict["stopped_early"] == {"baseline": 2, "new": 2}
+    # Epochs 2 and 3 of fold 1 are no tie; nor is the same best epoch stopped elsewhere.
+    for best, run in (([3, 3], [5, 5]), ([3, 2], [5, 9])):
+        verdict = paths.agreement(today, agreement_record(best, run, TODAY_LOSSES))
+        assert not verdict["agreed"] and len(verdict["differ"]) == 1, verdict
+    assert not paths.agreement(today, {"status": "failed (exit 1)"})["checked"]
+
+
+def test_side_by_side_chooses_the_faster_path_that_agreed_and_today_s_otherwise() -> None:
+    agreed = {"checked": True, "agreed": True}
+    today = agreement_record([3], [5], TODAY_LOSSES[:1])
+
+    def new(ms: float, status: str = "ok") -> dict:
+        return {"status": status, "eager": {"ms_per_epoch": ms}, "graphs": {"ms_per_epoch": None}}
+
+    assert paths.choose({"new": new(5.0)}, None)[0] == "new"  # alone
+    assert paths.choose({"baseline": today, "new": new(5.0)}, agreed)[0] == "new"
+    assert paths.choose({"baseline": today, "new": new(10.05)}, agreed)[0] == "new"  # noise
+    assert paths.choose({"baseline": today, "new": new(12.0)}, agreed)[0] == "baseline"
+    disagreed = {"checked": True, "agreed": False, "differ": [{}]}
+    assert paths.choose({"baseline": today, "new": new(5.0)}, disagreed) == (
+        "baseline", "the new path disagrees in 1 fold(s)",
+    )  # fmt: skip
+    failed = new(5.0, "timed out after 40 s")
+    assert paths.choose({"baseline": today, "new": failed}, None)[0] == "baseline"
+    # The graph replays count where they are the faster.
+    graphed = {**new(12.0), "graphs": {"ms_per_epoch": 4.0}}
+    assert paths.choose({"baseline": today, "new": graphed}, agreed)[0] == "new"
+
+
+def fake_path(label: str, root: Path, work: Path, flags: list[str], seconds: float) -> dict:
+    """`run_path` without its process: a measured path whose agreement run is today's,
+    but for a new path under a root named `disagrees`."""
+    best = [4] if label == "new" and root.name == "disagrees" else [2]
+    record = agreement_record(best, [4 if best == [2] else 6], [[2.0, 1.0, 1.1, 1.2, 1.3, 1.4]])
+    return {**record, "label": label, "root": str(root), "machine": "a CPU", "torch": "x",
+            "precision": "fp32", "stack": {"trials": 8, "networks": 40, "images": 100,
+                                           "first_layers": [120, 438]}}  # fmt: skip
+
+
+def test_side_by_side_alone_says_so_and_a_disagreeing_new_path_leaves_the_study_on_today_s(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(paths, "run_path", fake_path)
+    choice = tmp_path / "choice"
+    assert paths.main(["compare", str(tmp_path / "alone"), "--small", "--choice", str(choice)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("the new path alone") == 1 and choice.read_text() == "new\n"
+    assert list(json.loads((tmp_path / "alone" / "paths.json").read_text())["paths"]) == ["new"]
+    today = tmp_path / ".baseline"
+    (today / "model").mkdir(parents=True)
+    (tmp_path / "disagrees" / "model").mkdir(parents=True)
+    argv = ["compare", str(tmp_path / "both"), "--small", "--choice", str(choice),
+            "--baseline", str(today), "--new", str(tmp_path / "disagrees")]  # fmt: skip
+    assert paths.main(argv) == 1
+    printed = capsys.readouterr().out
+    assert "DISAGREED" in printed and "choice: baseline: the new path disagrees" in printed
+    assert choice.read_text() == "baseline\n"
+
+
+def test_side_by_side_refuses_a_baseline_without_model_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert paths.main(["compare", str(tmp_path / "out"), "--baseline", str(tmp_path)]) == 2
+    said = capsys.readouterr().err
+    assert said == f"--baseline {tmp_path}: no model/ in it (make gpu-baseline)\n"
+    assert paths.main(["compare", str(tmp_path / "out"), "--seconds", "3"]) == 2
     assert not (tmp_path / "out").exists()
 
 
