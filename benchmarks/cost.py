@@ -255,13 +255,16 @@ def epoch_ops(configs: Sequence[Any], images: int, seed: int = 0) -> tuple[list[
     configs = [dataclasses.replace(c, subset=images) for c in configs]
     if configs[0].batch_size is not None and configs[0].batch_size < images:
         raise ValueError("full batch only: a mini-batch epoch's kernels grow with its steps")
-    autograd = functools.partial(steps.make_step, hand_written=False)
+    original = steps.make_step
+    autograd = functools.partial(original, hand_written=False)
     # Every model module that imported make_step by name gets the autograd one (kfold
-    # today); only while the trainer is built, which is when it picks its step.
+    # today); only while the trainer is built, which is when it picks its step. model.steps
+    # itself is not patched, and `original` is held apart, so the restore cannot leave the
+    # autograd step behind for the next trainer in this process.
     patched = [
         m
         for name, m in list(sys.modules.items())
-        if name.startswith("model") and getattr(m, "make_step", None) is steps.make_step
+        if name.startswith("model") and m is not steps and getattr(m, "make_step", None) is original
     ]
     for module in patched:
         module.make_step = autograd
@@ -269,7 +272,7 @@ def epoch_ops(configs: Sequence[Any], images: int, seed: int = 0) -> tuple[list[
         trainer = kfold._Trainer(configs, data, "fp32", compile=False, graphs=False)
     finally:
         for module in patched:
-            module.make_step = steps.make_step
+            module.make_step = original
     patience = configs[0].patience
     trainer._epoch(patience)
     return profile_ops(lambda: trainer._epoch(patience), autograd=True)

@@ -57,6 +57,19 @@ def record() -> dict[str, object]:
     return cost.count_stack(STACK, (60, 120))
 
 
+def test_profiling_leaves_every_later_trainer_its_own_step() -> None:
+    # The profile builds its trainer with the autograd step patched in; afterwards the
+    # CPU's float64 trainer must get the hand-written step again (a leak once made every
+    # later test in the process train through autograd).
+    import model.kfold as kfold
+    import model.steps as steps
+
+    original = steps.make_step
+    cost.epoch_ops([ONE_LAYER], 60)
+    assert steps.make_step is original
+    assert kfold.make_step is original
+
+
 def test_every_count_lies_on_the_line_through_two_sizes_at_a_third(
     measured: dict[int, list[cost.Op]],
 ) -> None:
