@@ -71,6 +71,7 @@ class ResilientRDBStorage(RDBStorage):
     reconnect_s: float | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        _listen_for_sqlite_begins()
         # Per thread, since the heartbeat thread calls in while the trial runs.
         self._retry_state = threading.local()
         self._claim_state = threading.local()
@@ -115,8 +116,13 @@ class ResilientRDBStorage(RDBStorage):
             self._claim_state.beating = outer
 
     def set_trial_state_values(self, trial_id: int, state: TrialState, values: Any = None) -> bool:
+        """Optuna's, whose read of the trial's state and write of the new one are one
+        transaction on SQLite too (`_sqlite_write_lock_from_the_start`): otherwise two
+        workers failing one stale trial at once both fail it, and both queue it again, one
+        trial past the budget; two taking one queued trial both take it."""
         try:
-            return super().set_trial_state_values(trial_id, state, values)
+            with _sqlite_write_lock_from_the_start():
+                return super().set_trial_state_values(trial_id, state, values)
         except optuna.exceptions.UpdateFinishedTrialError:
             # Raised by a retry whose first attempt committed before its connection
             # dropped: the trial already holds what this call was to write.
@@ -333,6 +339,41 @@ def _check_budget(session: Any, study_id: int) -> None:
     taken = trials - _retried_failures(session, study_id)
     if taken > budget:
         raise BudgetSpent(f"the study's {budget} trials are all finished, running or queued")
+
+
+# Whether this thread's next SQLite transactions begin with the write lock.
+_write_lock_first = threading.local()
+
+
+@contextmanager
+def _sqlite_write_lock_from_the_start() -> Iterator[None]:
+    """Inside the block, an SQLite transaction this thread begins takes the write lock
+    before its first statement (`BEGIN IMMEDIATE`, waiting out another writer as any
+    write does). Python's sqlite3 begins a transaction only at the first write, so without
+    this a read that decides the write runs outside it, and another process may commit in
+    between. PostgreSQL needs nothing: Optuna reads the row `FOR UPDATE`. Only for calls
+    of one transaction: a second connection opened inside the block would wait on the
+    first's lock."""
+    outer = getattr(_write_lock_first, "on", False)
+    _write_lock_first.on = True
+    try:
+        yield
+    finally:
+        _write_lock_first.on = outer
+
+
+@functools.cache
+def _listen_for_sqlite_begins() -> None:
+    """Once a process, for `_sqlite_write_lock_from_the_start`."""
+    from sqlalchemy import event
+    from sqlalchemy.engine import Connection, Engine
+
+    def begin(connection: Connection) -> None:
+        if getattr(_write_lock_first, "on", False) and connection.dialect.name == "sqlite":
+            # sqlite3 then sees the transaction open and adds no BEGIN of its own.
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    event.listen(Engine, "begin", begin)
 
 
 # The trials a transaction set RUNNING, kept in the session's info until it ends, each

@@ -666,6 +666,52 @@ def test_a_claim_past_the_budget_is_refused_but_a_queued_retry_and_ask_and_tell_
     assert study.ask().number == 4
 
 
+def _two_at_once(url: str, trial_id: int, state: TrialState) -> list[bool | type[Exception]]:
+    """Two workers (two storages, two connections) set one trial's state at the same moment:
+    each waits inside Optuna's read-check-write, after reading the trial, for the other to
+    have read it too (at most a second). What each call gave: True, False or the error."""
+    storages = [open_storage(url, heartbeat=None) for _ in range(2)]
+    read = [threading.Event(), threading.Event()]
+    for me, storage in enumerate(storages):
+        original = storage.check_trial_is_updatable
+
+        def check(trial_id: int, trial_state: TrialState, me: int = me, original=original) -> None:
+            read[me].set()
+            read[1 - me].wait(timeout=1.0)
+            original(trial_id, trial_state)
+
+        storage.check_trial_is_updatable = check  # type: ignore[method-assign]
+
+    def call(storage: optuna.storages.RDBStorage) -> bool | type[Exception]:
+        try:
+            return storage.set_trial_state_values(trial_id, state=state)
+        except optuna.exceptions.UpdateFinishedTrialError as exc:
+            return type(exc)
+
+    with ThreadPoolExecutor(2) as pool:
+        return sorted(pool.map(call, storages), key=str)
+
+
+def test_two_workers_failing_one_stale_trial_at_once_fail_it_once(db: str) -> None:
+    # Both finding the trial RUNNING and both failing it would queue it again twice: a
+    # trial past the budget (benchmarks/load.py once counted 41 of 40 on SQLite).
+    storage = open_storage(db, create=True, heartbeat=None)
+    study, _ = create_or_resume(storage, "race", PRESETS["tiny"], budget=3, seed=1)
+    trial = study.ask()
+    outcomes = _two_at_once(db, trial._trial_id, TrialState.FAIL)
+    assert outcomes == [optuna.exceptions.UpdateFinishedTrialError, True]
+
+
+def test_two_workers_taking_one_queued_trial_at_once_take_it_once(db: str) -> None:
+    # Both taking the retry would train it twice, and tell it twice.
+    storage = open_storage(db, create=True, heartbeat=None)
+    study, _ = create_or_resume(storage, "race", PRESETS["tiny"], budget=3, seed=1)
+    study.enqueue_trial({})
+    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))[0]
+    outcomes = _two_at_once(db, waiting._trial_id, TrialState.RUNNING)
+    assert outcomes == [False, True]
+
+
 def test_workers_claiming_at_once_on_postgresql_take_exactly_the_budget(
     postgres_url: str,
 ) -> None:
