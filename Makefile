@@ -1,7 +1,8 @@
 # make demo / make test each do their whole set-up on a fresh machine: a virtual
 # environment in .venv with the package and its dev and postgres extras, then MNIST under
 # ./data (or $MNIST_ROOT), fetched if missing. Nothing here needs a GPU. The PostgreSQL
-# tests also need the server binaries (apt-get install postgresql); without them they are
+# tests also need the server binaries (apt-get install postgresql), and the SLURM tests
+# SLURM's and munge's (apt-get install slurm-wlm munge) and root; without them they are
 # skipped, with the reason shown.
 
 PYTHON ?= python3
@@ -20,12 +21,15 @@ demo: data
 # machine as a user's workers have it: run beside another test process on 2 cores, a
 # stack ran past its --timeout and a second PostgreSQL host's worker found no trial left.
 # On the 2-core AMD EPYC the whole suite in one process took 13 min 1 s (issue 29).
-# TEST_PROCESSES=0 runs the first part in this process too.
+# TEST_PROCESSES=0 runs the first part in this process too. The SLURM tests share one
+# throwaway cluster, so they run in one of the test processes (--dist loadgroup), beside
+# the rest: their tasks mostly wait, the time limit's a minute.
 TEST_PROCESSES ?= $(shell n=$$(nproc); echo $$((n < 4 ? n : 4)))
 TIMED_PROCESS_TESTS := tests/test_workers.py tests/test_postgres.py tests/test_resume.py
 
 test: data
-	$(BIN)/python -m pytest -n $(TEST_PROCESSES) $(addprefix --ignore=,$(TIMED_PROCESS_TESTS))
+	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadgroup \
+		$(addprefix --ignore=,$(TIMED_PROCESS_TESTS))
 	$(BIN)/python -m pytest $(TIMED_PROCESS_TESTS)
 
 # The tests whose numbers depend on how the CPU rounds (they hold two computations of one

@@ -27,6 +27,7 @@ from study.errors import (
     EXIT_INTERRUPTED,
     EXIT_USAGE,
     OutputError,
+    SlurmError,
     StorageError,
     StudyError,
     UsageError,
@@ -53,16 +54,25 @@ def _printable(text: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
+    given = list(sys.argv[1:] if argv is None else argv)
+    # After `--`, sbatch's own options (`run --slurm`), passed on untouched.
+    split = given.index("--") if "--" in given else len(given)
+    args, unknown = parser.parse_known_args(given[:split])
     if unknown:
         # argparse would blame the top-level program for a flag the command lacks.
         args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if split < len(given) and not getattr(args, "slurm", False):
+        args.command_parser.error("options after -- go to sbatch, and need --slurm")
+    args.sbatch = tuple(given[split + 1 :])
     prog = f"mnist-study {args.command}"
     # Ctrl-C and `kill -INT` stop every command cleanly, however it was started: a shell
     # starts background jobs with SIGINT ignored, and Python keeps an ignored SIGINT
     # ignored, so a `run` started that way could not be stopped (seen in a CI run
     # launched in the background: `run` and `dashboard` ran on through their SIGINT).
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    # SIGTERM (`kill`, a SLURM time limit or preemption) stops a command as Ctrl-C does,
+    # rather than kill it mid-write; a worker handles both signals itself (`StopSignals`).
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         return args.handler(args)
     except KeyboardInterrupt:
@@ -80,7 +90,7 @@ def _exit_code(exc: Exception) -> int | None:
     """The exit code of an error the user can fix, None for a bug."""
     if isinstance(exc, UsageError | ConfigError | StudyError | DeviceError):
         return EXIT_USAGE
-    if isinstance(exc, StorageError | OutputError | DataError | CheckpointError):
+    if isinstance(exc, StorageError | OutputError | DataError | CheckpointError | SlurmError):
         return EXIT_FAILURE
     # A path the system refused (--out inside a file, a folder without write permission):
     # the user's to fix, and the path and reason say all there is to say.
@@ -209,6 +219,27 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--out", type=Path, metavar="DIR", help="folder for the report (default: reports/<study>)"
     )
+    cluster = run.add_argument_group(
+        "on a SLURM cluster",
+        "mnist-study run --slurm [OPTIONS] -- [SBATCH OPTIONS]: the workers run as one job "
+        "array, each task one worker per GPU it is given; the options after -- (partition, "
+        "account, time, --gres, CPUs, memory, --requeue, ...) go into the script. Needs a "
+        "storage every node reaches (PostgreSQL) and --artifacts and --root on a filesystem "
+        "they share",
+    )
+    cluster.add_argument(
+        "--slurm", action="store_true",
+        help="submit the workers as a SLURM job array instead of starting them here; show "
+        "the study's progress, cancel the array on Ctrl-C",
+    )  # fmt: skip
+    cluster.add_argument(
+        "--tasks", type=_whole_number(1, MAX_WORKERS), metavar="N",
+        help="tasks in the array (default: 1)",
+    )  # fmt: skip
+    cluster.add_argument(
+        "--dry-run", action="store_true",
+        help="print the sbatch script --slurm would submit, and submit nothing",
+    )  # fmt: skip
     _add_root(run)
     _add_heartbeat(run)
     _add_artifacts(run)
@@ -225,8 +256,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_storage(worker)
     worker.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
     worker.add_argument(
-        "--threads", type=_whole_number(1, MAX_THREADS), help="CPU threads for torch"
-    )
+        "--each-gpu", action="store_true",
+        help="one worker per GPU this job's task was given (CUDA_VISIBLE_DEVICES, else "
+        "SLURM_JOB_GPUS; none: one on the CPU), as `run --slurm`'s tasks run",
+    )  # fmt: skip
+    worker.add_argument(
+        "--threads", type=_whole_number(1, MAX_THREADS),
+        help="CPU threads for torch (default: torch's; with --each-gpu, the task's CPUs "
+        "shared out)",
+    )  # fmt: skip
     _add_root(worker)
     _add_heartbeat(worker)
     worker.add_argument("--worker-id", help=argparse.SUPPRESS)

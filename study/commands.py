@@ -156,8 +156,11 @@ def run(args: argparse.Namespace) -> int:
     from study.launcher import RunOptions, plan_workers, run_study
 
     _quiet_optuna()
-    for device, _ in plan_workers(args.devices, args.workers, args.workers_per_device):
-        _check_precision(args.precision, resolve_device(device))
+    _check_slurm_flags(args)
+    if not args.slurm:
+        # On SLURM the tasks' devices are known only there; each worker checks its own.
+        for device, _ in plan_workers(args.devices, args.workers, args.workers_per_device):
+            _check_precision(args.precision, resolve_device(device))
     # Damaged MNIST files or an unwritable --out stop the run before the storage is
     # created or touched; missing MNIST files are fetched by run_study.
     check_mnist(_data_root(args))
@@ -178,7 +181,27 @@ def run(args: argparse.Namespace) -> int:
         workers_per_device=args.workers_per_device,
         speed=_speed(args),
     )
-    outcome = run_study(options, log=lambda line: print(line, file=sys.stderr))
+    if args.slurm:
+        from study.slurm import SlurmOptions, check_options, job_script, run_array
+
+        slurm = SlurmOptions(sbatch=args.sbatch, tasks=args.tasks or 1)
+        check_options(options, slurm)
+        logs = Path("slurm-logs").resolve()
+        if args.dry_run:
+            print(job_script(options, slurm, logs), end="")
+            return 0
+        outcome = run_array(options, slurm, logs, log=lambda line: print(line, file=sys.stderr))
+        unmet = (
+            f"the array's tasks ended before the budget was met; see their logs in {logs}, "
+            "then run the same command to submit again"
+        )
+    else:
+        outcome = run_study(options, log=lambda line: print(line, file=sys.stderr))
+        workers = ", ".join(f"w{i}" for i in outcome.failed_workers) or "all"
+        unmet = (
+            f"workers ({workers}) stopped before the budget was met; see their messages "
+            "above, then run the same command to resume"
+        )
     print(status_block(outcome.study.study_name, outcome.study, outcome.counts))
     if outcome.counts.done and not args.no_retrain:
         from study.database import open_storage
@@ -203,21 +226,49 @@ def run(args: argparse.Namespace) -> int:
         )
         return 0
     if not outcome.counts.done:
-        workers = ", ".join(f"w{i}" for i in outcome.failed_workers) or "all"
-        print(
-            f"mnist-study run: error: workers ({workers}) stopped before the budget was met; "
-            "see their messages above, then run the same command to resume",
-            file=sys.stderr,
-        )
+        print(f"mnist-study run: error: {unmet}", file=sys.stderr)
         return EXIT_FAILURE
     return 0
 
 
+def _check_slurm_flags(args: argparse.Namespace) -> None:
+    """The flags that belong to local workers or to `--slurm` alone, refused elsewhere."""
+    if not args.slurm:
+        for flag, given in (("--tasks", args.tasks is not None), ("--dry-run", args.dry_run)):
+            if given:
+                raise UsageError(f"{flag} belongs to --slurm")
+        return
+    local = {
+        "--workers": args.workers is not None,
+        "--devices": args.devices is not None,
+        "--workers-per-device": args.workers_per_device is not None,
+    }
+    for flag, given in local.items():
+        if given:
+            raise UsageError(
+                f"--slurm: each task runs one worker per GPU it is given, so {flag} has no "
+                "place; ask sbatch for GPUs after --, e.g. -- --gres=gpu:2"
+            )
+    if args.timeout is not None:
+        raise UsageError(
+            "--slurm: give the array sbatch's time limit instead of --timeout, e.g. "
+            "-- --time=2:00:00; at it the workers checkpoint their trials and stop"
+        )
+
+
 def worker(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from model.device import resolve_device
+    from study.launcher import run_worker_per_device, task_devices, task_threads
     from study.worker import WorkerOptions, run_worker
 
-    _check_precision(args.precision, resolve_device(args.device))
+    devices = [args.device]
+    if args.each_gpu:
+        if args.device is not None:
+            raise UsageError("--each-gpu takes the task's GPUs from SLURM; give no --device")
+        devices = task_devices(os.environ)
+    _check_precision(args.precision, resolve_device(devices[0]))
     if args.quiet:
         _quiet_optuna()
     options = WorkerOptions(
@@ -233,9 +284,16 @@ def worker(args: argparse.Namespace) -> int:
         speed=_speed(args),
         deadline=args.deadline,
     )
-    ran = run_worker(
-        options, log=lambda line: print(f"mnist-study worker: {line}", file=sys.stderr)
-    )
+
+    def log(line: str) -> None:
+        print(f"mnist-study worker: {line}", file=sys.stderr)
+
+    if len(devices) > 1:
+        return run_worker_per_device(options, devices, log)
+    if args.each_gpu:
+        threads = args.threads or task_threads(os.environ, 1)
+        options = replace(options, device=devices[0], threads=threads)
+    ran = run_worker(options, log=log)
     if not args.quiet:
         print(f"worker done: ran {ran} trial(s); the study's budget is met", file=sys.stderr)
     return 0

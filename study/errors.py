@@ -27,6 +27,10 @@ class UsageError(Exception):
     """Bad input from the command line; exit 2."""
 
 
+class SlurmError(Exception):
+    """SLURM is missing, refused the job, or cannot be reached; exit 1."""
+
+
 class OutputError(Exception):
     """A folder the command must write into cannot be made or written; exit 1."""
 

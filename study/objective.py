@@ -73,8 +73,13 @@ class SpeedOptions:
 
 
 class Suspended(KeyboardInterrupt):
-    """The worker's deadline came: its trials in training were checkpointed at this
-    epoch's end and stop here, to be queued again and resumed from there."""
+    """The worker's deadline came, or a signal asked it to stop (`StopSignals`): its
+    trials in training were checkpointed at this epoch's end (`saved`; without
+    checkpoints they start over) and stop here, to be queued again and resumed."""
+
+    def __init__(self, saved: bool = True) -> None:
+        super().__init__()
+        self.saved = saved
 
 
 class Objective:
@@ -216,7 +221,7 @@ class Objective:
                     # The worker fails and queues again the trials in hand before it exits.
                     raise KeyboardInterrupt
                 if checkpoints is None and self.should_suspend():
-                    raise Suspended  # nothing to save: they will start over
+                    raise Suspended(saved=False)  # nothing to save: they start over
                 trial = trials[members[position]]
                 trial.report(progress.mean_accuracy, progress.epoch)
                 if folds_seen.get(trial.number) != progress.active_folds:

@@ -123,7 +123,7 @@ def run_worker(options: WorkerOptions, log: Callable[[str], None] = print) -> in
     data = to_device(mnist.train_images, mnist.train_labels, device)
     worker_id = options.worker_id or f"{socket.gethostname()}:{os.getpid()}"
 
-    stop = StopSignals(options.parent_pid)
+    stop = StopSignals(options.parent_pid, from_parent=options.parent_pid is not None)
     store = open_artifact_store(artifact_dir(options.storage, options.artifacts))
     per_claim = options.speed.trials_per_worker or default_trials_per_worker(device.type, preset)
     deadline = options.deadline
@@ -134,7 +134,9 @@ def run_worker(options: WorkerOptions, log: Callable[[str], None] = print) -> in
         should_stop=stop.parent_gone,
         artifacts=store,
         speed=options.speed,
-        should_suspend=lambda: deadline is not None and time.time() >= deadline,
+        should_suspend=lambda: (
+            stop.stop_requested or (deadline is not None and time.time() >= deadline)
+        ),
         log=log,
     )
     clock = StackClock(options.deadline, recent_stack_seconds(study, device.type, per_claim))
@@ -158,7 +160,7 @@ def run_trials_until_done(
         handler.addFilter(stop.keep_log_record)
     ran = 0
     try:
-        while not stop.parent_gone() and not stop.finish_requested:
+        while not stop.parent_gone() and not stop.finish_requested and not stop.stop_requested:
             fail_stale_trials(study)
             counts = count_trials(study, with_best=False)
             if counts.done:
@@ -177,6 +179,8 @@ def run_trials_until_done(
                     # the claim (the storage refused the claim: `BudgetSpent`).
                     continue
                 runner.in_hand = [t.number for t in trials]
+                if stop.stop_requested:
+                    raise Suspended(saved=False)  # asked during the claim: nothing trained
                 started = time.monotonic()
                 with _Heartbeats(storage, trials):
                     # A training error (a GPU out of memory, say) fails these trials alone.
@@ -190,15 +194,19 @@ def run_trials_until_done(
                     raise
                 raise lost from None
             ran += len(trials)
-    except Suspended:
+    except Suspended as suspended:
+        why = "at the deadline" if stop.stop_signal is None else f"on {stop.stop_signal}"
+        done = "checkpointed" if suspended.saved else "stopped"
         for number in runner.in_hand:
             requeue(study, number)
-            log(f"trial {number} was checkpointed at the deadline and is queued again")
+            log(f"trial {number} was {done} {why} and is queued again")
     except KeyboardInterrupt:
         for number in runner.in_hand:
             requeue(study, number)
             log(f"trial {number} was interrupted and is queued again")
         raise
+    if stop.stop_requested:
+        raise KeyboardInterrupt  # the worker was stopped: it exits as interrupted (130)
     return ran
 
 
@@ -323,24 +331,45 @@ def _storage_error_behind(exc: BaseException) -> StorageError | None:
 
 
 class StopSignals:
-    """How a worker is asked to stop. SIGINT and SIGTERM interrupt the trial in hand (the
-    worker queues it again); SIGUSR1 asks it to finish that trial and start no other; and
-    a worker whose parent (`parent_pid`, `run`) is gone stops as if interrupted."""
+    """How a worker is asked to stop.
 
-    def __init__(self, parent_pid: int | None = None) -> None:
+    The first SIGINT or SIGTERM asks it to stop as at the `--timeout` deadline: the
+    trials in training are checkpointed at the end of their epoch and queued again, to
+    resume from there, and the worker exits. SLURM sends SIGTERM at a task's time limit
+    and on preemption, then SIGKILL `KillWait` seconds later (30 by default): an epoch and
+    its checkpoint must fit in that. A second signal stops at once (the trials in hand are
+    queued again and resume from their last periodic checkpoint), as SIGKILL does.
+    SIGUSR1 asks it to finish the trials in hand and start no other; and a worker whose
+    parent (`parent_pid`, `run`) is gone stops as if interrupted twice.
+
+    `from_parent`: the worker's parent (`run`, or a task's `--each-gpu` worker) passes
+    stops on as SIGINT, and SIGTERM is ignored, since SLURM sends it to every process of
+    a task at once, the parent included: it would count twice.
+    """
+
+    def __init__(self, parent_pid: int | None = None, *, from_parent: bool = False) -> None:
         self.parent_pid = parent_pid
         self.interrupted = False
         self.finish_requested = False
+        self.stop_signal: str | None = None
+        """The signal that asked the worker to stop at the end of the epoch, once one has."""
         signal.signal(signal.SIGINT, self._interrupt)
-        signal.signal(signal.SIGTERM, self._interrupt)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN if from_parent else self._interrupt)
         signal.signal(signal.SIGUSR1, self._finish)
 
     def _interrupt(self, signum: int, frame: object) -> None:
+        if self.stop_signal is None:
+            self.stop_signal = signal.Signals(signum).name
+            return
         self.interrupted = True
         raise KeyboardInterrupt
 
     def _finish(self, signum: int, frame: object) -> None:
         self.finish_requested = True
+
+    @property
+    def stop_requested(self) -> bool:
+        return self.stop_signal is not None
 
     def parent_gone(self) -> bool:
         gone = self.parent_pid is not None and os.getppid() != self.parent_pid
@@ -354,4 +383,5 @@ class StopSignals:
         that error in one line, and the heartbeat hands the trial to another worker."""
         if record.exc_info and issubclass(record.exc_info[0], (KeyboardInterrupt, StorageError)):
             return False
-        return not (self.interrupted and "failed" in record.getMessage())
+        stopping = self.interrupted or self.stop_requested
+        return not (stopping and "failed" in record.getMessage())

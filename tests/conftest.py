@@ -14,6 +14,8 @@ import torch
 
 from model.data import DeviceData, Mnist, default_root, load_mnist, present
 from tests.pgserver import PgServer, why_unavailable
+from tests.slurmcluster import SlurmCluster
+from tests.slurmcluster import why_unavailable as slurm_unavailable
 
 # One torch thread for the whole session: with torch's default (every core), test_viz
 # took over 300 s while another job used both cores, against 16 s on one thread. A test
@@ -88,6 +90,21 @@ def postgres_server() -> Iterator[PgServer]:
         yield server
     finally:
         server.close()
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> Iterator[SlurmCluster]:
+    """One throwaway one-node SLURM cluster for the session (see tests/slurmcluster.py)."""
+    reason = slurm_unavailable()
+    if reason and os.environ.get("MNIST_STUDY_REQUIRE_SLURM"):
+        pytest.fail(f"MNIST_STUDY_REQUIRE_SLURM is set but {reason}")
+    if reason:
+        pytest.skip(f"no SLURM for this test: {reason}")
+    cluster = SlurmCluster()
+    try:
+        yield cluster
+    finally:
+        cluster.close()
 
 
 @pytest.fixture

@@ -781,6 +781,68 @@ ROWS = [
         (f"MNIST file {TEST_LABELS} (corrupted",),
         setup=corrupted_labels,
     ),
+    # A study on SLURM (`run --slurm`): what an array cannot do, refused before anything
+    # is written or submitted; the rows that need a real cluster are in test_slurm.py.
+    Row(
+        "slurm-on-sqlite",
+        ("run", "--preset", "smoke", "--slurm"),
+        2,
+        ("--slurm needs a storage every node reaches", "use PostgreSQL", "README: Many hosts"),
+    ),
+    Row(
+        "slurm-on-sqlite-pinned-elsewhere",
+        ("run", "--preset", "smoke", "--slurm", "--", "--nodelist=elsewhere"),
+        2,
+        ("--slurm needs a storage every node reaches",),
+    ),
+    Row(
+        "slurm-not-installed",
+        ("run", "--preset", "smoke", "--slurm", "--storage", SECRET_URL),
+        1,
+        ("sbatch is not on PATH",),
+        setup=lambda folder, shared: {"PATH": str(folder / "no-bin")},
+        never=("secret",),
+    ),
+    Row(
+        "sbatch-options-without-slurm",
+        ("run", "--preset", "smoke", "--", "--partition=gpu"),
+        2,
+        ("options after -- go to sbatch, and need --slurm",),
+    ),
+    Row(
+        "slurm-with-devices",
+        ("run", "--slurm", "--devices", "cpu", "--storage", SECRET_URL),
+        2,
+        ("--devices has no place", "--gres=gpu:2"),
+        never=("secret",),
+    ),
+    Row(
+        "slurm-with-timeout",
+        ("run", "--slurm", "--timeout", "60", "--storage", SECRET_URL),
+        2,
+        ("give the array sbatch's time limit instead of --timeout",),
+    ),
+    Row(
+        "slurm-export",
+        ("run", "--slurm", "--storage", SECRET_URL, "--", "--export=NONE"),
+        2,
+        ("an --export option would drop it",),
+    ),
+    Row(
+        "slurm-array",
+        ("run", "--slurm", "--storage", SECRET_URL, "--", "--array=0-3"),
+        2,
+        ("give the number of array tasks as --tasks N",),
+    ),
+    Row("tasks-without-slurm", ("run", "--tasks", "2"), 2, ("--tasks belongs to --slurm",)),
+    Row("dry-run-without-slurm", ("run", "--dry-run"), 2, ("--dry-run belongs to --slurm",)),
+    Row("tasks-0", ("run", "--slurm", "--tasks", "0"), 2, ("--tasks: 0 must be in [1, 1024]",)),
+    Row(
+        "each-gpu-with-device",
+        ("worker", "--study", STUDY, "--each-gpu", "--device", "cpu"),
+        2,
+        ("--each-gpu takes the task's GPUs from SLURM; give no --device",),
+    ),
 ]
 COMMANDS = ("data", "train", "space", "run", "worker", "status", "retrain", "report", "dashboard")
 

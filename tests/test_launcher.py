@@ -1,4 +1,5 @@
-"""`run`'s plan of workers: which device each worker gets and how many CPU threads.
+"""`run`'s plan of workers: which device each worker gets and how many CPU threads; and
+a SLURM task's (`worker --each-gpu`), from the environment SLURM gives it.
 
 The plan needs no GPU: CUDA's answers (is there one, how many) and the cores this process
 may use are pinned here, so the same plan comes out on any machine.
@@ -7,13 +8,24 @@ may use are pinned here, so the same plan comes out on any machine.
 from __future__ import annotations
 
 import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
 from typing import Protocol
 
 import pytest
 import torch
 
 from model.device import DeviceError
-from study.launcher import plan_workers
+from study import launcher
+from study.launcher import RunOptions, plan_workers, task_devices, task_threads
+from study.presets import PRESETS
+from study.slurm import SlurmOptions, job_script, pinned_host
+from study.worker import WorkerOptions
 
 
 class SetMachine(Protocol):
@@ -117,3 +129,166 @@ def test_a_worker_on_a_second_gpu_makes_it_the_current_device(
     assert made_current == [torch.device("cuda", 1)]
     assert use_device("cpu") == torch.device("cpu")
     assert made_current == [torch.device("cuda", 1)]
+
+
+# --- a SLURM task's workers (`worker --each-gpu`, which `run --slurm`'s script runs) -----
+
+
+@pytest.mark.parametrize(
+    ("env", "devices"),
+    [
+        ({"CUDA_VISIBLE_DEVICES": "0,1"}, ["cuda:0", "cuda:1"]),
+        # The node's GPUs 2 and 5, shown to the task as its 0 and 1.
+        ({"CUDA_VISIBLE_DEVICES": "2,5", "SLURM_JOB_GPUS": "2,5"}, ["cuda:0", "cuda:1"]),
+        ({"CUDA_VISIBLE_DEVICES": "GPU-6f1e,GPU-a2c4,GPU-77b0"}, ["cuda:0", "cuda:1", "cuda:2"]),
+        # Nothing hides the node's other GPUs: the task's own by their node indices.
+        ({"SLURM_JOB_GPUS": "2,5"}, ["cuda:2", "cuda:5"]),
+        ({"CUDA_VISIBLE_DEVICES": ""}, ["cpu"]),
+        ({"CUDA_VISIBLE_DEVICES": "NoDevFiles"}, ["cpu"]),
+        ({}, ["cpu"]),
+    ],
+    ids=["two", "remapped", "by-uuid", "job-gpus-only", "none-visible", "no-dev-files", "cpu"],
+)
+def test_a_slurm_task_runs_one_worker_per_gpu_it_was_given(
+    env: dict[str, str], devices: list[str]
+) -> None:
+    assert task_devices(env) == devices
+
+
+@pytest.mark.parametrize(
+    ("env", "cores", "workers", "threads"),
+    [
+        ({"SLURM_CPUS_PER_TASK": "8"}, 64, 2, 4),  # the task's CPUs, not the node's
+        ({"SLURM_CPUS_PER_TASK": "3"}, 64, 4, 1),  # at least one each
+        ({}, 6, 2, 3),  # outside SLURM: the CPUs this process may use
+        ({"SLURM_CPUS_PER_TASK": ""}, 5, 1, 5),
+    ],
+)
+def test_a_task_s_cpus_are_shared_out_among_its_workers(
+    env: dict[str, str], cores: int, workers: int, threads: int, machine: SetMachine
+) -> None:
+    machine(gpus=0, cores=cores)
+    assert task_threads(env, workers) == threads
+
+
+# Stands in for a worker: says it is ready, then writes the signals it is sent, ignoring
+# SIGTERM as a worker with a parent does (`StopSignals.from_parent`), and exits 130 at the
+# second SIGINT, as a worker stopped at once.
+FAKE_WORKER = """
+import pathlib, signal, sys, time
+out, got = pathlib.Path(sys.argv[1]), []
+def stop(signum, frame):
+    got.append(signal.Signals(signum).name)
+    out.write_text(" ".join(got))
+    if len(got) == 2:
+        sys.exit(130)
+signal.signal(signal.SIGINT, stop)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+out.write_text("ready")
+while True:
+    time.sleep(0.01)
+"""
+
+
+def test_each_gpu_starts_a_worker_per_device_and_passes_every_stop_on_as_sigint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SLURM's SIGTERM reaches the task's every process at once; the parent passes it on
+    to each worker as SIGINT, once per signal it gets, and the workers count it once."""
+    started: list[WorkerOptions] = []
+
+    def fake_argv(options: WorkerOptions, *, quiet: bool = True) -> list[str]:
+        started.append(options)
+        return [sys.executable, "-c", FAKE_WORKER, str(tmp_path / options.device.replace(":", ""))]
+
+    monkeypatch.setattr(launcher, "worker_argv", fake_argv)
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "6")
+    files = [tmp_path / "cuda0", tmp_path / "cuda1"]
+
+    def wait_for(text: str) -> None:
+        deadline = time.monotonic() + 60
+        while not all(f.exists() and f.read_text() == text for f in files):
+            assert time.monotonic() < deadline, [f.read_text() for f in files if f.exists()]
+            time.sleep(0.01)
+
+    def stop_twice() -> None:
+        wait_for("ready")
+        os.kill(os.getpid(), signal.SIGTERM)
+        wait_for("SIGINT")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    stopper = threading.Thread(target=stop_twice)
+    stopper.start()
+    try:
+        options = WorkerOptions(storage="sqlite:///x.db", study="s", data_root=tmp_path)
+        code = launcher.run_worker_per_device(options, ["cuda:0", "cuda:1"], log=lambda _: None)
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        stopper.join()
+    assert code == 130
+    assert [f.read_text() for f in files] == ["SIGINT SIGINT", "SIGINT SIGINT"]
+    assert [(o.device, o.threads, o.parent_pid) for o in started] == [
+        ("cuda:0", 3, os.getpid()),
+        ("cuda:1", 3, os.getpid()),
+    ]
+
+
+# --- the job script `run --slurm` submits -------------------------------------------------
+
+
+def test_the_job_script_holds_the_options_but_never_the_storage_url(tmp_path: Path) -> None:
+    options = RunOptions(
+        storage="postgresql+psycopg://me:pa55word@db.example.org/studies",
+        study="mnist-seed",
+        preset=PRESETS["seed"],
+        data_root=Path("data"),
+        heartbeat=7,
+        artifacts=Path("shared/artifacts"),
+    )
+    slurm = SlurmOptions(sbatch=("--partition=gpu", "--gres=gpu:2", "--comment=two words"), tasks=4)
+    script = job_script(options, slurm, tmp_path / "logs")
+    assert "pa55word" not in script and "db.example.org" not in script
+    lines = script.splitlines()
+    assert lines[0] == "#!/bin/bash"
+    directives = [line.removeprefix("#SBATCH ") for line in lines if line.startswith("#SBATCH ")]
+    assert directives == [
+        "--job-name=mnist-study-mnist-seed",
+        "--array=0-3",
+        f"--output={tmp_path / 'logs' / 'mnist-seed-%A_%a.out'}",
+        "--open-mode=append",
+        "--partition=gpu",
+        "--gres=gpu:2",
+        "'--comment=two words'",
+    ]
+    command = shlex.split(lines[-1])
+    assert command[:5] == ["exec", sys.executable, "-m", "study", "worker"]
+    assert command[-1] == "--each-gpu"
+    flags = dict(zip(command[5:-1:2], command[6:-1:2], strict=True))
+    assert flags == {
+        "--study": "mnist-seed",
+        "--heartbeat": "7",
+        # Absolute: a task starts in the submitting folder only where sbatch is told so.
+        "--root": str(Path("data").resolve()),
+        "--artifacts": str(Path("shared/artifacts").resolve()),
+    }
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("sbatch", "host"),
+    [
+        (("--nodelist=gpu07",), "gpu07"),
+        (("--nodelist", "gpu07.cluster.org"), "gpu07"),
+        (("-w", "gpu07"), "gpu07"),
+        (("-wgpu07",), "gpu07"),
+        (("--nodelist=gpu[07-08]",), None),  # several hosts
+        (("--nodelist=gpu07,gpu08",), None),
+        (("--partition=gpu",), None),
+    ],
+)
+def test_an_array_pinned_to_one_host_is_told_from_the_sbatch_options(
+    sbatch: tuple[str, ...], host: str | None
+) -> None:
+    assert pinned_host(sbatch) == host

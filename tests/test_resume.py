@@ -211,6 +211,7 @@ max = 1e-3
 """
 MAX_EPOCHS, PATIENCE = 80, 20
 EVERY = "0.3"  # seconds between checkpoints: several per trial
+CUT_AT_EPOCH = 5  # where a trial is stopped by a signal, well before it can end (PATIENCE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -322,11 +323,31 @@ def killed(proc: subprocess.Popen, log: Path) -> None:
     proc.wait(timeout=10)
 
 
-def interrupted(proc: subprocess.Popen, log: Path) -> None:
-    """Ctrl-C on `run`: it exits 130, its worker having queued the trial again."""
-    os.kill(proc.pid, signal.SIGINT)
-    assert proc.wait(timeout=60) == 130, log.read_text()
-    assert "trial 0 was interrupted and is queued again" in log.read_text()
+def reached_epoch(db: str, study: str, proc: subprocess.Popen, epoch: int) -> None:
+    """Waits until a running trial has reported `epoch` epochs (none checkpointed)."""
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the run ended before a trial reached the epoch"
+        with contextlib.suppress(StorageError, StudyError):
+            if any(
+                t.state == TrialState.RUNNING and len(t.intermediate_values) >= epoch
+                for t in trials(db, study)
+            ):
+                return
+        time.sleep(0.02)
+    raise AssertionError(f"no trial was seen at epoch {epoch}")
+
+
+def stopped_by(signum: int) -> Callable[[subprocess.Popen, Path], None]:
+    """The signal to `run` (Ctrl-C, or `kill`'s SIGTERM): it exits 130, its worker having
+    checkpointed the trial at the end of its epoch and queued it again."""
+
+    def cut(proc: subprocess.Popen, log: Path) -> None:
+        os.kill(proc.pid, signum)
+        assert proc.wait(timeout=60) == 130, log.read_text()
+        assert "trial 0 was checkpointed on SIGINT and is queued again" in log.read_text()
+
+    return cut
 
 
 def cut_then_rerun(
@@ -336,12 +357,16 @@ def cut_then_rerun(
     checkpointed_trials: int,
     cut: Callable[[subprocess.Popen, Path], None],
 ) -> tuple[str, Path]:
-    """`run` cut by `cut` once its trials each hold a checkpoint, then the same command
-    run to the end (exit 0); the database and the second run's log."""
+    """`run` cut by `cut` once its trials each hold a checkpoint (with no checkpoint
+    asked for, once a trial is a few epochs in), then the same command run to the end
+    (exit 0); the database and the second run's log."""
     db = f"sqlite:///{tmp_path / 'optuna.db'}"
     first = tmp_path / "run1.log"
     running = mnist_study(*args, db=db, log=first, new_session=True)
-    checkpointed(db, study, running, count=checkpointed_trials)
+    if checkpointed_trials:
+        checkpointed(db, study, running, count=checkpointed_trials)
+    else:
+        reached_epoch(db, study, running, CUT_AT_EPOCH)
     cut(running, first)
     second = tmp_path / "run2.log"
     rerun = mnist_study(*args, db=db, log=second)
@@ -368,13 +393,66 @@ def test_a_stack_of_three_killed_resumes_each_trial_from_its_checkpoint(
     assert_resumed_as_uninterrupted(db, "stacked", reference, reference.stacked)
 
 
-def test_ctrl_c_then_the_same_command_resumes_the_trial_from_its_checkpoint(
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_then_the_same_command_resumes_the_trial_from_the_epoch_it_reached(
+    reference: Reference, tmp_path: Path, signum: int
+) -> None:
+    """No periodic checkpoint falls inside the trial (the default, 60 s): the one taken
+    at the end of the epoch the signal came in is what it resumes from. SIGTERM to `run`
+    (`kill`, or a SLURM time limit of a job running `run`) is Ctrl-C."""
+    args = run_args(reference.space, "alone")
+    db, log = cut_then_rerun(tmp_path, args, "alone", 0, stopped_by(signum))
+    text = log.read_text()
+    resumed_at = int(re.search(r"trial 1 resumes trial 0 from its checkpoint at epoch (\d+)",
+                               text).group(1))  # fmt: skip
+    assert resumed_at >= CUT_AT_EPOCH
+    assert_resumed_as_uninterrupted(db, "alone", reference, [reference.alone])
+
+
+def test_a_worker_s_sigterm_checkpoints_at_the_epoch_and_a_second_signal_stops_at_once(
     reference: Reference, tmp_path: Path
 ) -> None:
-    args = run_args(reference.space, "alone", "--checkpoint-every", EVERY)
-    db, log = cut_then_rerun(tmp_path, args, "alone", 1, interrupted)
-    assert "trial 1 resumes trial 0 from its checkpoint at epoch" in log.read_text()
-    assert_resumed_as_uninterrupted(db, "alone", reference, [reference.alone])
+    """A worker of its own (a SLURM task's) takes SIGTERM as `run` takes Ctrl-C: the
+    trial is checkpointed at its epoch's end and queued again, the worker exits 130, and
+    the next worker resumes it. Two signals at once (SIGTERM, then SIGINT) stop it at
+    once: the trial is queued again with no checkpoint of its own, and its retry resumes
+    from the first checkpoint again."""
+    db = f"sqlite:///{tmp_path / 'optuna.db'}"
+    # The study, made by a run that stops at once (its budget is met before it starts).
+    made = mnist_study(*run_args(reference.space, "alone", "--timeout", "0.001"), db=db,
+                       log=tmp_path / "made.log")  # fmt: skip
+    assert made.wait(timeout=WAIT_S) == 0, (tmp_path / "made.log").read_text()
+    saved: dict | None = None  # the checkpoint the first signal took
+    for attempt, signals in enumerate([(signal.SIGTERM,), (signal.SIGTERM, signal.SIGINT)]):
+        log = tmp_path / f"worker{attempt}.log"
+        proc = mnist_study("worker", "--study", "alone", "--heartbeat", HEARTBEAT, db=db, log=log)
+        # A retry carries its predecessor's values up to the checkpoint: wait for new ones.
+        reached_epoch(db, "alone", proc, CUT_AT_EPOCH + (0 if saved is None else saved["epoch"]))
+        # Stopped while they are sent, so both arrive before it runs another line.
+        os.kill(proc.pid, signal.SIGSTOP)
+        for signum in signals:
+            os.kill(proc.pid, signum)
+        os.kill(proc.pid, signal.SIGCONT)
+        assert proc.wait(timeout=60) == 130, log.read_text()
+        text = log.read_text()
+        assert "mnist-study worker: interrupted" in text and "Traceback" not in text
+        *_, cut, retry = trials(db, "alone")
+        assert cut.state == TrialState.FAIL and retry.state == TrialState.WAITING
+        if saved is None:
+            assert f"trial {cut.number} was checkpointed on SIGTERM and is queued again" in text
+            saved = cut.system_attrs[CHECKPOINT_ATTR]
+            assert saved["epoch"] >= CUT_AT_EPOCH
+        else:
+            assert f"trial {cut.number} was interrupted and is queued again" in text
+            # No checkpoint of its own: it holds the one it resumed from, as its retry does.
+            assert cut.system_attrs[CHECKPOINT_ATTR] == saved
+            assert f"resumes trial 0 from its checkpoint at epoch {saved['epoch']}" in text
+        assert retry.system_attrs[CHECKPOINT_ATTR] == saved
+    log = tmp_path / "last.log"
+    last = mnist_study("worker", "--study", "alone", "--heartbeat", HEARTBEAT, db=db, log=log)
+    assert last.wait(timeout=WAIT_S) == 0, log.read_text()
+    finished = [t for t in trials(db, "alone") if t.state == TrialState.COMPLETE]
+    assert len(finished) == 1 and finished[0].params == reference.alone.params
 
 
 def test_a_trial_cut_by_timeout_is_checkpointed_at_the_deadline_and_resumed(
