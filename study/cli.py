@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
         "array, each task one worker per GPU it is given; the options after -- (partition, "
         "account, time, --gres, CPUs, memory, --requeue, ...) go into the script. Needs a "
         "storage every node reaches (PostgreSQL) and --artifacts and --root on a filesystem "
-        "they share",
+        "they share (README: On a SLURM cluster)",
     )
     cluster.add_argument(
         "--slurm", action="store_true",

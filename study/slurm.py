@@ -74,9 +74,9 @@ def check_options(options: RunOptions, slurm: SlurmOptions) -> None:
     if sqlite_file(options.storage) is not None and pinned_host(slurm.sbatch) != _this_host():
         raise UsageError(
             "--slurm needs a storage every node reaches, and SQLite's file would be shared "
-            "over a network filesystem, whose locks SQLite cannot trust: use PostgreSQL, "
-            "--storage postgresql+psycopg://user:password@host/db (README: Many hosts), or "
-            f"keep every task on this host: -- --nodelist={_this_host()}"
+            "over a network filesystem, whose locks SQLite cannot trust: use PostgreSQL "
+            "(--storage postgresql+psycopg://…; README: Many hosts), or keep every task on "
+            f"this host: -- --nodelist={_this_host()}"
         )
 
 
@@ -110,23 +110,41 @@ def job_script(options: RunOptions, slurm: SlurmOptions, logs: Path) -> str:
         speed=options.speed,
     )
     command = [*worker_argv(worker, quiet=False), "--each-gpu"]
-    directives = [
-        f"--job-name=mnist-study-{options.study}",
-        f"--array=0-{slurm.tasks - 1}",
-        f"--output={logs / f'{options.study}-%A_%a.out'}",
+    ours = {
+        "--job-name": f"mnist-study-{options.study}",
+        "--array": f"0-{slurm.tasks - 1}",
+        "--output": str(logs / f"{options.study}-%A_%a.out"),
         # A task SLURM starts again (--requeue) adds to its log rather than replace it.
-        "--open-mode=append",
-        *slurm.sbatch,
-    ]
+        "--open-mode": "append",
+    }
+    theirs = _option_lines(slurm.sbatch)
+    given = {_SHORT.get(line[0], line[0].split("=", 1)[0]) for line in theirs}
+    directives = [[f"{name}={value}"] for name, value in ours.items() if name not in given]
+    directives += theirs
     return "\n".join([
         "#!/bin/bash",
         f"# mnist-study: the workers of study {options.study!r}, one per GPU each task is",
         "# given (one on the CPU without). The storage URL is not here: the tasks find it",
         f"# in ${STORAGE_ENV}, which sbatch exports from the submitting shell.",
-        *(f"#SBATCH {shlex.quote(d)}" for d in directives),
+        *(f"#SBATCH {shlex.join(line)}" for line in directives),
         f"exec {shlex.join(command)}",
         "",
     ])  # fmt: skip
+
+
+def _option_lines(sbatch: Sequence[str]) -> list[list[str]]:
+    """The options one per line, each with the value that follows it (`-J name`)."""
+    lines: list[list[str]] = []
+    for arg in sbatch:
+        if arg.startswith("-") or not lines:
+            lines.append([arg])
+        else:
+            lines[-1].append(arg)
+    return lines
+
+
+# sbatch's short forms of the options the script sets itself, which the user's replace.
+_SHORT = {"-J": "--job-name", "-o": "--output", "-a": "--array"}
 
 
 def _sbatch(script: str, *flags: str, storage: str) -> str:
@@ -230,7 +248,8 @@ def run_array(
     )
     started = time.monotonic()
     defaults = options.preset.defaults
-    progress = StudyProgress(defaults.max_epochs, defaults.k, slurm.tasks, "cuda")
+    # The estimate counts a worker per task: how many GPUs each task gets is SLURM's.
+    progress = StudyProgress(defaults.max_epochs, defaults.k, slurm.tasks, "the array's devices")
     interrupted = False
     try:
         counts = watch(study, array.alive, started, None, progress)

@@ -116,3 +116,10 @@ def postgres_url(postgres_server: PgServer, request: pytest.FixtureRequest) -> s
 
 
 _database_numbers = itertools.count()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests of an xdist group (the SLURM tests, which share one cluster in one test
+    process and take minutes, mostly waiting on their tasks) first: scheduled last, the
+    other test processes would finish and idle beside them."""
+    items.sort(key=lambda item: item.get_closest_marker("xdist_group") is None)

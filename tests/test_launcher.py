@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -22,9 +23,10 @@ import torch
 
 from model.device import DeviceError
 from study import launcher
+from study.errors import UsageError
 from study.launcher import RunOptions, plan_workers, task_devices, task_threads
 from study.presets import PRESETS
-from study.slurm import SlurmOptions, job_script, pinned_host
+from study.slurm import SlurmOptions, check_options, job_script, pinned_host
 from study.worker import WorkerOptions
 
 
@@ -292,3 +294,32 @@ def test_an_array_pinned_to_one_host_is_told_from_the_sbatch_options(
     sbatch: tuple[str, ...], host: str | None
 ) -> None:
     assert pinned_host(sbatch) == host
+
+
+def test_the_user_s_own_log_and_job_name_replace_the_script_s(tmp_path: Path) -> None:
+    options = RunOptions(storage="postgresql+psycopg://h/db", study="s", preset=PRESETS["smoke"])
+    slurm = SlurmOptions(sbatch=("-J", "mine", "--output=/scratch/%j.log"), tasks=2)
+    directives = [
+        line.removeprefix("#SBATCH ")
+        for line in job_script(options, slurm, tmp_path).splitlines()
+        if line.startswith("#SBATCH ")
+    ]
+    # An option and its value given apart (-J mine) share a line, as sbatch reads them.
+    assert directives == [
+        "--array=0-1",
+        "--open-mode=append",
+        "-J mine",
+        "--output=/scratch/%j.log",
+    ]
+
+
+def test_sqlite_is_refused_for_an_array_unless_it_is_pinned_to_this_host() -> None:
+    """The file is local to every task only when every task runs here."""
+    options = RunOptions(storage="sqlite:///optuna.db", study="s", preset=PRESETS["smoke"])
+    here = socket.gethostname().split(".")[0]
+    check_options(options, SlurmOptions(sbatch=(f"--nodelist={here}",)))
+    for sbatch in [(), ("--nodelist=elsewhere",), (f"--nodelist={here},elsewhere",)]:
+        with pytest.raises(UsageError, match="use PostgreSQL"):
+            check_options(options, SlurmOptions(sbatch=sbatch))
+    postgres = RunOptions(storage="postgresql+psycopg://h/db", study="s", preset=PRESETS["smoke"])
+    check_options(postgres, SlurmOptions())

@@ -160,6 +160,38 @@ def assert_every_cut_trial_finished_by_its_retry(db: str, study: str, budget: in
         assert retry.state in (TrialState.COMPLETE, TrialState.FAIL), retry.state
 
 
+def test_a_task_at_its_time_limit_checkpoints_its_trial_and_the_same_command_resumes_it(
+    cluster: SlurmCluster, postgres_url: str, tmp_path: Path, space: Path, mnist: Mnist
+) -> None:
+    """(First, as the longest: a minute and up to the 30 s SLURM takes to notice.) SLURM's
+    shortest time limit, one minute: at it the task's worker gets SIGTERM,
+    checkpoints the trial in training at its epoch's end and queues it again; `run` says
+    the array ended before the budget; the same command, with the budget now one past
+    what finished, resumes the trial from that epoch."""
+    args = ("--space", str(space), "--study", "even", "--seed", "4", "--no-retrain")
+    log = tmp_path / "run1.log"
+    run = submit(*args, "--n-trials", "100", db=postgres_url, log=log,
+                 sbatch=(*ONE_CPU, "--time=1"))  # fmt: skip
+    assert run.wait(timeout=WAIT_S) == 1, log.read_text()
+    assert "the array's tasks ended before the budget was met" in log.read_text()
+    text = task_logs(tmp_path)
+    assert "DUE TO TIME LIMIT" in text, text
+    (number,) = re.findall(r"trial (\d+) was checkpointed on SIGTERM and is queued again", text)
+    (cut,) = [t for t in trials(postgres_url, "even") if t.state == TrialState.FAIL]
+    assert cut.number == int(number)
+    finished = count_trials(load_study(open_storage(postgres_url, heartbeat=None), "even")).finished
+
+    rerun_log = tmp_path / "run2.log"
+    rerun = submit(*args, "--n-trials", str(finished + 1), db=postgres_url, log=rerun_log)
+    assert rerun.wait(timeout=WAIT_S) == 0, rerun_log.read_text()
+    (retry,) = [t for t in trials(postgres_url, "even") if t.system_attrs.get("failed_trial")
+                == cut.number]  # fmt: skip
+    assert retry.state == TrialState.COMPLETE
+    assert retry.user_attrs["resumed_from"]["trial"] == cut.number
+    assert retry.user_attrs["resumed_from"]["epoch"] >= 1
+    assert_every_cut_trial_finished_by_its_retry(postgres_url, "even", finished + 1)
+
+
 def test_an_array_of_two_tasks_runs_exactly_the_budget_then_retrains_here(
     cluster: SlurmCluster, postgres_url: str, tmp_path: Path, mnist: Mnist
 ) -> None:
@@ -240,37 +272,6 @@ def test_a_killed_task_s_trial_is_finished_by_another_and_ctrl_c_then_the_same_c
     assert "Traceback" not in task_logs(tmp_path) + rerun_log.read_text()
 
 
-def test_a_task_at_its_time_limit_checkpoints_its_trial_and_the_same_command_resumes_it(
-    cluster: SlurmCluster, postgres_url: str, tmp_path: Path, space: Path, mnist: Mnist
-) -> None:
-    """SLURM's shortest time limit, one minute: at it the task's worker gets SIGTERM,
-    checkpoints the trial in training at its epoch's end and queues it again; `run` says
-    the array ended before the budget; the same command, with the budget now one past
-    what finished, resumes the trial from that epoch."""
-    args = ("--space", str(space), "--study", "even", "--seed", "4", "--no-retrain")
-    log = tmp_path / "run1.log"
-    run = submit(*args, "--n-trials", "100", db=postgres_url, log=log,
-                 sbatch=(*ONE_CPU, "--time=1"))  # fmt: skip
-    assert run.wait(timeout=WAIT_S) == 1, log.read_text()
-    assert "the array's tasks ended before the budget was met" in log.read_text()
-    text = task_logs(tmp_path)
-    assert "DUE TO TIME LIMIT" in text, text
-    (number,) = re.findall(r"trial (\d+) was checkpointed on SIGTERM and is queued again", text)
-    (cut,) = [t for t in trials(postgres_url, "even") if t.state == TrialState.FAIL]
-    assert cut.number == int(number)
-    finished = count_trials(load_study(open_storage(postgres_url, heartbeat=None), "even")).finished
-
-    rerun_log = tmp_path / "run2.log"
-    rerun = submit(*args, "--n-trials", str(finished + 1), db=postgres_url, log=rerun_log)
-    assert rerun.wait(timeout=WAIT_S) == 0, rerun_log.read_text()
-    (retry,) = [t for t in trials(postgres_url, "even") if t.system_attrs.get("failed_trial")
-                == cut.number]  # fmt: skip
-    assert retry.state == TrialState.COMPLETE
-    assert retry.user_attrs["resumed_from"]["trial"] == cut.number
-    assert retry.user_attrs["resumed_from"]["epoch"] >= 1
-    assert_every_cut_trial_finished_by_its_retry(postgres_url, "even", finished + 1)
-
-
 def test_a_preempted_task_with_requeue_resumes_its_trial_when_slurm_starts_it_again(
     cluster: SlurmCluster, postgres_url: str, tmp_path: Path, space: Path, mnist: Mnist
 ) -> None:
@@ -298,6 +299,7 @@ def test_a_preempted_task_with_requeue_resumes_its_trial_when_slurm_starts_it_ag
         ("--bogus", "sbatch refused the job: sbatch: unrecognized option '--bogus'"),
         ("--partition=nowhere", "sbatch refused the job: sbatch: error: invalid partition"),
     ],
+    ids=["unrecognized", "no-such-partition"],
 )
 def test_an_option_sbatch_refuses_is_one_line_and_submits_and_changes_nothing(
     cluster: SlurmCluster, postgres_url: str, tmp_path: Path, option: str, says: str
