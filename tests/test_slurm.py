@@ -229,7 +229,7 @@ def test_a_killed_task_s_trial_is_finished_by_another_and_ctrl_c_then_the_same_c
     trains it. Then Ctrl-C on `run`: it cancels the array, whose worker
     checkpoints its trial on SIGTERM, and the same command submits an array that resumes
     it and finishes the budget."""
-    args = ("--space", str(space), "--study", "even", "--n-trials", "6", "--tasks", "2",
+    args = ("--space", str(space), "--study", "even", "--n-trials", "4", "--tasks", "2",
             "--seed", "4", "--no-retrain")  # fmt: skip
     log = tmp_path / "run1.log"
     run = submit(*args, db=postgres_url, log=log, new_session=True)
@@ -266,7 +266,7 @@ def test_a_killed_task_s_trial_is_finished_by_another_and_ctrl_c_then_the_same_c
     rerun = submit(*args, db=postgres_url, log=rerun_log)
     assert rerun.wait(timeout=WAIT_S) == 0, rerun_log.read_text()
     assert re.search(r"resumes trial \d+ from its checkpoint at epoch", task_logs(tmp_path))
-    assert_every_cut_trial_finished_by_its_retry(postgres_url, "even", 6)
+    assert_every_cut_trial_finished_by_its_retry(postgres_url, "even", 4)
     failed = [t for t in trials(postgres_url, "even") if t.state == TrialState.FAIL]
     assert len(failed) == 2, [t.number for t in failed]  # the killed one, the cancelled one
     assert "Traceback" not in task_logs(tmp_path) + rerun_log.read_text()

@@ -471,11 +471,13 @@ def test_an_outage_longer_than_the_wait_ends_the_worker_in_one_line_and_loses_on
     assert counts.finished == 4 and counts.retried == 1 and counts.running == 0, counts
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["kill-int", "sigterm"])
 def test_run_started_with_sigint_ignored_still_stops_on_sigint(
-    sqlite_db: str, tmp_path: Path
+    sqlite_db: str, tmp_path: Path, signum: int
 ) -> None:
     """A shell starts background jobs with SIGINT ignored, and Python keeps an inherited
-    ignore; `run` installs its own handler, so `kill -INT` still stops it cleanly."""
+    ignore; `run` installs its own handler, so `kill -INT` still stops it cleanly. SIGTERM
+    (`kill`, the time limit of a SLURM job that runs `run`) stops it the same way."""
     log = tmp_path / "run.log"
     env = {**os.environ, "MNIST_STUDY_STORAGE": sqlite_db}
     run = subprocess.Popen(
@@ -489,7 +491,7 @@ def test_run_started_with_sigint_ignored_still_stops_on_sigint(
     while "worker(s)" not in log.read_text():
         assert run.poll() is None and time.monotonic() < deadline, log.read_text()
         time.sleep(0.1)
-    run.send_signal(signal.SIGINT)
+    run.send_signal(signum)
     assert run.wait(timeout=WAIT_S) == 130, log.read_text()
     assert "interrupted" in log.read_text()
 
