@@ -172,6 +172,18 @@ def test_a_task_at_its_time_limit_checkpoints_its_trial_and_the_same_command_res
     log = tmp_path / "run1.log"
     run = submit(*args, "--n-trials", "100", db=postgres_url, log=log,
                  sbatch=(*ONE_CPU, "--time=1"))  # fmt: skip
+    job = job_of(log, run)
+    submitted = time.monotonic()
+    # Paused while the minute runs (SIGSTOP), rather than train through it on a core the
+    # other tests need; woken 50 s after the submission, before the limit can fall (a
+    # minute after the task's start, which is later), to be training when it does.
+    wait_for(lambda: training(postgres_url, "even"), run, "a trial training")
+    pids = task_pids(job, 0)
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    time.sleep(max(0.0, submitted + 50 - time.monotonic()))
+    for pid in pids:
+        os.kill(pid, signal.SIGCONT)
     assert run.wait(timeout=WAIT_S) == 1, log.read_text()
     assert "the array's tasks ended before the budget was met" in log.read_text()
     text = task_logs(tmp_path)
