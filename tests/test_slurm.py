@@ -221,8 +221,9 @@ def test_an_array_of_two_tasks_runs_exactly_the_budget_then_retrains_here(
     assert_every_cut_trial_finished_by_its_retry(postgres_url, "mnist-tiny", 6)
     done = trials(postgres_url, "mnist-tiny")
     assert all(t.state == TrialState.COMPLETE for t in done) and len(done) == 6
-    # Both tasks worked: two workers, each a task's.
-    assert len({t.user_attrs["worker"] for t in done}) == 2
+    # Not asserted: that both tasks trained. Under load one task's worker was seen to
+    # finish all six tiny trials before the other's had loaded MNIST (that the tasks
+    # share a study is the next test's, which catches both training at once).
     logs = sorted((tmp_path / "slurm-logs").glob("*.out"))
     assert [p.name for p in logs] == [f"mnist-tiny-{job}_0.out", f"mnist-tiny-{job}_1.out"]
     for path in logs:
