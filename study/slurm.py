@@ -203,10 +203,10 @@ class Array:
         now = time.monotonic()
         if now - self.last_look >= SQUEUE_EVERY_S:
             self.last_look = now
-            self.last_seen = self._in_queue()
+            self.last_seen = self.in_queue()
         return self.last_seen
 
-    def _in_queue(self) -> bool:
+    def in_queue(self) -> bool:
         try:
             done = subprocess.run(
                 ["squeue", "--noheader", "--jobs", self.job, "--format=%i"],
@@ -272,5 +272,5 @@ def run_array(
 
 def _wait_gone(array: Array, seconds: float) -> None:
     deadline = time.monotonic() + seconds
-    while array._in_queue() and time.monotonic() < deadline:
+    while array.in_queue() and time.monotonic() < deadline:
         time.sleep(0.5)

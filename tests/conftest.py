@@ -6,8 +6,9 @@ import itertools
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import torch
@@ -16,6 +17,8 @@ from model.data import DeviceData, Mnist, default_root, load_mnist, present
 from tests.pgserver import PgServer, why_unavailable
 from tests.slurmcluster import SlurmCluster
 from tests.slurmcluster import why_unavailable as slurm_unavailable
+
+T = TypeVar("T")
 
 # One torch thread for the whole session: with torch's default (every core), test_viz
 # took over 300 s while another job used both cores, against 16 s on one thread. A test
@@ -77,34 +80,33 @@ def mnist() -> Mnist:
     return load_mnist(root)
 
 
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[PgServer]:
-    """One throwaway PostgreSQL server for the session (see tests/pgserver.py)."""
-    reason = why_unavailable()
-    if reason and os.environ.get("MNIST_STUDY_REQUIRE_POSTGRES"):
-        pytest.fail(f"MNIST_STUDY_REQUIRE_POSTGRES is set but {reason}")
+def _throwaway(
+    kind: str, required_by: str, reason: str | None, start: Callable[[], T]
+) -> Iterator[T]:
+    """A throwaway server started for the session, stopped after it (`close`); skipped
+    with `reason`, visibly, where it cannot start here, or failed where `required_by` is
+    set (CI)."""
+    if reason and os.environ.get(required_by):
+        pytest.fail(f"{required_by} is set but {reason}")
     if reason:
-        pytest.skip(f"no PostgreSQL for this test: {reason}")
-    server = PgServer()
+        pytest.skip(f"no {kind} for this test: {reason}")
+    server = start()
     try:
         yield server
     finally:
-        server.close()
+        server.close()  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PgServer]:
+    """One throwaway PostgreSQL server for the session (see tests/pgserver.py)."""
+    yield from _throwaway("PostgreSQL", "MNIST_STUDY_REQUIRE_POSTGRES", why_unavailable(), PgServer)
 
 
 @pytest.fixture(scope="session")
 def slurm_cluster() -> Iterator[SlurmCluster]:
     """One throwaway one-node SLURM cluster for the session (see tests/slurmcluster.py)."""
-    reason = slurm_unavailable()
-    if reason and os.environ.get("MNIST_STUDY_REQUIRE_SLURM"):
-        pytest.fail(f"MNIST_STUDY_REQUIRE_SLURM is set but {reason}")
-    if reason:
-        pytest.skip(f"no SLURM for this test: {reason}")
-    cluster = SlurmCluster()
-    try:
-        yield cluster
-    finally:
-        cluster.close()
+    yield from _throwaway("SLURM", "MNIST_STUDY_REQUIRE_SLURM", slurm_unavailable(), SlurmCluster)
 
 
 @pytest.fixture

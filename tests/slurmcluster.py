@@ -148,13 +148,17 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
             f"{p.name}: {p.read_text()[-2000:]}" for p in sorted((self.root / "log").glob("*"))
         )
 
-    def close(self) -> None:
-        """Cancel every job, stop the daemons, delete the folder."""
+    def cancel_all(self, wait_s: float = 30.0) -> None:
+        """Kill every job's processes at once, and wait until the controller has none."""
         user = pwd.getpwuid(os.geteuid()).pw_name
         self.run("scancel", "--full", "--signal=KILL", f"--user={user}", check=False)
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + wait_s
         while self.tasks() and time.monotonic() < deadline:
             time.sleep(0.2)
+
+    def close(self) -> None:
+        """Cancel every job, stop the daemons, delete the folder."""
+        self.cancel_all(wait_s=15)
         for pid_file in ("slurmd.pid", "slurmctld.pid", "munge/munged.pid"):
             path = self.root / pid_file
             if path.exists():

@@ -58,10 +58,7 @@ def cluster(slurm_cluster: SlurmCluster, monkeypatch: pytest.MonkeyPatch) -> Ite
     """The session's cluster, for the processes a test starts; no job left behind."""
     monkeypatch.setenv("SLURM_CONF", str(slurm_cluster.conf))
     yield slurm_cluster
-    slurm_cluster.run("scancel", "--full", "--signal=KILL", "--user=root", check=False)
-    deadline = time.monotonic() + 30
-    while slurm_cluster.tasks() and time.monotonic() < deadline:
-        time.sleep(0.2)
+    slurm_cluster.cancel_all()
 
 
 @pytest.fixture
