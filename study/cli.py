@@ -52,18 +52,23 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    given = list(sys.argv[1:] if argv is None else argv)
+def parse_command_line(argv: Sequence[str]) -> argparse.Namespace:
+    """The command line as `main` reads it; a mistake exits 2 with one line (`_Parser`)."""
+    given = list(argv)
     # After `--`, sbatch's own options (`run --slurm`), passed on untouched.
     split = given.index("--") if "--" in given else len(given)
-    args, unknown = parser.parse_known_args(given[:split])
+    args, unknown = build_parser().parse_known_args(given[:split])
     if unknown:
         # argparse would blame the top-level program for a flag the command lacks.
         args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if split < len(given) and not getattr(args, "slurm", False):
         args.command_parser.error("options after -- go to sbatch, and need --slurm")
     args.sbatch = tuple(given[split + 1 :])
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_command_line(sys.argv[1:] if argv is None else argv)
     prog = f"mnist-study {args.command}"
     # Ctrl-C and `kill -INT` stop every command cleanly, however it was started: a shell
     # starts background jobs with SIGINT ignored, and Python keeps an ignored SIGINT
@@ -225,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
         "array, each task one worker per GPU it is given; the options after -- (partition, "
         "account, time, --gres, CPUs, memory, --requeue, ...) go into the script. Needs a "
         "storage every node reaches (PostgreSQL) and --artifacts and --root on a filesystem "
-        "they share (README: On a SLURM cluster)",
+        "they share (docs/clusters.md)",
     )
     cluster.add_argument(
         "--slurm", action="store_true",
@@ -261,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
         "SLURM_JOB_GPUS; none: one on the CPU), as `run --slurm`'s tasks run",
     )  # fmt: skip
     worker.add_argument(
-        "--threads", type=_whole_number(1, MAX_THREADS),
+        "--threads", type=_whole_number(1, MAX_THREADS), metavar="T",
         help="CPU threads for torch (default: torch's; with --each-gpu, the task's CPUs "
         "shared out)",
     )  # fmt: skip
@@ -279,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     status = _command(
         subcommands, "status", commands.status, "show a study's progress and best trial"
     )
-    _add_study(status, required=False)
+    _add_study(status, required=False, default_text="every study in the storage")
     _add_storage(status)
     status.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -328,10 +333,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_storage(dashboard)
     dashboard.add_argument(
-        "--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this "
-        "machine only; optuna-dashboard has no authentication)",
+        "--host", default="127.0.0.1", metavar="ADDRESS",
+        help="address to listen on (default: 127.0.0.1, this machine only; optuna-dashboard "
+        "has no authentication)",
     )  # fmt: skip
-    dashboard.add_argument("--port", type=_whole_number(1, 65535), default=8080, help="port")
+    dashboard.add_argument(
+        "--port",
+        type=_whole_number(1, 65535),
+        default=8080,
+        metavar="N",
+        help="port (default: 8080)",
+    )
     _add_artifacts(dashboard)
     return parser
 
@@ -466,6 +478,21 @@ def _add_heartbeat(parser: argparse.ArgumentParser) -> None:
     )
 
 
+# Each command's page of the user guide, which explains every flag it takes (the docs'
+# test holds the pages to the parser).
+GUIDE_PAGES = {
+    "data": "docs/data.md",
+    "train": "docs/training.md",
+    "space": "docs/search-space.md",
+    "run": "docs/running.md",
+    "worker": "docs/running.md",
+    "status": "docs/inspecting.md",
+    "retrain": "docs/training.md",
+    "report": "docs/inspecting.md",
+    "dashboard": "docs/inspecting.md",
+}
+
+
 def _command(
     commands: argparse._SubParsersAction,
     name: str,
@@ -473,7 +500,10 @@ def _command(
     help_text: str,
 ) -> argparse.ArgumentParser:
     sub = commands.add_parser(
-        name, help=help_text, description=help_text[0].upper() + help_text[1:] + "."
+        name,
+        help=help_text,
+        description=help_text[0].upper() + help_text[1:] + ".",
+        epilog=f'Guide: {GUIDE_PAGES[name]}, section "mnist-study {name}".',
     )
     sub.set_defaults(handler=handler, command_parser=sub)
     return sub
@@ -484,6 +514,7 @@ def _add_root(parser: argparse.ArgumentParser) -> None:
         "--root",
         type=Path,
         default=None,
+        metavar="DIR",
         help="MNIST data root (default: $MNIST_ROOT, else ./data)",
     )
 
@@ -499,5 +530,5 @@ def _add_preset(parser: argparse.ArgumentParser) -> None:
     chosen.add_argument(
         "--space", type=Path, metavar="FILE",
         help="a study file of your own instead: TOML, the search space in W&B's sweep "
-        "vocabulary (README: Studies as files); the study stores it",
+        "vocabulary (docs/search-space.md); the study stores it",
     )  # fmt: skip

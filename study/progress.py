@@ -178,5 +178,5 @@ class StudyProgress:
             f"estimate: at {min(rates):.3g} epochs/s a trial of up to {self.max_epochs} epochs "
             f"takes up to {duration(per_trial)} on {self.device}, so {budget - finished} "
             f"trials with {self.workers} worker(s) up to {duration(total)}; going on "
-            "(Ctrl-C stops and keeps the study; a GPU takes far less, README: Speed)"
+            "(Ctrl-C stops and keeps the study; a GPU takes far less, docs/training.md: Speed)"
         )

@@ -75,7 +75,7 @@ def check_options(options: RunOptions, slurm: SlurmOptions) -> None:
         raise UsageError(
             "--slurm needs a storage every node reaches, and SQLite's file would be shared "
             "over a network filesystem, whose locks SQLite cannot trust: use PostgreSQL "
-            "(--storage postgresql+psycopg://…; README: Many hosts), or keep every task on "
+            "(--storage postgresql+psycopg://…; docs/clusters.md), or keep every task on "
             f"this host: -- --nodelist={_this_host()}"
         )
 

@@ -11,8 +11,8 @@ that folder, and the report's own `--out` is another one.)
 A path outside that folder is stored absolute: it is as portable as the place the user
 chose. So is every path of a study on a database server, which has no folder: there the
 folders that hosts share are mounted at one path, and `report` may run from any folder
-(the README's multi-host steps do). Old studies stored absolute paths: those are read as
-they are.
+(docs/clusters.md's multi-host steps do). Old studies stored absolute paths: those are read
+as they are.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 A file has three tables: `[study]` (summary, n_trials, sampler, n_prior_trials, pruner,
 ensemble), `[train]` (fixed TrainConfig settings; "all" images, "full" batch) and
-`[parameters.<name>]`, one per searched parameter (README.md, "Studies as files", has a
-whole example). Each parameter table means what it means in a W&B sweep: `value` (a
+`[parameters.<name>]`, one per searched parameter (docs/search-space.md, "Studies as
+files", has a whole example). Each parameter table means what it means in a W&B sweep: `value` (a
 constant), `values` (drawn equally likely), or a `distribution` with `min`/`max`,
 `mu`/`sigma`, `q`. Where W&B leaves a point open, the file says it, and this module holds
 it to that (`study.parameter_tables` reads the [parameters] tables into a space and

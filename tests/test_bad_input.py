@@ -787,7 +787,7 @@ ROWS = [
         "slurm-on-sqlite",
         ("run", "--preset", "smoke", "--slurm"),
         2,
-        ("--slurm needs a storage every node reaches", "use PostgreSQL", "README: Many hosts"),
+        ("--slurm needs a storage every node reaches", "use PostgreSQL", "docs/clusters.md"),
     ),
     Row(
         "slurm-on-sqlite-pinned-elsewhere",

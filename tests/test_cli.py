@@ -107,9 +107,10 @@ def test_help_lists_the_commands() -> None:
     # Every command the parser has, in its order, each with its own help text: a command
     # missing from the listing (or listed with another's help) fails.
     assert listed_commands(proc.stdout) == commands
-    # README's synopsis documents the same commands in the same order.
+    # README's synopsis documents the same commands in the same order (and
+    # tests/test_docs.py, each one's flags).
     readme = (Path(__file__).parents[1] / "README.md").read_text()
-    synopsis = readme.split("## Commands", 1)[1].split("```")[1]
+    synopsis = readme.split("## Commands", 1)[1].split("```synopsis\n")[1].split("```")[0]
     documented = [line.split()[1] for line in synopsis.splitlines() if line.startswith("mnist-")]
     assert documented == DOCUMENTED_COMMANDS
 

@@ -78,7 +78,7 @@ def test_train_json_prints_the_documented_fields(mnist: Mnist) -> None:
     assert proc.returncode == 0, proc.stderr
     (line,) = proc.stdout.splitlines()  # one JSON object and nothing else on stdout
     out = json.loads(line)
-    # Exactly the fields README.md's "Parameters" section lists for `--json`.
+    # Exactly the fields docs/training.md's "Parameters" section lists for `--json`.
     assert set(out) == {
         "fold_accuracies", "mean_accuracy", "std_accuracy", "fold_losses", "best_epochs",
         "epochs_run", "seconds", "device", "diverged", "halted", "params",

@@ -194,9 +194,9 @@ def test_issue_30_s_file_draws_its_own_gaussian_on_layer_one_and_layer_two_flat(
     }
 
 
-def test_the_readme_s_example_of_each_layer_s_own_prior_is_issue_30_s_file() -> None:
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    block = readme.split("```toml\n# each-layer.toml\n", 1)[1].split("```", 1)[0]
+def test_the_guide_s_example_of_each_layer_s_own_prior_is_issue_30_s_file() -> None:
+    guide = (Path(__file__).parents[1] / "docs" / "search-space.md").read_text()
+    block = guide.split("```toml\n# each-layer.toml\n", 1)[1].split("```", 1)[0]
     assert parse_study(block, "each-layer").space == parse_study(ISSUE_FILE, "my").space
 
 
