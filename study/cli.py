@@ -125,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="mnist-study",
         description="Optuna hyperparameter studies of fully connected networks on MNIST.",
+        epilog="The guide: README.md, then docs/ (each command's --help names its page).",
     )
     subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
