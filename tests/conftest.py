@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import os
 import re
@@ -56,6 +57,13 @@ os.environ.setdefault(
         / f"torchinductor_{os.getuid()}_{torch.backends.cpu.get_cpu_capability().lower()}"
     ),
 )
+
+
+def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """The parser's commands, name to parser, in its order (argparse keeps them in a
+    private action; the tests want the real flags)."""
+    (action,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
 
 
 def synthetic_data(n: int = 240, seed: int = 0, *, learnable: bool = True) -> DeviceData:

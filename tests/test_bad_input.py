@@ -8,7 +8,6 @@ that feed random JSON and random argument lists to the CLI in-process.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import importlib.util
 import json
@@ -49,7 +48,7 @@ from study.cli import build_parser, main
 from study.database import open_storage
 from study.presets import PRESETS
 from study.studies import create_or_resume
-from tests.conftest import synthetic_data
+from tests.conftest import subcommands, synthetic_data
 
 # Resolved now: each row runs in a folder of its own, where ./data would not be MNIST.
 REAL_DATA = default_root().resolve()
@@ -912,7 +911,7 @@ def test_bad_input_ends_in_one_line_and_changes_nothing(
 def test_every_command_has_a_row() -> None:
     tried = {row.argv[0] for row in ROWS if row.argv}
     assert set(COMMANDS) <= tried
-    assert tuple(_commands(build_parser())) == COMMANDS
+    assert tuple(subcommands(build_parser())) == COMMANDS
 
 
 # --- the remedy that the damaged-MNIST rows offer ----------------------------------------
@@ -1154,14 +1153,8 @@ def test_random_params_train_or_are_refused_in_one_line(
     _one_error_line(stderr, "train")
 
 
-def _commands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
-    # argparse keeps its subcommands in a private action; the test wants the real flags.
-    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return dict(action.choices)
-
-
 FLAGS = sorted(
-    {flag for sub in _commands(build_parser()).values() for a in sub._actions
+    {flag for sub in subcommands(build_parser()).values() for a in sub._actions
      for flag in a.option_strings}
 )  # fmt: skip
 VALUES = (
@@ -1181,7 +1174,7 @@ TOKENS = (
 # Without -h/--help, which would end most lists at once.
 FLAGS_OF = {
     name: sorted(f for a in sub._actions for f in a.option_strings if f not in ("-h", "--help"))
-    for name, sub in _commands(build_parser()).items()
+    for name, sub in subcommands(build_parser()).items()
 }
 
 

@@ -33,6 +33,7 @@ from urllib.parse import unquote
 import pytest
 
 from study.cli import GUIDE_PAGES, build_parser, parse_command_line
+from tests.conftest import subcommands
 
 ROOT = Path(__file__).parents[1]
 README = ROOT / "README.md"
@@ -474,15 +475,6 @@ def command_problems(path: Path, root: Path = ROOT) -> list[str]:
 
 
 # --- The parser's commands and options ------------------------------------------------------
-
-
-def subcommands(
-    parser: argparse.ArgumentParser | None = None,
-) -> dict[str, argparse.ArgumentParser]:
-    """The parser's commands, name to parser, in the parser's order."""
-    parser = build_parser() if parser is None else parser
-    (action,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return dict(action.choices)
 
 
 def long_options(parser: argparse.ArgumentParser) -> set[str]:
